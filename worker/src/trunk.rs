@@ -20,6 +20,16 @@ pub enum Objective {
     PostRelu,
 }
 
+impl Objective {
+    /// The quantity this objective maximises, given a filter's scores on an image.
+    pub fn target(&self, s: &Scores) -> f32 {
+        match self {
+            Objective::PreRelu => s.pre,
+            Objective::PostRelu => s.post,
+        }
+    }
+}
+
 /// A target filter's response on one image: spatial means before and after the ReLU.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Scores {
@@ -65,27 +75,23 @@ struct Buffers {
     argmax: Vec<Vec<u8>>,
     grad_a: Vec<f32>,
     grad_b: Vec<f32>,
-    scratch: Vec<f32>,
 }
 
 pub struct CpuTrunk {
     convs: Vec<PackedConv>,
-    threads: usize,
     bufs: Option<Buffers>,
 }
 
 impl CpuTrunk {
-    pub fn new(weights: &Weights, threads: usize) -> CpuTrunk {
+    /// Packs the kernels. Compute runs on the rayon pool current at each call (the caller's
+    /// `ThreadPool::install` sets the thread count).
+    pub fn new(weights: &Weights) -> CpuTrunk {
         let convs = weights
             .convs
             .iter()
             .map(|c| PackedConv::new(c.cin, c.cout, &c.weight, &c.bias))
             .collect();
-        CpuTrunk {
-            convs,
-            threads: threads.max(1),
-            bufs: None,
-        }
+        CpuTrunk { convs, bufs: None }
     }
 }
 
@@ -138,7 +144,6 @@ fn buffers(
             argmax,
             grad_a: vec![0.0; max_len],
             grad_b: vec![0.0; max_len],
-            scratch: Vec::new(),
         });
     }
     slot.as_mut().expect("just set")
@@ -181,7 +186,6 @@ impl Trunk for CpuTrunk {
                 layer.pools_before()
             )));
         }
-        let threads = self.threads;
         let convs = &self.convs;
         let b = buffers(&mut self.bufs, batch, h, w, layer.index);
         let Buffers {
@@ -190,7 +194,6 @@ impl Trunk for CpuTrunk {
             argmax,
             grad_a,
             grad_b,
-            scratch,
             ..
         } = b;
 
@@ -212,7 +215,7 @@ impl Trunk for CpuTrunk {
             match *stage {
                 Stage::Conv { layer: l, g } => {
                     let pc = &convs[l];
-                    conv3x3(g, x, pc.cin, &pc.forward, pc.cout, out, scratch, threads);
+                    conv3x3(g, x, pc.cin, &pc.forward, pc.cout, out);
                     bias_relu(g.with_c(pc.cout), out, &pc.bias);
                 }
                 Stage::Pool { from, to } => max_pool(from, to, x, out, &mut argmax[k]),
@@ -294,11 +297,12 @@ impl Trunk for CpuTrunk {
             .zip(pre.par_iter())
             .for_each(|((gi, &f), p)| {
                 gi.fill(0.0);
+                let through_relu = objective == Objective::PreRelu;
                 let gpre: Vec<f32> = p
                     .iter()
                     .enumerate()
                     .map(|(i, &v)| {
-                        if interior(i) && (objective == Objective::PreRelu || v > 0.0) {
+                        if interior(i) && (through_relu || v > 0.0) {
                             1.0 / npix
                         } else {
                             0.0
@@ -369,8 +373,6 @@ impl Trunk for CpuTrunk {
                         &pc.backward,
                         pc.cin,
                         &mut next[..g.len()],
-                        scratch,
-                        threads,
                     );
                 }
             }
