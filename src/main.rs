@@ -367,7 +367,18 @@ fn visualize(
         bail!("--batch must be at least 1");
     }
     let settings = method.settings();
+    settings.check(&layer)?;
     let weights = compute.weights()?;
+    if !layer.is_conv() {
+        if !weights.has_classifier() {
+            return Err(vgg_atlas_worker::Error::NoClassifier {
+                layer: layer.name.into(),
+                source_name: weights.source.clone(),
+            }
+            .into());
+        }
+        bail!("visualizing the dense layers (fc1, fc2, predictions) is not implemented yet; probe supports them with a full checkpoint");
+    }
     let (pool, _) = compute.pool()?;
     std::fs::create_dir_all(out)
         .with_context(|| format!("cannot create output folder {}", out.display()))?;
@@ -432,6 +443,13 @@ fn bench(
 ) -> Result<()> {
     let layer = Layer::by_name(layer)?;
     let settings = method.settings();
+    settings.check(&layer)?;
+    if !layer.is_conv() {
+        bail!(
+            "bench measures the conv layers; {} is a dense layer",
+            layer.name
+        );
+    }
     let weights = compute.weights()?;
     let (pool, threads) = compute.pool()?;
     let mut trunk = CpuTrunk::new(&weights);

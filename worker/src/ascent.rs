@@ -51,6 +51,40 @@ impl Default for Settings {
     }
 }
 
+impl Settings {
+    /// Refuses settings that cannot work for `layer`, before anything is computed or written.
+    pub fn check(&self, layer: &Layer) -> Result<()> {
+        if self.size == 0 || layer.output_side(self.size) == 0 {
+            return Err(Error::Invalid(format!(
+                "size {} is too small for {}: it is downsampled {} times, so the size must be at least {}",
+                self.size,
+                layer.name,
+                layer.pools_before(),
+                1 << layer.pools_before()
+            )));
+        }
+        let finite = [
+            self.learning_rate,
+            self.rmsprop_decay,
+            self.lp_norm_p,
+            self.lp_norm_weight,
+            self.tv_beta,
+            self.tv_weight,
+        ];
+        if finite.iter().any(|v| !v.is_finite())
+            || !(0.0..1.0).contains(&self.rmsprop_decay)
+            || self.lp_norm_p < 1.0
+            || self.tv_beta <= 0.0
+        {
+            return Err(Error::Invalid(format!(
+                "bad method parameters: learning rate {}, RMSprop decay {} (must be in [0, 1)), Lp p {} (>= 1), TV beta {} (> 0)",
+                self.learning_rate, self.rmsprop_decay, self.lp_norm_p, self.tv_beta
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// What the engine returns per filter.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct FilterResult {
@@ -130,15 +164,7 @@ pub fn visualize(
             layer.filters()
         )));
     }
-    if s.size < 1 || layer.output_side(s.size) == 0 {
-        return Err(Error::Invalid(format!(
-            "size {} is too small for {}: it is downsampled {} times, so the size must be at least {}",
-            s.size,
-            layer.name,
-            layer.pools_before(),
-            1 << layer.pools_before()
-        )));
-    }
+    s.check(&layer)?;
     let started = Instant::now();
     let n = s.size * s.size * 3;
     let mut states: Vec<ImageState> = filters

@@ -28,7 +28,8 @@ impl Geom {
     pub fn rows(&self) -> usize {
         self.batch * self.rows_per_image()
     }
-    pub fn len(&self) -> usize {
+    /// Floats in the buffer.
+    pub fn floats(&self) -> usize {
         self.rows() * self.c
     }
     /// First row any tap may write (the first interior pixel of image 0).

@@ -40,6 +40,7 @@ pub struct Scores {
 /// Something that can evaluate a batch of images against per-image target filters and return
 /// the gradient of each image's objective w.r.t. its (preprocessed) network input.
 pub trait Trunk {
+    #[allow(clippy::too_many_arguments)]
     /// `input`: B images, NHWC `[B, h, w, 3]`, already preprocessed for the network. If `grad`
     /// is given it receives d(objective_b)/d(input_b) in the same layout.
     fn run(
@@ -107,9 +108,9 @@ fn buffers(
         *slot = None; // free the old set before allocating the new one
         let mut stages = Vec::new();
         let mut g = Geom { batch, h, w, c: 3 };
-        let mut acts = vec![vec![0.0; g.len()]];
+        let mut acts = vec![vec![0.0; g.floats()]];
         let mut argmax = Vec::new();
-        let mut max_len = g.len();
+        let mut max_len = g.floats();
         for layer in &LAYERS[..target] {
             let LayerKind::Conv {
                 cout, pool_after, ..
@@ -122,9 +123,9 @@ fn buffers(
                 g,
             });
             g = g.with_c(cout);
-            acts.push(vec![0.0; g.len()]);
+            acts.push(vec![0.0; g.floats()]);
             argmax.push(Vec::new());
-            max_len = max_len.max(g.len());
+            max_len = max_len.max(g.floats());
             if pool_after {
                 let to = Geom {
                     h: g.h / 2,
@@ -132,8 +133,8 @@ fn buffers(
                     ..g
                 };
                 stages.push(Stage::Pool { from: g, to });
-                acts.push(vec![0.0; to.len()]);
-                argmax.push(vec![0; to.len()]);
+                acts.push(vec![0.0; to.floats()]);
+                argmax.push(vec![0; to.floats()]);
                 g = to;
             }
         }
@@ -150,6 +151,7 @@ fn buffers(
 }
 
 impl Trunk for CpuTrunk {
+    #[allow(clippy::too_many_arguments)]
     fn run(
         &mut self,
         layer: Layer,
@@ -291,7 +293,7 @@ impl Trunk for CpuTrunk {
         let Some(grad) = grad else { return Ok(scores) };
 
         // Backward: the target's gradient into its input, one rank-1 update per tap.
-        let gbuf = &mut grad_a[..gin.len()];
+        let gbuf = &mut grad_a[..gin.floats()];
         gbuf.par_chunks_mut(rpi * tcin)
             .zip(filters.par_iter())
             .zip(pre.par_iter())
@@ -347,8 +349,8 @@ impl Trunk for CpuTrunk {
                     unpool(
                         from,
                         to,
-                        &cur[..to.len()],
-                        &mut next[..from.len()],
+                        &cur[..to.floats()],
+                        &mut next[..from.floats()],
                         &argmax[k],
                     );
                 }
@@ -356,7 +358,7 @@ impl Trunk for CpuTrunk {
                     let pc = &convs[l];
                     let go = g.with_c(pc.cout);
                     let post = &acts[k + 1];
-                    cur[..go.len()]
+                    cur[..go.floats()]
                         .par_chunks_mut(4096)
                         .zip(post.par_chunks(4096))
                         .for_each(|(gc, pc)| {
@@ -368,11 +370,11 @@ impl Trunk for CpuTrunk {
                         });
                     conv3x3(
                         go,
-                        &cur[..go.len()],
+                        &cur[..go.floats()],
                         pc.cout,
                         &pc.backward,
                         pc.cin,
-                        &mut next[..g.len()],
+                        &mut next[..g.floats()],
                     );
                 }
             }
@@ -380,7 +382,7 @@ impl Trunk for CpuTrunk {
         }
 
         // cur is now d/d(padded input); copy its interior out.
-        for (r, row) in cur[..g0.len()].chunks_exact(3).enumerate() {
+        for (r, row) in cur[..g0.floats()].chunks_exact(3).enumerate() {
             if g0.interior(r) {
                 let p = r % g0.rows_per_image();
                 let (y, x) = (p / g0.row_len() - 1, p % g0.row_len() - 1);

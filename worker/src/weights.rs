@@ -122,6 +122,18 @@ impl Tensors {
     }
 }
 
+impl std::fmt::Debug for Weights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // A summary: the tensors are millions of floats.
+        f.debug_struct("Weights")
+            .field("source", &self.source)
+            .field("sha256", &self.sha256)
+            .field("preprocess", &self.preprocess)
+            .field("classifier", &self.has_classifier())
+            .finish()
+    }
+}
+
 impl Weights {
     /// Loads and validates a checkpoint: `.safetensors` (Keras or torchvision names) or `.onnx`
     /// exported from Keras.

@@ -1,0 +1,175 @@
+//! The CLI's contracts, through the real binary on the real weights: the JSON other tools
+//! read, the PNGs, and clear errors (non-zero exit, no panic) on bad input.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn vgg_atlas(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vgg-atlas"))
+        .args(args)
+        .output()
+        .expect("run vgg-atlas")
+}
+
+fn fixture(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+#[test]
+fn visualize_writes_a_png_per_filter_and_the_json_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().display().to_string();
+    let o = vgg_atlas(&[
+        "visualize",
+        "--layer",
+        "block2_conv1",
+        "--filters",
+        "3..6",
+        "--size",
+        "32",
+        "--steps",
+        "4",
+        "--out",
+        &out,
+        "--json",
+        "--threads",
+        "2",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows: serde_json::Value = serde_json::from_slice(&o.stdout).expect("stdout is JSON");
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    for (row, f) in rows.iter().zip(3..) {
+        assert_eq!(row["layer"], "block2_conv1");
+        assert_eq!(row["filter"], f);
+        for key in ["activation", "start_activation", "objective"] {
+            assert!(row[key].as_f64().unwrap().is_finite(), "{key} in {row}");
+        }
+        assert!(row["dead"].is_boolean() && row["failed"].is_null());
+        let png = image::open(dir.path().join(format!("block2_conv1_{f:04}.png"))).unwrap();
+        assert_eq!((png.width(), png.height()), (32, 32));
+    }
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("results.json")).unwrap())
+            .unwrap();
+    assert_eq!(saved["settings"]["steps"], 4);
+    assert_eq!(saved["settings"]["objective"], "pre-relu");
+}
+
+#[test]
+fn probe_prints_one_activation_per_filter() {
+    let o = vgg_atlas(&[
+        "probe",
+        &fixture("chelsea64.png"),
+        "--layer",
+        "block5_conv3",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["layer"], "block5_conv3");
+    let acts = v["activations"].as_array().unwrap();
+    assert_eq!(acts.len(), 512);
+    // The cat's strongest block5_conv3 filter, per onnxruntime (tests/fixtures/refs_keras_chelsea64.json).
+    let best = (0..512)
+        .max_by(|&a, &b| {
+            acts[a]
+                .as_f64()
+                .unwrap()
+                .total_cmp(&acts[b].as_f64().unwrap())
+        })
+        .unwrap();
+    assert_eq!(best, 286);
+}
+
+#[test]
+fn bench_prints_its_json_contract() {
+    let o = vgg_atlas(&[
+        "bench",
+        "--layer",
+        "block1_conv2",
+        "--size",
+        "32",
+        "--steps",
+        "2",
+        "--batch",
+        "2",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["layer"], "block1_conv2");
+    assert_eq!(v["batch"], 2);
+    assert!(v["filters_per_second"].as_f64().unwrap() > 0.0 && v["gflops"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_no_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o").display().to_string();
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &["visualize", "--layer", "block6_conv1", "--out", &out],
+            "unknown layer 'block6_conv1'",
+        ),
+        (
+            &[
+                "visualize",
+                "--layer",
+                "block1_conv1",
+                "--filters",
+                "60..70",
+                "--out",
+                &out,
+            ],
+            "out of range",
+        ),
+        (
+            &[
+                "visualize",
+                "--layer",
+                "block5_conv1",
+                "--size",
+                "8",
+                "--out",
+                &out,
+            ],
+            "too small",
+        ),
+        (
+            &[
+                "visualize",
+                "--layer",
+                "block1_conv1",
+                "--weights",
+                "/nonexistent/w.safetensors",
+                "--out",
+                &out,
+            ],
+            "/nonexistent/w.safetensors",
+        ),
+        (
+            &["probe", "/nonexistent.png", "--layer", "block1_conv1"],
+            "cannot read image",
+        ),
+        (
+            &["visualize", "--layer", "fc1", "--out", &out],
+            "classifier",
+        ),
+    ];
+    for (args, want) in cases {
+        let o = vgg_atlas(args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: expected '{want}' in: {err}");
+        assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    }
+}
