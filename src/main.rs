@@ -369,15 +369,12 @@ fn visualize(
     let settings = method.settings();
     settings.check(&layer)?;
     let weights = compute.weights()?;
-    if !layer.is_conv() {
-        if !weights.has_classifier() {
-            return Err(vgg_atlas_worker::Error::NoClassifier {
-                layer: layer.name.into(),
-                source_name: weights.source.clone(),
-            }
-            .into());
+    if !layer.is_conv() && !weights.has_classifier() {
+        return Err(vgg_atlas_worker::Error::NoClassifier {
+            layer: layer.name.into(),
+            source_name: weights.source.clone(),
         }
-        bail!("visualizing the dense layers (fc1, fc2, predictions) is not implemented yet; probe supports them with a full checkpoint");
+        .into());
     }
     let (pool, _) = compute.pool()?;
     std::fs::create_dir_all(out)

@@ -63,6 +63,13 @@ impl Settings {
                 1 << layer.pools_before()
             )));
         }
+        if !layer.is_conv() && layer.output_side(self.size) != 7 {
+            return Err(Error::Invalid(format!(
+                "{} needs --size {}: the classifier takes the 7x7 map after the last pool",
+                layer.name,
+                crate::layers::DENSE_INPUT_SIZE
+            )));
+        }
         let finite = [
             self.learning_rate,
             self.rmsprop_decay,

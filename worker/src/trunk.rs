@@ -3,11 +3,13 @@
 //! the conv of the output gradient with the flipped, transposed kernel; ReLU and max-pool
 //! backward are masks. Only the target channel of the target layer is computed at all.
 
+use std::sync::Arc;
+
 use rayon::prelude::*;
 
 use crate::conv::{conv3x3, Geom, PackedConv};
-use crate::layers::{Layer, LayerKind, LAYERS};
-use crate::weights::Weights;
+use crate::layers::{Layer, LayerKind, DENSE_INPUT_SIZE, LAYERS};
+use crate::weights::{DenseParams, Weights};
 use crate::{Error, Result};
 
 /// Which quantity of the target filter is maximised.
@@ -65,6 +67,14 @@ enum Stage {
         from: Geom,
         to: Geom,
     },
+    /// The last feature map (padded NHWC) to `[B, C*H*W]` in channel-major order.
+    Flatten {
+        from: Geom,
+    },
+    /// A dense layer with ReLU, on `[B, inputs]`.
+    Dense {
+        layer: usize,
+    },
 }
 
 /// Activation and gradient buffers for one (batch, size, layer), reused across steps.
@@ -80,6 +90,9 @@ struct Buffers {
 
 pub struct CpuTrunk {
     convs: Vec<PackedConv>,
+    /// fc1, fc2, predictions; empty for conv-only weights.
+    dense: Arc<Vec<DenseParams>>,
+    source: String,
     bufs: Option<Buffers>,
 }
 
@@ -92,7 +105,12 @@ impl CpuTrunk {
             .iter()
             .map(|c| PackedConv::new(c.cin, c.cout, &c.weight, &c.bias))
             .collect();
-        CpuTrunk { convs, bufs: None }
+        CpuTrunk {
+            convs,
+            dense: weights.dense.clone(),
+            source: weights.source.clone(),
+            bufs: None,
+        }
     }
 }
 
@@ -112,11 +130,22 @@ fn buffers(
         let mut argmax = Vec::new();
         let mut max_len = g.floats();
         for layer in &LAYERS[..target] {
-            let LayerKind::Conv {
-                cout, pool_after, ..
-            } = layer.kind
-            else {
-                unreachable!()
+            let (cout, pool_after) = match layer.kind {
+                LayerKind::Conv {
+                    cout, pool_after, ..
+                } => (cout, pool_after),
+                LayerKind::Dense { outputs, .. } => {
+                    if layer.index == 13 {
+                        stages.push(Stage::Flatten { from: g });
+                        acts.push(vec![0.0; g.batch * g.h * g.w * g.c]);
+                        argmax.push(Vec::new());
+                    }
+                    stages.push(Stage::Dense { layer: layer.index });
+                    acts.push(vec![0.0; batch * outputs]);
+                    argmax.push(Vec::new());
+                    max_len = max_len.max(batch * outputs);
+                    continue;
+                }
             };
             stages.push(Stage::Conv {
                 layer: layer.index,
@@ -136,6 +165,15 @@ fn buffers(
                 acts.push(vec![0.0; to.floats()]);
                 argmax.push(vec![0; to.floats()]);
                 g = to;
+            }
+        }
+        if target >= 13 {
+            // fc1's input: the flattened last feature map.
+            max_len = max_len.max(g.floats()).max(batch * g.h * g.w * g.c);
+            if target == 13 {
+                stages.push(Stage::Flatten { from: g });
+                acts.push(vec![0.0; batch * g.h * g.w * g.c]);
+                argmax.push(Vec::new());
             }
         }
         *slot = Some(Buffers {
@@ -162,33 +200,36 @@ impl Trunk for CpuTrunk {
         objective: Objective,
         grad: Option<&mut [f32]>,
     ) -> Result<Vec<Scores>> {
-        let LayerKind::Conv {
-            cin: tcin,
-            cout: tcout,
-            ..
-        } = layer.kind
-        else {
+        if let Some(&f) = filters.iter().find(|&&f| f >= layer.filters()) {
             return Err(Error::Invalid(format!(
-                "the CPU trunk computes conv targets only, not {}",
-                layer.name
-            )));
-        };
-        if let Some(&f) = filters.iter().find(|&&f| f >= tcout) {
-            return Err(Error::Invalid(format!(
-                "filter {f} is out of range for {} (0..{tcout})",
-                layer.name
+                "filter {f} is out of range for {} (0..{})",
+                layer.name,
+                layer.filters()
             )));
         }
-        let batch = filters.len();
-        let side = layer.output_side(h.min(w));
-        if side == 0 || layer.output_side(h.max(w)) == 0 {
+        if layer.output_side(h.min(w)) == 0 {
             return Err(Error::Invalid(format!(
                 "a {h}x{w} image is too small for {}: it has no pixels left after {} pools",
                 layer.name,
                 layer.pools_before()
             )));
         }
-        let convs = &self.convs;
+        if !layer.is_conv() {
+            if self.dense.is_empty() {
+                return Err(Error::NoClassifier {
+                    layer: layer.name.into(),
+                    source_name: self.source.clone(),
+                });
+            }
+            if layer.output_side(h) != 7 || layer.output_side(w) != 7 {
+                return Err(Error::Invalid(format!(
+                    "{} needs a {DENSE_INPUT_SIZE}x{DENSE_INPUT_SIZE} image (7x7 after the last pool), got {h}x{w}",
+                    layer.name
+                )));
+            }
+        }
+        let batch = filters.len();
+        let (convs, dense) = (&self.convs, &self.dense);
         let b = buffers(&mut self.bufs, batch, h, w, layer.index);
         let Buffers {
             stages,
@@ -221,127 +262,70 @@ impl Trunk for CpuTrunk {
                     bias_relu(g.with_c(pc.cout), out, &pc.bias);
                 }
                 Stage::Pool { from, to } => max_pool(from, to, x, out, &mut argmax[k]),
+                Stage::Flatten { from } => flatten(from, x, out),
+                Stage::Dense { layer: l } => dense_forward(&dense[l - 13], batch, x, out),
             }
         }
 
-        // The target layer: only each image's own filter.
-        let gin = Geom {
-            batch,
-            h: side_of(stages, h),
-            w: side_of(stages, w),
-            c: tcin,
-        };
+        // The target layer: only each image's own filter, then its gradient into its input.
         let x = acts.last().expect("input buffer");
-        let pc = &convs[layer.index];
-        let rpi = gin.rows_per_image();
-        let m0 = gin.margin();
-        let m = rpi - 2 * m0;
-        let npix = (gin.h * gin.w) as f32;
-        let pre: Vec<Vec<f32>> = filters
-            .par_iter()
-            .enumerate()
-            .map(|(bi, &f)| {
-                let mut out = vec![pc.bias[f]; m];
-                let wf = tap_columns(pc, f);
-                for tap in 0..9 {
-                    let start = ((bi * rpi + m0) as isize + gin.tap_offset(tap)) as usize;
-                    // SAFETY: rows start..start+m stay inside image bi's padded block.
-                    unsafe {
-                        gemm::gemm(
-                            m,
-                            1,
-                            tcin,
-                            out.as_mut_ptr(),
-                            1,
-                            1,
-                            true,
-                            x.as_ptr().add(start * tcin),
-                            1,
-                            tcin as isize,
-                            wf.as_ptr().add(tap * tcin),
-                            1,
-                            1,
-                            1.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        );
-                    }
+        let (scores, gin_len) = match layer.kind {
+            LayerKind::Conv { cin, .. } => {
+                let gin = Geom {
+                    batch,
+                    h: side_of(stages, h),
+                    w: side_of(stages, w),
+                    c: cin,
+                };
+                let t = ConvTarget::new(&convs[layer.index], gin);
+                let pre = t.forward(x, filters);
+                let scores = pre.iter().map(|p| t.scores(p)).collect();
+                if grad.is_some() {
+                    t.backward(&mut grad_a[..gin.floats()], filters, &pre, objective);
                 }
-                out
-            })
-            .collect();
-        let interior = |i: usize| gin.interior(m0 + i);
-        let scores: Vec<Scores> = pre
-            .iter()
-            .map(|p| {
-                let (mut s, mut sp) = (0.0f64, 0.0f64);
-                for (i, &v) in p.iter().enumerate() {
-                    if interior(i) {
-                        s += v as f64;
-                        sp += v.max(0.0) as f64;
-                    }
-                }
-                Scores {
-                    pre: (s / npix as f64) as f32,
-                    post: (sp / npix as f64) as f32,
-                }
-            })
-            .collect();
-        let Some(grad) = grad else { return Ok(scores) };
-
-        // Backward: the target's gradient into its input, one rank-1 update per tap.
-        let gbuf = &mut grad_a[..gin.floats()];
-        gbuf.par_chunks_mut(rpi * tcin)
-            .zip(filters.par_iter())
-            .zip(pre.par_iter())
-            .for_each(|((gi, &f), p)| {
-                gi.fill(0.0);
-                let through_relu = objective == Objective::PreRelu;
-                let gpre: Vec<f32> = p
+                (scores, gin.floats())
+            }
+            LayerKind::Dense { inputs, relu, .. } => {
+                let d = &dense[layer.index - 13];
+                let scores: Vec<Scores> = filters
                     .iter()
                     .enumerate()
-                    .map(|(i, &v)| {
-                        if interior(i) && (through_relu || v > 0.0) {
-                            1.0 / npix
-                        } else {
-                            0.0
+                    .map(|(bi, &f)| {
+                        let row = &d.weight[f * inputs..(f + 1) * inputs];
+                        let xb = &x[bi * inputs..(bi + 1) * inputs];
+                        let pre = row
+                            .iter()
+                            .zip(xb)
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum::<f64>() as f32
+                            + d.bias[f];
+                        Scores {
+                            pre,
+                            post: if relu { pre.max(0.0) } else { pre },
                         }
                     })
                     .collect();
-                let wf = tap_columns(pc, f);
-                for tap in 0..9 {
-                    let start = (m0 as isize + gin.tap_offset(tap)) as usize;
-                    // SAFETY: rows start..start+m lie within this image's block of rpi rows.
-                    unsafe {
-                        gemm::gemm(
-                            m,
-                            tcin,
-                            1,
-                            gi.as_mut_ptr().add(start * tcin),
-                            1,
-                            tcin as isize,
-                            true,
-                            gpre.as_ptr(),
-                            1,
-                            1,
-                            wf.as_ptr().add(tap * tcin),
-                            1,
-                            1,
-                            1.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        );
+                if grad.is_some() {
+                    for ((gb, &f), sc) in grad_a[..batch * inputs]
+                        .chunks_exact_mut(inputs)
+                        .zip(filters)
+                        .zip(&scores)
+                    {
+                        let through = objective == Objective::PreRelu || !relu || sc.pre > 0.0;
+                        let row = &d.weight[f * inputs..(f + 1) * inputs];
+                        for (g, &wv) in gb.iter_mut().zip(row) {
+                            *g = if through { wv } else { 0.0 };
+                        }
                     }
                 }
-            });
+                (scores, batch * inputs)
+            }
+        };
+        let Some(grad) = grad else { return Ok(scores) };
+        debug_assert!(gin_len <= grad_a.len());
 
-        // Then down through the stages: masks for ReLU and pool, flipped kernels for convs.
+        // Then down through the stages: masks for ReLU and pool, flipped kernels for convs,
+        // transposed matrices for dense layers.
         let (mut cur, mut next) = (grad_a, grad_b);
         for (k, stage) in stages.iter().enumerate().rev() {
             match *stage {
@@ -357,17 +341,7 @@ impl Trunk for CpuTrunk {
                 Stage::Conv { layer: l, g } => {
                     let pc = &convs[l];
                     let go = g.with_c(pc.cout);
-                    let post = &acts[k + 1];
-                    cur[..go.floats()]
-                        .par_chunks_mut(4096)
-                        .zip(post.par_chunks(4096))
-                        .for_each(|(gc, pc)| {
-                            for (gv, &a) in gc.iter_mut().zip(pc) {
-                                if a <= 0.0 {
-                                    *gv = 0.0;
-                                }
-                            }
-                        });
+                    relu_mask(&mut cur[..go.floats()], &acts[k + 1]);
                     conv3x3(
                         go,
                         &cur[..go.floats()],
@@ -375,6 +349,21 @@ impl Trunk for CpuTrunk {
                         &pc.backward,
                         pc.cin,
                         &mut next[..g.floats()],
+                    );
+                }
+                Stage::Flatten { from } => unflatten(
+                    from,
+                    &cur[..batch * from.h * from.w * from.c],
+                    &mut next[..from.floats()],
+                ),
+                Stage::Dense { layer: l } => {
+                    let d = &dense[l - 13];
+                    relu_mask(&mut cur[..batch * d.outputs], &acts[k + 1]);
+                    dense_backward(
+                        d,
+                        batch,
+                        &cur[..batch * d.outputs],
+                        &mut next[..batch * d.inputs],
                     );
                 }
             }
@@ -391,6 +380,258 @@ impl Trunk for CpuTrunk {
             }
         }
         Ok(scores)
+    }
+}
+
+/// The target conv layer, computed for one filter per image.
+struct ConvTarget<'a> {
+    pc: &'a PackedConv,
+    /// Geometry of the layer's input.
+    gin: Geom,
+}
+
+impl ConvTarget<'_> {
+    fn new(pc: &PackedConv, gin: Geom) -> ConvTarget<'_> {
+        ConvTarget { pc, gin }
+    }
+
+    /// Rows of one image the taps cover (from its first to its last interior pixel).
+    fn span(&self) -> (usize, usize) {
+        let m0 = self.gin.margin();
+        (m0, self.gin.rows_per_image() - 2 * m0)
+    }
+
+    fn pixels(&self) -> f32 {
+        (self.gin.h * self.gin.w) as f32
+    }
+
+    /// Pre-ReLU output of each image's filter over the span rows (border rows hold garbage).
+    fn forward(&self, x: &[f32], filters: &[usize]) -> Vec<Vec<f32>> {
+        let (pc, gin) = (self.pc, self.gin);
+        let (m0, m) = self.span();
+        let (rpi, cin) = (gin.rows_per_image(), pc.cin);
+        filters
+            .par_iter()
+            .enumerate()
+            .map(|(bi, &f)| {
+                let mut out = vec![pc.bias[f]; m];
+                let wf = tap_columns(pc, f);
+                for tap in 0..9 {
+                    let start = ((bi * rpi + m0) as isize + gin.tap_offset(tap)) as usize;
+                    // SAFETY: rows start..start+m stay inside image bi's padded block.
+                    unsafe {
+                        gemm::gemm(
+                            m,
+                            1,
+                            cin,
+                            out.as_mut_ptr(),
+                            1,
+                            1,
+                            true,
+                            x.as_ptr().add(start * cin),
+                            1,
+                            cin as isize,
+                            wf.as_ptr().add(tap * cin),
+                            1,
+                            1,
+                            1.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                }
+                out
+            })
+            .collect()
+    }
+
+    fn interior(&self, i: usize) -> bool {
+        self.gin.interior(self.span().0 + i)
+    }
+
+    fn scores(&self, pre: &[f32]) -> Scores {
+        let (mut s, mut sp) = (0.0f64, 0.0f64);
+        for (i, &v) in pre.iter().enumerate() {
+            if self.interior(i) {
+                s += v as f64;
+                sp += v.max(0.0) as f64;
+            }
+        }
+        let n = self.pixels() as f64;
+        Scores {
+            pre: (s / n) as f32,
+            post: (sp / n) as f32,
+        }
+    }
+
+    /// d(objective)/d(input) of each image into `gbuf` (the input's padded geometry): one
+    /// rank-1 update per tap.
+    fn backward(
+        &self,
+        gbuf: &mut [f32],
+        filters: &[usize],
+        pre: &[Vec<f32>],
+        objective: Objective,
+    ) {
+        let (pc, gin) = (self.pc, self.gin);
+        let (m0, m) = self.span();
+        let cin = pc.cin;
+        let npix = self.pixels();
+        gbuf.par_chunks_mut(gin.rows_per_image() * cin)
+            .zip(filters.par_iter())
+            .zip(pre.par_iter())
+            .for_each(|((gi, &f), p)| {
+                gi.fill(0.0);
+                let through_relu = objective == Objective::PreRelu;
+                let gpre: Vec<f32> = p
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| {
+                        if self.interior(i) && (through_relu || v > 0.0) {
+                            1.0 / npix
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                let wf = tap_columns(pc, f);
+                for tap in 0..9 {
+                    let start = (m0 as isize + gin.tap_offset(tap)) as usize;
+                    // SAFETY: rows start..start+m lie within this image's block of rows.
+                    unsafe {
+                        gemm::gemm(
+                            m,
+                            cin,
+                            1,
+                            gi.as_mut_ptr().add(start * cin),
+                            1,
+                            cin as isize,
+                            true,
+                            gpre.as_ptr(),
+                            1,
+                            1,
+                            wf.as_ptr().add(tap * cin),
+                            1,
+                            1,
+                            1.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                }
+            });
+    }
+}
+
+/// Zeroes the gradient where the layer's post-ReLU output is not positive.
+fn relu_mask(grad: &mut [f32], post: &[f32]) {
+    grad.par_chunks_mut(4096)
+        .zip(post.par_chunks(4096))
+        .for_each(|(gc, pc)| {
+            for (gv, &a) in gc.iter_mut().zip(pc) {
+                if a <= 0.0 {
+                    *gv = 0.0;
+                }
+            }
+        });
+}
+
+fn flatten(from: Geom, x: &[f32], out: &mut [f32]) {
+    let (c, hw) = (from.c, from.h * from.w);
+    out.par_chunks_mut(c * hw).enumerate().for_each(|(n, o)| {
+        for y in 0..from.h {
+            for xx in 0..from.w {
+                let src = ((n * (from.h + 2) + y + 1) * from.row_len() + xx + 1) * c;
+                for ch in 0..c {
+                    o[ch * hw + y * from.w + xx] = x[src + ch];
+                }
+            }
+        }
+    });
+}
+
+fn unflatten(from: Geom, g: &[f32], out: &mut [f32]) {
+    let (c, hw) = (from.c, from.h * from.w);
+    out.fill(0.0);
+    for (n, gn) in g.chunks_exact(c * hw).enumerate() {
+        for y in 0..from.h {
+            for xx in 0..from.w {
+                let dst = ((n * (from.h + 2) + y + 1) * from.row_len() + xx + 1) * c;
+                for ch in 0..c {
+                    out[dst + ch] = gn[ch * hw + y * from.w + xx];
+                }
+            }
+        }
+    }
+}
+
+/// `out = relu(x W^T + b)` for a batch of row vectors.
+fn dense_forward(d: &DenseParams, batch: usize, x: &[f32], out: &mut [f32]) {
+    let par = gemm::Parallelism::Rayon(rayon::current_num_threads());
+    // SAFETY: x is batch x inputs, weight is outputs x inputs (read as its transpose), out is
+    // batch x outputs, all row-major.
+    unsafe {
+        gemm::gemm(
+            batch,
+            d.outputs,
+            d.inputs,
+            out.as_mut_ptr(),
+            1,
+            d.outputs as isize,
+            false,
+            x.as_ptr(),
+            1,
+            d.inputs as isize,
+            d.weight.as_ptr(),
+            d.inputs as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+    for row in out.chunks_exact_mut(d.outputs) {
+        for (v, &b) in row.iter_mut().zip(&d.bias) {
+            *v = (*v + b).max(0.0);
+        }
+    }
+}
+
+/// `gin = gout W`: the input gradient of a dense layer.
+fn dense_backward(d: &DenseParams, batch: usize, gout: &[f32], gin: &mut [f32]) {
+    let par = gemm::Parallelism::Rayon(rayon::current_num_threads());
+    // SAFETY: gout is batch x outputs, weight outputs x inputs, gin batch x inputs, row-major.
+    unsafe {
+        gemm::gemm(
+            batch,
+            d.inputs,
+            d.outputs,
+            gin.as_mut_ptr(),
+            1,
+            d.inputs as isize,
+            false,
+            gout.as_ptr(),
+            1,
+            d.outputs as isize,
+            d.weight.as_ptr(),
+            1,
+            d.inputs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
     }
 }
 

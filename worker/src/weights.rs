@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
@@ -66,8 +67,8 @@ pub struct DenseParams {
 #[derive(Clone)]
 pub struct Weights {
     pub convs: Vec<ConvParams>,
-    /// Empty for conv-only checkpoints, else fc1, fc2, predictions.
-    pub dense: Vec<DenseParams>,
+    /// Empty for conv-only checkpoints, else fc1, fc2, predictions (shared: ~500 MB).
+    pub dense: Arc<Vec<DenseParams>>,
     pub preprocess: Preprocess,
     /// sha256 of the file the weights were read from: part of a run's identity.
     pub sha256: String,
@@ -226,7 +227,7 @@ impl Weights {
         };
         Ok(Weights {
             convs,
-            dense,
+            dense: Arc::new(dense),
             preprocess,
             sha256: String::new(),
             source: String::new(),
