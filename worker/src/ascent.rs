@@ -344,14 +344,28 @@ pub fn regularizers(x: &[f32], size: usize, s: &Settings) -> (f64, Vec<f64>) {
     let mut value = 0.0;
     if s.lp_norm_weight != 0.0 {
         let p = s.lp_norm_p as f64;
-        let sum: f64 = x.iter().map(|&v| (v as f64).abs().powf(p)).sum();
+        // |v|^(p-1), with powi for integer p (the default 6): powf dominated shallow layers.
+        let pow_p1 = |v: f64| -> f64 {
+            if p.fract() == 0.0 && p <= 32.0 {
+                v.powi(p as i32 - 1)
+            } else {
+                v.powf(p - 1.0)
+            }
+        };
+        let sum: f64 = x
+            .iter()
+            .map(|&v| {
+                let a = (v as f64).abs();
+                pow_p1(a) * a
+            })
+            .sum();
         let norm = sum.powf(1.0 / p);
         value += s.lp_norm_weight as f64 * norm / n;
         if norm > 0.0 {
             let k = s.lp_norm_weight as f64 / n * norm.powf(1.0 - p);
             for (g, &v) in grad.iter_mut().zip(x) {
                 let v = v as f64;
-                *g += k * v.abs().powf(p - 1.0) * v.signum();
+                *g += k * pow_p1(v.abs()) * v.signum();
             }
         }
     }
@@ -379,8 +393,14 @@ pub fn regularizers(x: &[f32], size: usize, s: &Settings) -> (f64, Vec<f64>) {
                     if t == 0.0 {
                         continue;
                     }
-                    value += k * t.powf(beta / 2.0);
-                    let d = k * beta * t.powf(beta / 2.0 - 1.0);
+                    // beta = 2 (the default) needs no powf.
+                    let (tb, tb1) = if beta == 2.0 {
+                        (t, 1.0)
+                    } else {
+                        (t.powf(beta / 2.0), t.powf(beta / 2.0 - 1.0))
+                    };
+                    value += k * tb;
+                    let d = k * beta * tb1;
                     let i = (y * size + xx) * 3 + c;
                     grad[i] -= d * (dx + dy);
                     if xx + 1 < size {
