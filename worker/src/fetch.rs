@@ -39,7 +39,18 @@ pub fn default_weights_path() -> Result<PathBuf> {
 pub fn ensure_default(say: &dyn Fn(&str)) -> Result<PathBuf> {
     let path = default_weights_path()?;
     if path.exists() {
-        return Ok(path);
+        let bytes = std::fs::read(&path).map_err(|source| Error::WeightsIo {
+            path: path.clone(),
+            source,
+        })?;
+        if hex(&Sha256::digest(&bytes)) == WEIGHTS_SHA256 {
+            return Ok(path);
+        }
+        say(&format!(
+            "the cached weights at {} are damaged (sha256 differs); fetching them again",
+            path.display()
+        ));
+        return fetch(say);
     }
     say(&format!(
         "no weights given and none cached at {}; fetching the default Keras VGG16 weights",
