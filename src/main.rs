@@ -387,7 +387,8 @@ fn visualize(
             ascent::visualize(&mut trunk, weights.preprocess, layer, chunk, &settings)
         })?;
         for r in results {
-            let png = out.join(format!("{}_{:04}.png", r.layer, r.filter));
+            let name = format!("{}_{:04}.png", r.layer, r.filter);
+            let png = out.join(&name);
             if let Some(img) = &r.image {
                 img.save(&png)
                     .with_context(|| format!("cannot write {}", png.display()))?;
@@ -406,11 +407,7 @@ fn visualize(
                 );
             }
             let mut v = serde_json::to_value(&r)?;
-            v["image"] = json!(r.image.as_ref().map(|_| png
-                .file_name()
-                .unwrap()
-                .to_string_lossy()
-                .to_string()));
+            v["image"] = json!(r.image.as_ref().map(|_| name.clone()));
             records.push(v);
         }
     }

@@ -273,8 +273,8 @@ impl Trunk for CpuTrunk {
             LayerKind::Conv { cin, .. } => {
                 let gin = Geom {
                     batch,
-                    h: side_of(stages, h),
-                    w: side_of(stages, w),
+                    h: layer.output_side(h),
+                    w: layer.output_side(w),
                     c: cin,
                 };
                 let t = ConvTarget::new(&convs[layer.index], gin);
@@ -633,14 +633,6 @@ fn dense_backward(d: &DenseParams, batch: usize, gout: &[f32], gin: &mut [f32]) 
             par,
         );
     }
-}
-
-/// Spatial side at the target's input: the input side halved once per pool stage.
-fn side_of(stages: &[Stage], side: usize) -> usize {
-    stages
-        .iter()
-        .filter(|s| matches!(s, Stage::Pool { .. }))
-        .fold(side, |s, _| s / 2)
 }
 
 /// Filter f's kernel as `[tap][cin]`.
