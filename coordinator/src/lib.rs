@@ -1,1 +1,8 @@
-//! Run planning, task leasing and result recording; filled by the coordinator issue.
+//! Run planning, task leasing and result recording for vgg-atlas.
+//!
+//! [`store`] keeps runs, filters with their lease state, and results in SQLite or PostgreSQL.
+
+pub mod error;
+pub mod store;
+
+pub use error::{Error, Result};

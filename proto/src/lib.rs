@@ -1,1 +1,46 @@
-//! The wire contract between coordinator and workers (`atlas.v1`); filled by the coordinator issue.
+//! The wire contract between the vgg-atlas coordinator and its workers: the gRPC package
+//! `atlas.v1` of `atlas.proto`, generated at build time with tonic/prost.
+//!
+//! The messages live in [`v1`] and are re-exported here; the client is
+//! [`CoordinatorClient`], the server side is the [`Coordinator`] trait wrapped in
+//! [`CoordinatorServer`]. `tonic` and `prost` are re-exported so that dependents build against
+//! the exact versions the code was generated for.
+
+pub use prost;
+pub use tonic;
+
+/// The generated code of package `atlas.v1`.
+pub mod v1 {
+    tonic::include_proto!("atlas.v1");
+}
+
+pub use v1::coordinator_client::CoordinatorClient;
+pub use v1::coordinator_server::{Coordinator, CoordinatorServer};
+pub use v1::*;
+
+/// The version of this contract a peer speaks, sent in `RegisterRequest.protocol_version`.
+/// Bumped together with the package (`atlas.v1` -> `atlas.v2`) on any breaking change; see the
+/// header of `atlas.proto`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The largest gRPC message either side accepts. tonic's default of 4 MiB is too small for a
+/// submit of a large batch of large images (64 filters at 512x512 are ~50 MB of PNG); set it on
+/// both `CoordinatorServer` and `CoordinatorClient` with `max_decoding_message_size`.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Size of the `data` of one `WeightsChunk`: well under any message limit, large enough that a
+/// 500 MB checkpoint streams in a few hundred messages.
+pub const WEIGHTS_CHUNK_BYTES: usize = 1024 * 1024;
+
+/// The coordinator's check of a registering worker's protocol version: a mismatch is refused
+/// with `FAILED_PRECONDITION` and a message naming both versions and what to do.
+pub fn check_protocol_version(worker_version: u32) -> Result<(), tonic::Status> {
+    if worker_version == PROTOCOL_VERSION {
+        return Ok(());
+    }
+    Err(tonic::Status::failed_precondition(format!(
+        "worker speaks protocol version {worker_version} but this coordinator speaks version \
+         {PROTOCOL_VERSION} (atlas.v{PROTOCOL_VERSION}); run the same vgg-atlas release on the \
+         coordinator and every worker"
+    )))
+}

@@ -1,0 +1,74 @@
+//! The crate's one error type: each variant says what failed, with which input, and what to do.
+
+/// Result of every fallible call in this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "database URL {url:?} is not usable: {reason}. Give sqlite://PATH (e.g. sqlite://out/atlas.db) \
+         or postgres://USER:PASSWORD@HOST:PORT/DATABASE"
+    )]
+    BadUrl { url: String, reason: String },
+
+    #[error("cannot open the database {url}: {source}. {hint}")]
+    Connect {
+        /// The URL with any password blanked out.
+        url: String,
+        hint: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+
+    #[error(
+        "cannot apply the schema migrations to {url}: {source}. Was this database written by a newer \
+         vgg-atlas, or edited by hand?"
+    )]
+    Migrate {
+        url: String,
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
+
+    #[error(
+        "run {run_id} is already in the database with another {what} (stored {stored:?}, given {given:?}); \
+         a run id must identify its settings. Use --fresh, or another database"
+    )]
+    RunMismatch {
+        run_id: String,
+        what: &'static str,
+        stored: String,
+        given: String,
+    },
+
+    #[error("run {run_id} is not valid: {reason}")]
+    InvalidRun { run_id: String, reason: String },
+
+    #[error("no run {0:?} in the database; `vgg-atlas status` lists the runs it holds")]
+    UnknownRun(String),
+
+    #[error("run {run_id} has no filter {filter} in layer {layer:?}; was this result meant for another database?")]
+    UnknownFilter {
+        run_id: String,
+        layer: String,
+        filter: i32,
+    },
+
+    #[error(
+        "result of run {run_id}, layer {layer}, filter {filter} has a non-finite {field} ({value}); NaN or \
+         Inf is never stored: the worker must retry or report the filter as failed with a reason"
+    )]
+    NonFinite {
+        run_id: String,
+        layer: String,
+        filter: i32,
+        field: &'static str,
+        value: f32,
+    },
+
+    #[error("the database holds a damaged value: {0}")]
+    Corrupt(String),
+
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+}

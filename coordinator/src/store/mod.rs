@@ -1,0 +1,438 @@
+//! The persistent store: runs, filters with their lease state, and results.
+//!
+//! One trait, [`Store`], with two implementations chosen at run time from the database URL:
+//! [`sqlite::SqliteStore`] (the embedded default, a file next to the output) and
+//! [`postgres::PostgresStore`] (for a cluster). Both apply the schema of `migrations/` at connect
+//! and pass the same test suite (`coordinator/tests/store.rs`).
+//!
+//! Times are passed in as unix milliseconds (`now_ms`) rather than read from the clock, so the
+//! coordinator decides what "now" is and tests can move time forward.
+
+pub mod postgres;
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use crate::{Error, Result};
+
+/// One filter of a run's plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedFilter {
+    pub layer: String,
+    /// Position of the layer in the network; leases hand out lower layers first.
+    pub layer_index: i32,
+    pub filter: i32,
+    /// Seed of the filter's start image.
+    pub seed: i64,
+}
+
+/// Everything the store keeps about a run when it is created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunSpec {
+    pub run_id: String,
+    pub weights_sha256: String,
+    /// The run settings as JSON; stored verbatim and compared verbatim on resume.
+    pub settings_json: String,
+    /// How many times a filter may be leased before it fails for good.
+    pub max_attempts: i32,
+    pub filters: Vec<PlannedFilter>,
+}
+
+/// Up to N filters of one layer handed to one worker until `deadline_ms`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub lease_id: String,
+    pub run_id: String,
+    pub layer: String,
+    /// `(filter, seed)` in filter order.
+    pub filters: Vec<(i32, i64)>,
+    pub deadline_ms: i64,
+}
+
+/// What a worker reports for one filter of its lease.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FilterOutcome {
+    pub run_id: String,
+    pub layer: String,
+    pub filter: i32,
+    pub lease_id: String,
+    pub worker: String,
+    pub activation: f32,
+    pub objective: f32,
+    pub start_activation: f32,
+    /// The objective after each ascent step.
+    pub curve: Vec<f32>,
+    pub seconds: f32,
+    pub dead: bool,
+    /// `Some(reason)` when the worker could not produce an image; scores are then ignored.
+    pub failed: Option<String>,
+    pub png: Vec<u8>,
+}
+
+/// What [`Store::submit`] did with an outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubmitOutcome {
+    /// Result and image stored; the filter is done.
+    Recorded,
+    /// The filter was already done; nothing was overwritten.
+    Duplicate,
+    /// The submitting lease no longer holds the filter (expired and re-leased, or failed); nothing written.
+    NotLeased,
+    /// The worker reported a failure and attempts are left: the filter is pending again.
+    RetryLater,
+    /// The worker reported a failure and no attempts are left: the filter failed for good.
+    Failed,
+}
+
+/// Per-layer counts of a run. `dead` filters are finished and counted in `done` as well.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerProgress {
+    pub layer: String,
+    pub layer_index: i32,
+    pub total: i64,
+    pub done: i64,
+    pub pending: i64,
+    pub leased: i64,
+    pub failed: i64,
+    pub dead: i64,
+}
+
+/// A finished filter as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredResult {
+    pub run_id: String,
+    pub layer: String,
+    pub filter: i32,
+    pub activation: f32,
+    pub objective: f32,
+    pub start_activation: f32,
+    pub curve: Vec<f32>,
+    pub seconds: f32,
+    pub dead: bool,
+    pub worker: String,
+    pub png: Vec<u8>,
+    pub finished_at_ms: i64,
+}
+
+/// The coordinator's persistent state. Every method is one transaction, safe to call from many
+/// tasks (and, for PostgreSQL, many coordinator processes) at once.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync {
+    /// Creates the run and its filters, or finds it already there (`Ok(false)`, nothing inserted).
+    /// A stored run with the same id but other weights or settings is an error.
+    async fn create_or_resume_run(&self, spec: &RunSpec) -> Result<bool>;
+
+    /// Leases up to `max_filters` filters of one layer (the lowest layer with work, then filter
+    /// order) that are pending or whose lease expired. A filter whose expired lease used its last
+    /// attempt fails for good instead. `None` when nothing is leasable now.
+    async fn lease(
+        &self,
+        run_id: &str,
+        worker: &str,
+        max_filters: usize,
+        now_ms: i64,
+        lease_ms: i64,
+    ) -> Result<Option<Lease>>;
+
+    /// Moves the deadline of the filters this lease still holds to `now_ms + lease_ms`;
+    /// `false` when it holds none (all submitted, or revoked by expiry and re-lease).
+    async fn heartbeat(&self, lease_id: &str, now_ms: i64, lease_ms: i64) -> Result<bool>;
+
+    /// Records one filter's outcome; see [`SubmitOutcome`]. Non-finite scores are an error.
+    async fn submit(&self, outcome: &FilterOutcome, now_ms: i64) -> Result<SubmitOutcome>;
+
+    /// Per-layer counts of a run, in layer order.
+    async fn progress(&self, run_id: &str) -> Result<Vec<LayerProgress>>;
+
+    /// `(run_id, created_at_ms, settings)` of every run, oldest first.
+    async fn runs(&self) -> Result<Vec<(String, i64, String)>>;
+
+    /// `true` when no filter of the run is pending or leased (each is done or failed).
+    async fn is_finished(&self, run_id: &str) -> Result<bool>;
+
+    /// The stored result of one filter, if it is done.
+    async fn result(&self, run_id: &str, layer: &str, filter: i32) -> Result<Option<StoredResult>>;
+}
+
+/// Opens (creating if needed) the store named by `url` and brings its schema up to date:
+/// `sqlite://PATH` (a file; `sqlite:///abs/path` for an absolute one) or `postgres://...`.
+pub async fn connect(url: &str) -> Result<Arc<dyn Store>> {
+    if let Some(path) = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+    {
+        Ok(Arc::new(sqlite::SqliteStore::open(url, path).await?))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(postgres::PostgresStore::connect(url).await?))
+    } else {
+        Err(Error::BadUrl {
+            url: url.to_string(),
+            reason: "it names neither sqlite nor postgres".into(),
+        })
+    }
+}
+
+/// The reason stored when a filter's lease expired on its last attempt.
+fn expired_reason(attempts: i32) -> String {
+    format!("lease expired {attempts} times (worker died or stalled?)")
+}
+
+/// Refuses NaN and Inf before anything is written: they would poison every view and mosaic.
+fn check_finite(r: &FilterOutcome) -> Result<()> {
+    let scores = [
+        ("activation", r.activation),
+        ("objective", r.objective),
+        ("start activation", r.start_activation),
+        ("seconds", r.seconds),
+    ];
+    let curve = r.curve.iter().map(|&v| ("curve", v));
+    match scores
+        .into_iter()
+        .chain(curve)
+        .find(|(_, v)| !v.is_finite())
+    {
+        None => Ok(()),
+        Some((field, value)) => Err(Error::NonFinite {
+            run_id: r.run_id.clone(),
+            layer: r.layer.clone(),
+            filter: r.filter,
+            field,
+            value,
+        }),
+    }
+}
+
+/// The curve as stored: a JSON array, readable from SQL (`json_each`, `json_array_elements`).
+fn curve_json(curve: &[f32]) -> String {
+    // Cannot fail: check_finite has refused NaN and Inf, the only floats JSON cannot hold.
+    serde_json::to_string(curve).expect("a finite f32 array is valid JSON")
+}
+
+fn parse_curve(run_id: &str, layer: &str, filter: i32, json: &str) -> Result<Vec<f32>> {
+    serde_json::from_str(json).map_err(|e| Error::Corrupt(format!(
+        "the curve of run {run_id}, layer {layer}, filter {filter} is not a JSON array of numbers ({e}): {json:?}"
+    )))
+}
+
+/// Checks a run's spec before anything is written.
+fn check_spec(spec: &RunSpec) -> Result<()> {
+    let invalid = |reason: String| Error::InvalidRun {
+        run_id: spec.run_id.clone(),
+        reason,
+    };
+    if spec.max_attempts < 1 {
+        return Err(invalid(format!(
+            "max_attempts is {}; it must be at least 1",
+            spec.max_attempts
+        )));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for f in &spec.filters {
+        if !seen.insert((&f.layer, f.filter)) {
+            return Err(invalid(format!(
+                "filter {} of layer {} is planned twice",
+                f.filter, f.layer
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// What a submission does, decided from the filter's row (shared by both backends so they agree).
+enum SubmitPlan {
+    Answer(SubmitOutcome),
+    Retry,
+    Fail(String),
+    Record,
+}
+
+fn plan_submit(
+    state: &str,
+    lease_id: Option<&str>,
+    attempts: i32,
+    max_attempts: i32,
+    r: &FilterOutcome,
+) -> SubmitPlan {
+    if state == "done" {
+        return SubmitPlan::Answer(SubmitOutcome::Duplicate);
+    }
+    if state != "leased" || lease_id != Some(r.lease_id.as_str()) {
+        return SubmitPlan::Answer(SubmitOutcome::NotLeased);
+    }
+    match &r.failed {
+        Some(_) if attempts < max_attempts => SubmitPlan::Retry,
+        Some(reason) => SubmitPlan::Fail(reason.clone()),
+        None => SubmitPlan::Record,
+    }
+}
+
+/// Password blanked out, for error messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme_end + 3],
+                    &userinfo[..colon],
+                    &url[at..]
+                ),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_hides_only_the_password() {
+        assert_eq!(
+            redact("postgres://atlas:secret@db:5432/atlas"),
+            "postgres://atlas:***@db:5432/atlas"
+        );
+        assert_eq!(
+            redact("postgres://atlas@db/atlas"),
+            "postgres://atlas@db/atlas"
+        );
+        assert_eq!(redact("postgres://db/atlas"), "postgres://db/atlas");
+    }
+
+    #[test]
+    fn curve_round_trips_through_json() {
+        let curve = vec![0.0, 1.5, -2.25, 1e-7, 3.4e38];
+        assert_eq!(
+            parse_curve("r", "l", 0, &curve_json(&curve)).unwrap(),
+            curve
+        );
+        assert_eq!(
+            parse_curve("r", "l", 0, &curve_json(&[])).unwrap(),
+            Vec::<f32>::new()
+        );
+        assert!(parse_curve("r", "l", 0, "[1,").is_err());
+    }
+}
+
+/// SQL that reads the same in both dialects (SQLite accepts `$N` placeholders too).
+mod sql {
+    pub const INSERT_RUN: &str =
+        "INSERT INTO runs (run_id, weights_sha256, settings, max_attempts, created_at_ms)
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (run_id) DO NOTHING";
+    pub const SELECT_RUN: &str = "SELECT weights_sha256, settings FROM runs WHERE run_id = $1";
+    pub const MAX_ATTEMPTS: &str = "SELECT max_attempts FROM runs WHERE run_id = $1";
+    pub const RUNS: &str =
+        "SELECT run_id, created_at_ms, settings FROM runs ORDER BY created_at_ms, run_id";
+
+    /// A filter is leasable when pending, or leased with a deadline that has passed.
+    pub const LEASABLE: &str =
+        "(state = 'pending' OR (state = 'leased' AND lease_deadline_ms <= $2))";
+
+    pub const FAIL_EXPIRED: &str = "UPDATE filters
+         SET state = 'failed', failed_reason = $4, lease_id = NULL, lease_deadline_ms = NULL
+         WHERE run_id = $1 AND layer = $2 AND filter = $3";
+
+    pub const HEARTBEAT: &str =
+        "UPDATE filters SET lease_deadline_ms = $2 WHERE lease_id = $1 AND state = 'leased'";
+
+    pub const SUBMIT_RETRY: &str = "UPDATE filters
+         SET state = 'pending', failed_reason = $4, lease_id = NULL, worker = NULL, lease_deadline_ms = NULL
+         WHERE run_id = $1 AND layer = $2 AND filter = $3";
+    pub const SUBMIT_FAIL: &str = "UPDATE filters
+         SET state = 'failed', failed_reason = $4, worker = $5, lease_id = NULL, lease_deadline_ms = NULL
+         WHERE run_id = $1 AND layer = $2 AND filter = $3";
+    pub const SUBMIT_DONE: &str = "UPDATE filters
+         SET state = 'done', worker = $4, lease_deadline_ms = NULL
+         WHERE run_id = $1 AND layer = $2 AND filter = $3";
+    pub const INSERT_RESULT: &str = "INSERT INTO results
+         (run_id, layer, filter, activation, objective, start_activation, curve, seconds, dead, worker, image,
+          finished_at_ms)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
+
+    pub const PROGRESS: &str =
+        "SELECT layer, layer_index, filters, done, pending, leased, failed, dead
+         FROM layer_summary WHERE run_id = $1 ORDER BY layer_index, layer";
+    pub const UNFINISHED: &str =
+        "SELECT COUNT(*) FROM filters WHERE run_id = $1 AND state IN ('pending', 'leased')";
+    pub const RESULT: &str =
+        "SELECT activation, objective, start_activation, curve, seconds, dead, worker, image,
+                finished_at_ms
+         FROM results WHERE run_id = $1 AND layer = $2 AND filter = $3";
+}
+
+/// Compares a stored run with the spec given to resume it.
+fn check_resume(spec: &RunSpec, stored_weights: String, stored_settings: String) -> Result<()> {
+    let mismatch = |what, stored, given: &str| Error::RunMismatch {
+        run_id: spec.run_id.clone(),
+        what,
+        stored,
+        given: given.to_string(),
+    };
+    if stored_weights != spec.weights_sha256 {
+        return Err(mismatch(
+            "weights sha256",
+            stored_weights,
+            &spec.weights_sha256,
+        ));
+    }
+    if stored_settings != spec.settings_json {
+        return Err(mismatch("settings", stored_settings, &spec.settings_json));
+    }
+    Ok(())
+}
+
+/// Builds a [`StoredResult`] from the columns of [`sql::RESULT`].
+type ResultRow = (f32, f32, f32, String, f32, bool, String, Vec<u8>, i64);
+
+fn stored_result(run_id: &str, layer: &str, filter: i32, row: ResultRow) -> Result<StoredResult> {
+    let (
+        activation,
+        objective,
+        start_activation,
+        curve,
+        seconds,
+        dead,
+        worker,
+        png,
+        finished_at_ms,
+    ) = row;
+    Ok(StoredResult {
+        run_id: run_id.to_string(),
+        layer: layer.to_string(),
+        filter,
+        activation,
+        objective,
+        start_activation,
+        curve: parse_curve(run_id, layer, filter, &curve)?,
+        seconds,
+        dead,
+        worker,
+        png,
+        finished_at_ms,
+    })
+}
+
+type ProgressRow = (String, i32, i64, i64, i64, i64, i64, i64);
+
+fn layer_progress(row: ProgressRow) -> LayerProgress {
+    let (layer, layer_index, total, done, pending, leased, failed, dead) = row;
+    LayerProgress {
+        layer,
+        layer_index,
+        total,
+        done,
+        pending,
+        leased,
+        failed,
+        dead,
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

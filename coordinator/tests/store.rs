@@ -1,0 +1,1031 @@
+//! The store suite: every test body below runs against SQLite and against PostgreSQL.
+//!
+//! PostgreSQL tests read the server's URL from `VGG_ATLAS_TEST_POSTGRES` (`.ci/run` starts one)
+//! and each works in a fresh schema, so they run in parallel. Without the variable they fail
+//! under CI and are skipped, with a line saying so, elsewhere.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use sqlx::{PgPool, SqlitePool};
+use vgg_atlas_coordinator::store::{
+    self, FilterOutcome, LayerProgress, Lease, PlannedFilter, RunSpec, Store, SubmitOutcome,
+};
+use vgg_atlas_coordinator::Error;
+
+const POSTGRES_ENV: &str = "VGG_ATLAS_TEST_POSTGRES";
+const MINUTE: i64 = 60_000;
+
+/// A store on a fresh database, plus a plain connection to it for reading the views.
+struct TestDb {
+    store: Arc<dyn Store>,
+    pool: Pool,
+    _dir: Option<tempfile::TempDir>,
+    /// The PostgreSQL schema to drop when the test is done.
+    schema: Option<String>,
+}
+
+enum Pool {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Runs the same SQL on either backend and decodes the rows into `$ty`.
+macro_rules! fetch_all {
+    ($db:expr, $ty:ty, $sql:expr $(, $bind:expr)* $(,)?) => {
+        match &$db.pool {
+            Pool::Sqlite(pool) => sqlx::query_as::<_, $ty>($sql)$(.bind($bind))*.fetch_all(pool).await,
+            Pool::Postgres(pool) => sqlx::query_as::<_, $ty>($sql)$(.bind($bind))*.fetch_all(pool).await,
+        }
+        .expect($sql)
+    };
+}
+
+impl TestDb {
+    async fn sqlite() -> TestDb {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("atlas.db");
+        let store = store::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .unwrap();
+        let pool = SqlitePool::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .unwrap();
+        TestDb {
+            store,
+            pool: Pool::Sqlite(pool),
+            _dir: Some(dir),
+            schema: None,
+        }
+    }
+
+    /// `None` (after saying so) when no server is configured outside CI.
+    async fn postgres() -> Option<TestDb> {
+        let base = match std::env::var(POSTGRES_ENV) {
+            Ok(url) if !url.is_empty() => url,
+            _ if std::env::var_os("CI").is_some() => {
+                panic!("{POSTGRES_ENV} is not set under CI: .ci/run should start PostgreSQL and export it")
+            }
+            _ => {
+                eprintln!("skipped: set {POSTGRES_ENV}=postgres://USER:PASSWORD@HOST:PORT/DB to run the PostgreSQL store tests");
+                return None;
+            }
+        };
+        let schema = format!("store_test_{}", uuid::Uuid::new_v4().simple());
+        let admin = PgPool::connect(&base).await.expect(POSTGRES_ENV);
+        sqlx::query(&format!("CREATE SCHEMA {schema}"))
+            .execute(&admin)
+            .await
+            .unwrap();
+        admin.close().await;
+        let separator = if base.contains('?') { '&' } else { '?' };
+        let url = format!("{base}{separator}options=-c%20search_path%3D{schema}");
+        let store = store::connect(&url).await.unwrap();
+        let pool = PgPool::connect(&url).await.unwrap();
+        Some(TestDb {
+            store,
+            pool: Pool::Postgres(pool),
+            _dir: None,
+            schema: Some(schema),
+        })
+    }
+
+    async fn cleanup(self) {
+        if let (Some(schema), Pool::Postgres(pool)) = (&self.schema, &self.pool) {
+            sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+                .execute(pool)
+                .await
+                .unwrap();
+        }
+    }
+}
+
+/// Declares each test body once per backend: `sqlite::NAME` and `postgres::NAME`.
+macro_rules! store_tests {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    let db = super::TestDb::sqlite().await;
+                    super::$name(&db).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    let Some(db) = super::TestDb::postgres().await else { return };
+                    super::$name(&db).await;
+                    db.cleanup().await;
+                }
+            )*
+        }
+    };
+}
+
+store_tests!(
+    create_or_resume_is_idempotent,
+    resume_with_other_weights_or_settings_is_refused,
+    leases_take_one_layer_at_a_time_in_order,
+    concurrent_lessees_never_share_a_filter,
+    expired_lease_goes_to_another_worker,
+    attempts_limit_fails_a_filter_with_the_reason,
+    duplicate_and_late_submissions_are_recorded_once,
+    stale_lease_submission_is_not_recorded,
+    reported_failure_is_retried_then_fails_for_good,
+    heartbeat_extends_the_lease_until_it_is_revoked,
+    progress_counts_every_state,
+    best_filters_ranks_the_strongest_first,
+    layer_summary_and_failed_filters_views,
+    non_finite_scores_are_refused,
+);
+
+/// A run over `layers` = `[(name, filter count)]`, layer_index in the order given.
+fn spec(run_id: &str, layers: &[(&str, i32)], max_attempts: i32) -> RunSpec {
+    let filters = layers
+        .iter()
+        .enumerate()
+        .flat_map(|(index, &(layer, count))| {
+            (0..count).map(move |filter| PlannedFilter {
+                layer: layer.to_string(),
+                layer_index: index as i32,
+                filter,
+                seed: seed(index as i32, filter),
+            })
+        })
+        .collect();
+    RunSpec {
+        run_id: run_id.to_string(),
+        weights_sha256: "ab".repeat(32),
+        settings_json: r#"{"size":32,"steps":4}"#.to_string(),
+        max_attempts,
+        filters,
+    }
+}
+
+fn seed(layer_index: i32, filter: i32) -> i64 {
+    1_000_000 + 1000 * layer_index as i64 + filter as i64
+}
+
+/// A successful result for `filter` of `lease`, submitted by `worker`.
+fn outcome(lease: &Lease, filter: i32, worker: &str, activation: f32) -> FilterOutcome {
+    FilterOutcome {
+        run_id: lease.run_id.clone(),
+        layer: lease.layer.clone(),
+        filter,
+        lease_id: lease.lease_id.clone(),
+        worker: worker.to_string(),
+        activation,
+        objective: activation - 0.5,
+        start_activation: 0.25,
+        curve: vec![0.25, activation / 2.0, activation],
+        seconds: 1.5,
+        dead: false,
+        failed: None,
+        png: format!("png of {filter} by {worker}").into_bytes(),
+    }
+}
+
+fn failure(lease: &Lease, filter: i32, worker: &str, reason: &str) -> FilterOutcome {
+    FilterOutcome {
+        failed: Some(reason.to_string()),
+        ..outcome(lease, filter, worker, 0.0)
+    }
+}
+
+fn filter_ids(lease: &Lease) -> Vec<i32> {
+    lease.filters.iter().map(|&(filter, _)| filter).collect()
+}
+
+fn layer<'a>(progress: &'a [LayerProgress], name: &str) -> &'a LayerProgress {
+    progress.iter().find(|p| p.layer == name).unwrap()
+}
+
+async fn create_or_resume_is_idempotent(db: &TestDb) {
+    let s = &db.store;
+    let run = spec("run-1", &[("block1_conv1", 4), ("block1_conv2", 3)], 3);
+    assert!(
+        s.create_or_resume_run(&run).await.unwrap(),
+        "first call creates the run"
+    );
+
+    let lease = s.lease("run-1", "w1", 1, 0, MINUTE).await.unwrap().unwrap();
+    assert_eq!(
+        s.submit(&outcome(&lease, 0, "w1", 2.0), 10).await.unwrap(),
+        SubmitOutcome::Recorded
+    );
+
+    assert!(
+        !s.create_or_resume_run(&run).await.unwrap(),
+        "second call resumes"
+    );
+    let progress = s.progress("run-1").await.unwrap();
+    assert_eq!(progress.len(), 2);
+    assert_eq!(
+        (progress[0].layer.as_str(), progress[0].total),
+        ("block1_conv1", 4)
+    );
+    assert_eq!(
+        (progress[1].layer.as_str(), progress[1].total),
+        ("block1_conv2", 3)
+    );
+    assert_eq!(
+        progress[0].done, 1,
+        "resuming keeps finished filters finished"
+    );
+
+    let runs = s.runs().await.unwrap();
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].0, "run-1");
+    assert_eq!(runs[0].2, run.settings_json);
+    assert!(
+        runs[0].1 > 1_600_000_000_000,
+        "created_at_ms is unix milliseconds"
+    );
+}
+
+async fn resume_with_other_weights_or_settings_is_refused(db: &TestDb) {
+    let s = &db.store;
+    let run = spec("run-1", &[("block1_conv1", 2)], 3);
+    s.create_or_resume_run(&run).await.unwrap();
+
+    let other_weights = RunSpec {
+        weights_sha256: "cd".repeat(32),
+        ..run.clone()
+    };
+    let err = s.create_or_resume_run(&other_weights).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::RunMismatch {
+                what: "weights sha256",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("run-1"), "{err}");
+
+    let other_settings = RunSpec {
+        settings_json: r#"{"size":64,"steps":4}"#.to_string(),
+        ..run.clone()
+    };
+    let err = s.create_or_resume_run(&other_settings).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::RunMismatch {
+                what: "settings",
+                ..
+            }
+        ),
+        "{err}"
+    );
+
+    let mut twice = spec("run-2", &[("block1_conv1", 2)], 3);
+    twice.filters.push(twice.filters[0].clone());
+    let err = s.create_or_resume_run(&twice).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidRun { .. }), "{err}");
+    assert!(matches!(
+        s.progress("run-2").await.unwrap_err(),
+        Error::UnknownRun(_)
+    ));
+    assert_eq!(
+        s.runs().await.unwrap().len(),
+        1,
+        "refused runs leave nothing behind"
+    );
+}
+
+async fn leases_take_one_layer_at_a_time_in_order(db: &TestDb) {
+    let s = &db.store;
+    let mut run = spec("run-1", &[("block1_conv1", 5), ("block1_conv2", 3)], 3);
+    run.filters.reverse(); // plan order must not matter: layer_index and filter do
+    s.create_or_resume_run(&run).await.unwrap();
+
+    let first = s
+        .lease("run-1", "w1", 3, 1000, MINUTE)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.layer, "block1_conv1");
+    assert_eq!(
+        first.filters,
+        vec![(0, seed(0, 0)), (1, seed(0, 1)), (2, seed(0, 2))]
+    );
+    assert_eq!(first.deadline_ms, 1000 + MINUTE);
+
+    let second = s
+        .lease("run-1", "w2", 3, 1000, MINUTE)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.layer, "block1_conv1");
+    assert_eq!(
+        filter_ids(&second),
+        vec![3, 4],
+        "a lease never spans two layers"
+    );
+    assert_ne!(first.lease_id, second.lease_id);
+
+    let third = s
+        .lease("run-1", "w3", 3, 1000, MINUTE)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(third.layer, "block1_conv2");
+    assert_eq!(
+        third.filters,
+        vec![(0, seed(1, 0)), (1, seed(1, 1)), (2, seed(1, 2))]
+    );
+
+    assert_eq!(s.lease("run-1", "w4", 3, 1000, MINUTE).await.unwrap(), None);
+    assert_eq!(
+        layer(&s.progress("run-1").await.unwrap(), "block1_conv1").leased,
+        5
+    );
+}
+
+async fn concurrent_lessees_never_share_a_filter(db: &TestDb) {
+    let layers = [
+        ("block1_conv1", 20),
+        ("block1_conv2", 20),
+        ("block2_conv1", 20),
+    ];
+    db.store
+        .create_or_resume_run(&spec("run-1", &layers, 3))
+        .await
+        .unwrap();
+
+    let tasks: Vec<_> = (0..8)
+        .map(|w| {
+            let s = db.store.clone();
+            tokio::spawn(async move {
+                let mut leases = Vec::new();
+                while let Some(lease) = s
+                    .lease("run-1", &format!("w{w}"), 4, 1000, MINUTE)
+                    .await
+                    .unwrap()
+                {
+                    leases.push(lease);
+                }
+                leases
+            })
+        })
+        .collect();
+    let mut leases = Vec::new();
+    for task in tasks {
+        leases.extend(task.await.unwrap());
+    }
+
+    let mut taken = HashSet::new();
+    for lease in &leases {
+        assert!(!lease.filters.is_empty() && lease.filters.len() <= 4);
+        for &(filter, _) in &lease.filters {
+            assert!(
+                taken.insert((lease.layer.clone(), filter)),
+                "{} {filter} leased twice",
+                lease.layer
+            );
+        }
+    }
+    assert_eq!(taken.len(), 60, "every filter leased exactly once");
+    let ids: HashSet<_> = leases.iter().map(|l| &l.lease_id).collect();
+    assert_eq!(ids.len(), leases.len(), "lease ids are unique");
+    let progress = db.store.progress("run-1").await.unwrap();
+    assert!(progress.iter().all(|p| p.leased == 20 && p.pending == 0));
+}
+
+async fn expired_lease_goes_to_another_worker(db: &TestDb) {
+    let s = &db.store;
+    s.create_or_resume_run(&spec("run-1", &[("block1_conv1", 2)], 3))
+        .await
+        .unwrap();
+    let dead = s.lease("run-1", "dies", 8, 0, 1000).await.unwrap().unwrap();
+    assert_eq!(filter_ids(&dead), vec![0, 1]);
+
+    assert_eq!(
+        s.lease("run-1", "w2", 8, 999, 1000).await.unwrap(),
+        None,
+        "not expired yet"
+    );
+    let again = s
+        .lease("run-1", "w2", 8, 1000, 1000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.filters, dead.filters, "same filters, same seeds");
+    assert_ne!(again.lease_id, dead.lease_id);
+    assert_eq!(again.deadline_ms, 2000);
+
+    for filter in [0, 1] {
+        assert_eq!(
+            s.submit(&outcome(&again, filter, "w2", 3.0), 1500)
+                .await
+                .unwrap(),
+            SubmitOutcome::Recorded
+        );
+    }
+    assert!(s.is_finished("run-1").await.unwrap());
+    assert_eq!(
+        s.result("run-1", "block1_conv1", 1)
+            .await
+            .unwrap()
+            .unwrap()
+            .worker,
+        "w2"
+    );
+}
+
+async fn attempts_limit_fails_a_filter_with_the_reason(db: &TestDb) {
+    let s = &db.store;
+    s.create_or_resume_run(&spec("run-1", &[("block1_conv1", 2)], 2))
+        .await
+        .unwrap();
+    let a = s.lease("run-1", "w1", 1, 0, 1000).await.unwrap().unwrap();
+    let b = s.lease("run-1", "w2", 1, 0, 1000).await.unwrap().unwrap();
+    assert_eq!((filter_ids(&a), filter_ids(&b)), (vec![0], vec![1]));
+    assert_eq!(
+        s.submit(&outcome(&b, 1, "w2", 1.0), 500).await.unwrap(),
+        SubmitOutcome::Recorded
+    );
+
+    // Filter 0's workers keep dying: attempt 2 at t=1000, then its last lease expires too.
+    let again = s
+        .lease("run-1", "w3", 1, 1000, 1000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(filter_ids(&again), vec![0]);
+    assert_eq!(s.lease("run-1", "w4", 1, 2000, 1000).await.unwrap(), None);
+
+    let progress = s.progress("run-1").await.unwrap();
+    assert_eq!(
+        (progress[0].failed, progress[0].done, progress[0].leased),
+        (1, 1, 0)
+    );
+    assert!(
+        s.is_finished("run-1").await.unwrap(),
+        "a failed filter is finished"
+    );
+    let failed = fetch_all!(
+        db,
+        (String, i32, String, i32, String),
+        "SELECT layer, filter, status, attempts, reason FROM failed_filters WHERE run_id = $1",
+        "run-1"
+    );
+    assert_eq!(
+        failed,
+        vec![(
+            "block1_conv1".to_string(),
+            0,
+            "failed".to_string(),
+            2,
+            "lease expired 2 times (worker died or stalled?)".to_string()
+        )]
+    );
+}
+
+async fn duplicate_and_late_submissions_are_recorded_once(db: &TestDb) {
+    let s = &db.store;
+    s.create_or_resume_run(&spec("run-1", &[("block1_conv1", 1)], 3))
+        .await
+        .unwrap();
+    let slow = s.lease("run-1", "slow", 1, 0, 1000).await.unwrap().unwrap();
+    let fast = s
+        .lease("run-1", "fast", 1, 1000, 1000)
+        .await
+        .unwrap()
+        .unwrap();
+
+    assert_eq!(
+        s.submit(&outcome(&fast, 0, "fast", 5.0), 1600)
+            .await
+            .unwrap(),
+        SubmitOutcome::Recorded
+    );
+    // The slow worker whose lease expired finally reports, and the fast one retries its submit.
+    assert_eq!(
+        s.submit(&outcome(&slow, 0, "slow", 9.0), 1700)
+            .await
+            .unwrap(),
+        SubmitOutcome::Duplicate
+    );
+    assert_eq!(
+        s.submit(&outcome(&fast, 0, "fast", 7.0), 1800)
+            .await
+            .unwrap(),
+        SubmitOutcome::Duplicate
+    );
+
+    let stored = s.result("run-1", "block1_conv1", 0).await.unwrap().unwrap();
+    assert_eq!(
+        (stored.activation, stored.finished_at_ms),
+        (5.0, 1600),
+        "first result kept"
+    );
+    assert_eq!(stored.worker, "fast");
+    assert_eq!(stored.png, b"png of 0 by fast");
+    assert_eq!(stored.curve, vec![0.25, 2.5, 5.0]);
+    assert_eq!(
+        (stored.objective, stored.start_activation, stored.seconds),
+        (4.5, 0.25, 1.5)
+    );
+    let rows = fetch_all!(
+        db,
+        (i64,),
+        "SELECT COUNT(*) FROM results WHERE run_id = $1",
+        "run-1"
+    );
+    assert_eq!(rows, vec![(1,)]);
+}
+
+async fn stale_lease_submission_is_not_recorded(db: &TestDb) {
+    let s = &db.store;
+    s.create_or_resume_run(&spec("run-1", &[("block1_conv1", 1)], 3))
+        .await
+        .unwrap();
+    let stale = s.lease("run-1", "slow", 1, 0, 1000).await.unwrap().unwrap();
+    let current = s
+        .lease("run-1", "fast", 1, 1000, 1000)
+        .await
+        .unwrap()
+        .unwrap();
+
+    // The expired lease reports before the current holder: refused, nothing written.
+    assert_eq!(
+        s.submit(&outcome(&stale, 0, "slow", 9.0), 1100)
+            .await
+            .unwrap(),
+        SubmitOutcome::NotLeased
+    );
+    assert_eq!(s.result("run-1", "block1_conv1", 0).await.unwrap(), None);
+    let failed = failure(&stale, 0, "slow", "out of memory");
+    assert_eq!(
+        s.submit(&failed, 1100).await.unwrap(),
+        SubmitOutcome::NotLeased
+    );
+    assert_eq!(
+        s.progress("run-1").await.unwrap()[0].leased,
+        1,
+        "still leased to the current holder"
+    );
+
+    let forged = Lease {
+        lease_id: "no-such-lease".into(),
+        ..current.clone()
+    };
+    assert_eq!(
+        s.submit(&outcome(&forged, 0, "x", 1.0), 1100)
+            .await
+            .unwrap(),
+        SubmitOutcome::NotLeased
+    );
+    assert_eq!(
+        s.submit(&outcome(&current, 0, "fast", 2.0), 1200)
+            .await
+            .unwrap(),
+        SubmitOutcome::Recorded
+    );
+    let err = s
+        .submit(&outcome(&current, 99, "fast", 2.0), 1200)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::UnknownFilter { filter: 99, .. }),
+        "{err}"
+    );
+}
+
+async fn reported_failure_is_retried_then_fails_for_good(db: &TestDb) {
+    let s = &db.store;
+    s.create_or_resume_run(&spec("run-1", &[("block1_conv1", 1)], 2))
+        .await
+        .unwrap();
+    let first = s.lease("run-1", "w1", 1, 0, MINUTE).await.unwrap().unwrap();
+    let retry = s
+        .submit(&failure(&first, 0, "w1", "CUDA out of memory"), 10)
+        .await
+        .unwrap();
+    assert_eq!(retry, SubmitOutcome::RetryLater);
+    let progress = s.progress("run-1").await.unwrap();
+    assert_eq!(
+        (progress[0].pending, progress[0].leased, progress[0].failed),
+        (1, 0, 0)
+    );
+    assert!(
+        !s.heartbeat(&first.lease_id, 20, MINUTE).await.unwrap(),
+        "a failed-back lease holds nothing"
+    );
+
+    let second = s
+        .lease("run-1", "w2", 1, 20, MINUTE)
+        .await
+        .unwrap()
+        .unwrap();
+    let failed = s
+        .submit(
+            &failure(&second, 0, "w2", "NaN at step 3 even with the fallback"),
+            30,
+        )
+        .await
+        .unwrap();
+    assert_eq!(failed, SubmitOutcome::Failed);
+    assert_eq!(s.lease("run-1", "w3", 1, 40, MINUTE).await.unwrap(), None);
+    assert!(s.is_finished("run-1").await.unwrap());
+    assert_eq!(
+        s.result("run-1", "block1_conv1", 0).await.unwrap(),
+        None,
+        "a failure stores no image"
+    );
+
+    let rows = fetch_all!(
+        db,
+        (String, i32, String),
+        "SELECT status, attempts, reason FROM failed_filters WHERE run_id = $1",
+        "run-1"
+    );
+    assert_eq!(
+        rows,
+        vec![(
+            "failed".into(),
+            2,
+            "NaN at step 3 even with the fallback".into()
+        )]
+    );
+}
+
+async fn heartbeat_extends_the_lease_until_it_is_revoked(db: &TestDb) {
+    let s = &db.store;
+    s.create_or_resume_run(&spec("run-1", &[("block1_conv1", 2)], 3))
+        .await
+        .unwrap();
+    let a = s.lease("run-1", "w1", 2, 0, 1000).await.unwrap().unwrap();
+
+    assert!(s.heartbeat(&a.lease_id, 900, 1000).await.unwrap());
+    assert_eq!(
+        s.lease("run-1", "w2", 2, 1500, 1000).await.unwrap(),
+        None,
+        "extended to 1900"
+    );
+    assert!(!s.heartbeat("no-such-lease", 900, 1000).await.unwrap());
+
+    // The holder stops heartbeating; once its deadline passes, another worker takes over.
+    let b = s
+        .lease("run-1", "w2", 2, 1900, 1000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(filter_ids(&b), vec![0, 1]);
+    assert!(
+        !s.heartbeat(&a.lease_id, 2000, 1000).await.unwrap(),
+        "revoked"
+    );
+    assert!(s.heartbeat(&b.lease_id, 2000, 1000).await.unwrap());
+
+    // A lease holds its filters until it has submitted all of them.
+    s.submit(&outcome(&b, 0, "w2", 1.0), 2100).await.unwrap();
+    assert!(s.heartbeat(&b.lease_id, 2200, 1000).await.unwrap());
+    s.submit(&outcome(&b, 1, "w2", 1.0), 2300).await.unwrap();
+    assert!(!s.heartbeat(&b.lease_id, 2400, 1000).await.unwrap());
+}
+
+async fn progress_counts_every_state(db: &TestDb) {
+    let s = &db.store;
+    s.create_or_resume_run(&spec(
+        "run-1",
+        &[("block1_conv1", 4), ("block1_conv2", 2)],
+        1,
+    ))
+    .await
+    .unwrap();
+    assert!(!s.is_finished("run-1").await.unwrap());
+    let lease = s.lease("run-1", "w1", 4, 0, MINUTE).await.unwrap().unwrap();
+    assert_eq!(
+        s.submit(&outcome(&lease, 0, "w1", 2.0), 10).await.unwrap(),
+        SubmitOutcome::Recorded
+    );
+    let dead = FilterOutcome {
+        dead: true,
+        ..outcome(&lease, 1, "w1", 0.0)
+    };
+    assert_eq!(s.submit(&dead, 10).await.unwrap(), SubmitOutcome::Recorded);
+    assert_eq!(
+        s.submit(&failure(&lease, 2, "w1", "oom"), 10)
+            .await
+            .unwrap(),
+        SubmitOutcome::Failed
+    );
+
+    let progress = s.progress("run-1").await.unwrap();
+    let expect =
+        |layer: &str, layer_index, total, done, pending, leased, failed, dead| LayerProgress {
+            layer: layer.to_string(),
+            layer_index,
+            total,
+            done,
+            pending,
+            leased,
+            failed,
+            dead,
+        };
+    assert_eq!(
+        progress,
+        vec![
+            expect("block1_conv1", 0, 4, 2, 0, 1, 1, 1),
+            expect("block1_conv2", 1, 2, 0, 2, 0, 0, 0)
+        ]
+    );
+    assert!(!s.is_finished("run-1").await.unwrap());
+
+    s.submit(&outcome(&lease, 3, "w1", 1.0), 20).await.unwrap();
+    let last = s
+        .lease("run-1", "w1", 4, 30, MINUTE)
+        .await
+        .unwrap()
+        .unwrap();
+    for filter in filter_ids(&last) {
+        s.submit(&outcome(&last, filter, "w1", 1.0), 40)
+            .await
+            .unwrap();
+    }
+    assert!(s.is_finished("run-1").await.unwrap());
+    assert!(matches!(
+        s.is_finished("run-9").await.unwrap_err(),
+        Error::UnknownRun(_)
+    ));
+}
+
+/// Leases everything and records `activations[layer][filter]` (`None`: leave it leased).
+async fn finish(s: &Arc<dyn Store>, run: &RunSpec, activations: &[&[Option<f32>]]) {
+    s.create_or_resume_run(run).await.unwrap();
+    while let Some(lease) = s.lease(&run.run_id, "w1", 16, 0, MINUTE).await.unwrap() {
+        let index = run
+            .filters
+            .iter()
+            .find(|f| f.layer == lease.layer)
+            .unwrap()
+            .layer_index as usize;
+        for (filter, _) in &lease.filters {
+            if let Some(activation) = activations[index][*filter as usize] {
+                let result = FilterOutcome {
+                    dead: activation == 0.0,
+                    ..outcome(&lease, *filter, "w1", activation)
+                };
+                s.submit(&result, 10).await.unwrap();
+            }
+        }
+    }
+}
+
+async fn best_filters_ranks_the_strongest_first(db: &TestDb) {
+    let run = spec("run-1", &[("block1_conv1", 5), ("block1_conv2", 2)], 3);
+    let a = [Some(1.0), Some(3.0), Some(3.0), Some(2.0), None];
+    finish(&db.store, &run, &[&a, &[Some(0.5), Some(4.0)]]).await;
+
+    let rows = fetch_all!(
+        db,
+        (String, i32, i32, f32, i64),
+        "SELECT layer, layer_index, filter, activation, rank FROM best_filters
+         WHERE run_id = $1 ORDER BY layer_index, rank",
+        "run-1"
+    );
+    let expected = [
+        ("block1_conv1", 0, 1, 3.0, 1), // ties go to the lower filter
+        ("block1_conv1", 0, 2, 3.0, 2),
+        ("block1_conv1", 0, 3, 2.0, 3),
+        ("block1_conv1", 0, 0, 1.0, 4), // filter 4 is unfinished: no row
+        ("block1_conv2", 1, 1, 4.0, 1),
+        ("block1_conv2", 1, 0, 0.5, 2),
+    ];
+    let expected: Vec<_> = expected
+        .iter()
+        .map(|&(l, i, f, a, r)| (l.to_string(), i, f, a, r))
+        .collect();
+    assert_eq!(rows, expected);
+
+    let top = fetch_all!(
+        db,
+        (String, i32, f32, bool),
+        "SELECT layer, filter, start_activation, dead FROM best_filters WHERE rank <= 1 ORDER BY layer",
+    );
+    assert_eq!(
+        top,
+        vec![
+            ("block1_conv1".into(), 1, 0.25, false),
+            ("block1_conv2".into(), 1, 0.25, false)
+        ]
+    );
+}
+
+async fn layer_summary_and_failed_filters_views(db: &TestDb) {
+    let run = spec("run-1", &[("block1_conv1", 4), ("block1_conv2", 2)], 1);
+    // Filter 3 of block1_conv1 stays leased; filter 2 stays silent (dead).
+    finish(
+        &db.store,
+        &run,
+        &[
+            &[Some(1.0), Some(5.0), Some(0.0), None],
+            &[Some(2.0), Some(2.0)],
+        ],
+    )
+    .await;
+
+    let summary = fetch_all!(
+        db,
+        (String, i32, i64, i64, i64, i64, i64, i64, Option<f64>, Option<f32>),
+        "SELECT layer, layer_index, filters, done, pending, leased, failed, dead, mean_activation, max_activation
+         FROM layer_summary WHERE run_id = $1 ORDER BY layer_index",
+        "run-1"
+    );
+    assert_eq!(
+        summary,
+        vec![
+            (
+                "block1_conv1".into(),
+                0,
+                4,
+                3,
+                0,
+                1,
+                0,
+                1,
+                Some(2.0),
+                Some(5.0)
+            ),
+            (
+                "block1_conv2".into(),
+                1,
+                2,
+                2,
+                0,
+                0,
+                0,
+                0,
+                Some(2.0),
+                Some(2.0)
+            ),
+        ]
+    );
+
+    let failed = fetch_all!(
+        db,
+        (String, i32, String),
+        "SELECT layer, filter, status FROM failed_filters WHERE run_id = $1 ORDER BY layer, filter",
+        "run-1"
+    );
+    assert_eq!(failed, vec![("block1_conv1".into(), 2, "dead".into())]);
+}
+
+async fn non_finite_scores_are_refused(db: &TestDb) {
+    let s = &db.store;
+    s.create_or_resume_run(&spec("run-1", &[("block1_conv1", 1)], 3))
+        .await
+        .unwrap();
+    let lease = s.lease("run-1", "w1", 1, 0, MINUTE).await.unwrap().unwrap();
+
+    let nan = FilterOutcome {
+        activation: f32::NAN,
+        ..outcome(&lease, 0, "w1", 1.0)
+    };
+    let err = s.submit(&nan, 10).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::NonFinite {
+                field: "activation",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("NaN"), "{err}");
+    let mut inf_curve = outcome(&lease, 0, "w1", 1.0);
+    inf_curve.curve[1] = f32::INFINITY;
+    let err = s.submit(&inf_curve, 10).await.unwrap_err();
+    assert!(
+        matches!(err, Error::NonFinite { field: "curve", .. }),
+        "{err}"
+    );
+
+    assert_eq!(
+        s.result("run-1", "block1_conv1", 0).await.unwrap(),
+        None,
+        "nothing stored"
+    );
+    assert_eq!(
+        s.progress("run-1").await.unwrap()[0].leased,
+        1,
+        "the lease still holds the filter"
+    );
+    assert_eq!(
+        s.submit(&outcome(&lease, 0, "w1", 1.0), 20).await.unwrap(),
+        SubmitOutcome::Recorded
+    );
+}
+
+// ---- Backend-specific behaviour ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_reader_with_an_open_transaction_does_not_block_submit() {
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("atlas.db").display());
+    let s = store::connect(&url).await.unwrap();
+    s.create_or_resume_run(&spec("run-1", &[("block1_conv1", 2)], 3))
+        .await
+        .unwrap();
+    let lease = s.lease("run-1", "w1", 2, 0, MINUTE).await.unwrap().unwrap();
+
+    // Someone runs `vgg-atlas query` or `sqlite3` and keeps a read transaction open.
+    let mut reader = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut reader).await.unwrap();
+    let count = "SELECT COUNT(*) FROM results";
+    let before: i64 = sqlx::query_scalar(count)
+        .fetch_one(&mut reader)
+        .await
+        .unwrap();
+
+    // Well under the busy timeout: the writer must not wait for the reader at all.
+    let submit = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        let recorded = s.submit(&outcome(&lease, 0, "w1", 1.0), 10).await.unwrap();
+        let heartbeat = s.heartbeat(&lease.lease_id, 20, MINUTE).await.unwrap();
+        (recorded, heartbeat)
+    });
+    assert_eq!(
+        submit.await.expect("submit waited for a reader"),
+        (SubmitOutcome::Recorded, true)
+    );
+
+    let during: i64 = sqlx::query_scalar(count)
+        .fetch_one(&mut reader)
+        .await
+        .unwrap();
+    assert_eq!((before, during), (0, 0), "the reader keeps its snapshot");
+    sqlx::query("COMMIT").execute(&mut reader).await.unwrap();
+    let after: i64 = sqlx::query_scalar(count)
+        .fetch_one(&mut reader)
+        .await
+        .unwrap();
+    assert_eq!(after, 1);
+}
+
+#[tokio::test]
+async fn sqlite_file_and_directory_are_created_and_reopened() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("out").join("nested").join("atlas.db");
+    let url = format!("sqlite://{}", path.display());
+    let run = spec("run-1", &[("block1_conv1", 3)], 3);
+    {
+        let s = store::connect(&url).await.unwrap();
+        assert!(s.create_or_resume_run(&run).await.unwrap());
+        let lease = s.lease("run-1", "w1", 1, 0, MINUTE).await.unwrap().unwrap();
+        s.submit(&outcome(&lease, 0, "w1", 1.0), 10).await.unwrap();
+    }
+    assert!(path.is_file());
+    let s = store::connect(&url).await.unwrap();
+    assert!(
+        !s.create_or_resume_run(&run).await.unwrap(),
+        "reopening resumes the run"
+    );
+    let progress = s.progress("run-1").await.unwrap();
+    assert_eq!((progress[0].done, progress[0].pending), (1, 2));
+}
+
+#[tokio::test]
+async fn bad_urls_say_what_is_wrong() {
+    let err = store::connect("mysql://localhost/atlas")
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, Error::BadUrl { .. }), "{err}");
+    assert!(err.to_string().contains("sqlite://PATH"), "{err}");
+
+    let err = store::connect("sqlite://").await.err().unwrap();
+    assert!(err.to_string().contains("names no file"), "{err}");
+
+    let err = store::connect("postgres://atlas:secret@localhost:notaport/atlas")
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, Error::BadUrl { .. }), "{err}");
+    assert!(
+        !err.to_string().contains("secret"),
+        "password leaked: {err}"
+    );
+
+    // Port 1 on loopback: nothing listens there.
+    let err = store::connect("postgres://atlas:secret@127.0.0.1:1/atlas")
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, Error::Connect { .. }), "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains("127.0.0.1:1") && message.contains("Is the server running"),
+        "{message}"
+    );
+    assert!(!message.contains("secret"), "password leaked: {message}");
+}
