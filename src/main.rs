@@ -64,6 +64,28 @@ enum Command {
         #[command(flatten)]
         compute: Compute,
     },
+    /// Render every filter of the chosen layers as a resumable, distributed batch job.
+    Render(Box<RenderArgs>),
+    /// Join a running render: take leases from the coordinator and compute them.
+    Worker {
+        /// The coordinator, e.g. http://coordinator:50051.
+        #[arg(long)]
+        connect: String,
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// A name for logs (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        compute: Compute,
+    },
+    /// Per-layer progress of every run in a database.
+    Status {
+        #[arg(long, default_value = "sqlite://atlas/atlas.db")]
+        db: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Filters per second and effective GFLOP/s of the ascent on one layer.
     Bench {
         #[arg(long)]
@@ -78,6 +100,42 @@ enum Command {
         #[command(flatten)]
         compute: Compute,
     },
+}
+
+#[derive(Args)]
+struct RenderArgs {
+    /// Layers to render, comma-separated (default: all 13 conv layers).
+    #[arg(long, value_delimiter = ',')]
+    layers: Vec<String>,
+    /// Output folder (the default database lives here too).
+    #[arg(long, default_value = "atlas")]
+    out: PathBuf,
+    /// sqlite://PATH or postgres://...; default sqlite://<out>/atlas.db.
+    #[arg(long)]
+    db: Option<String>,
+    /// Workers started in this process (each talks gRPC to the coordinator like a remote one);
+    /// 0 makes this a pure coordinator.
+    #[arg(long, default_value_t = 1)]
+    local_workers: usize,
+    /// Address to accept workers on (default: a loopback port for the local workers only).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Filters per lease and per batch of the local workers.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Start a new run even if this configuration was rendered before.
+    #[arg(long)]
+    fresh: bool,
+    /// Seconds a lease lives without a heartbeat.
+    #[arg(long, default_value_t = 60)]
+    lease_seconds: u64,
+    /// Attempts per filter before it is recorded as failed.
+    #[arg(long, default_value_t = 3)]
+    max_attempts: i32,
+    #[command(flatten)]
+    method: Method,
+    #[command(flatten)]
+    compute: Compute,
 }
 
 #[derive(Subcommand)]
@@ -216,6 +274,28 @@ fn run(cli: Cli) -> Result<()> {
             method,
             compute,
         } => visualize(&layer, &filters, &out, batch, json, &method, &compute),
+        Command::Render(args) => runtime()?.block_on(render(*args)),
+        Command::Worker {
+            connect,
+            batch,
+            name,
+            compute,
+        } => {
+            let threads = compute.pool()?.1;
+            let name = name
+                .unwrap_or_else(|| std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into()));
+            let cfg = vgg_atlas_worker::client::WorkerConfig {
+                connect,
+                name,
+                batch: batch.max(1),
+                threads,
+                weights: compute.weights.clone(),
+            };
+            runtime()?.block_on(vgg_atlas_worker::client::run(cfg))?;
+            eprintln!("the run is finished");
+            Ok(())
+        }
+        Command::Status { db, json } => runtime()?.block_on(status(&db, json)),
         Command::Bench {
             layer,
             batch,
@@ -490,6 +570,148 @@ fn bench(
             layer.name,
             fps * flops_per_filter / 1e9
         );
+    }
+    Ok(())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+async fn render(a: RenderArgs) -> Result<()> {
+    use vgg_atlas_coordinator::{plan, service, store};
+    let layers: Vec<Layer> = if a.layers.is_empty() {
+        vgg_atlas_worker::LAYERS[..vgg_atlas_worker::layers::CONV_LAYERS].to_vec()
+    } else {
+        a.layers
+            .iter()
+            .map(|n| Layer::by_name(n.trim()))
+            .collect::<Result<_, _>>()?
+    };
+    let settings = a.method.settings();
+    for l in &layers {
+        settings.check(l)?;
+    }
+    let weights_path = match &a.compute.weights {
+        Some(p) => p.clone(),
+        None => fetch::ensure_default(&|m| eprintln!("{m}"))?,
+    };
+    let weights = Weights::load(&weights_path)?;
+    if layers.iter().any(|l| !l.is_conv()) && !weights.has_classifier() {
+        bail!(
+            "the classifier layers need a full checkpoint; these weights ({}) are conv-only",
+            weights.source
+        );
+    }
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("cannot create output folder {}", a.out.display()))?;
+    let db =
+        a.db.clone()
+            .unwrap_or_else(|| format!("sqlite://{}", a.out.join("atlas.db").display()));
+    let store = store::connect(&db).await?;
+    let fresh = a.fresh.then(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+    });
+    let spec = plan::plan(&weights.sha256, &layers, &settings, a.max_attempts, fresh);
+    let created = store.create_or_resume_run(&spec).await?;
+    eprintln!(
+        "{} run {} ({} filters) in {db}",
+        if created { "new" } else { "resuming" },
+        spec.run_id,
+        spec.filters.len()
+    );
+    let ctx = service::RunContext {
+        run_id: spec.run_id.clone(),
+        settings: vgg_atlas_worker::client::settings_to_wire(&settings, &weights.sha256),
+        layers: layers.iter().map(|l| l.name.to_string()).collect(),
+        filters_total: spec.filters.len() as u32,
+        weights_path: weights_path.clone(),
+        lease_ms: (a.lease_seconds * 1000) as i64,
+    };
+    let listen = a.listen.clone().unwrap_or_else(|| "127.0.0.1:0".into());
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = listener.local_addr()?;
+    if a.listen.is_some() {
+        eprintln!("coordinator listening on {addr}; workers join with `vgg-atlas worker --connect http://{addr}`");
+    }
+    let server = service::CoordinatorService::new(store.clone(), ctx).into_server();
+    tokio::spawn(
+        vgg_atlas_proto::tonic::transport::Server::builder()
+            .add_service(server)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let threads = a.compute.pool()?.1;
+    let per_worker = (threads / a.local_workers.max(1)).max(1);
+    for i in 0..a.local_workers {
+        let cfg = vgg_atlas_worker::client::WorkerConfig {
+            connect: format!("http://{addr}"),
+            name: format!("local-{i}"),
+            batch: a.batch.max(1),
+            threads: per_worker,
+            weights: Some(weights_path.clone()),
+        };
+        tokio::spawn(async move {
+            if let Err(e) = vgg_atlas_worker::client::run(cfg).await {
+                eprintln!("local worker {i} stopped: {e}");
+            }
+        });
+    }
+    let started = std::time::Instant::now();
+    let mut last = String::new();
+    loop {
+        let progress = store.progress(&spec.run_id).await?;
+        let (total, finished): (i64, i64) = progress
+            .iter()
+            .fold((0, 0), |(t, f), p| (t + p.total, f + p.done + p.failed));
+        let line = format!("{finished}/{total} filters finished");
+        if line != last {
+            let rate = finished as f64 / started.elapsed().as_secs_f64().max(1e-3);
+            eprintln!(
+                "[{:>6.0}s] {line} ({rate:.2}/s)",
+                started.elapsed().as_secs_f64()
+            );
+            last = line;
+        }
+        if store.is_finished(&spec.run_id).await? {
+            let failed: i64 = progress.iter().map(|p| p.failed).sum();
+            let dead: i64 = progress.iter().map(|p| p.dead).sum();
+            eprintln!(
+                "run {} finished: {finished} filters, {dead} dead, {failed} failed",
+                spec.run_id
+            );
+            if a.listen.is_some() {
+                // Keep answering until every idle remote worker has polled once more and been
+                // told the run is finished, so they exit instead of waiting for us to return.
+                let linger = service::retry_after_ms((a.lease_seconds * 1000) as i64) as u64 + 1000;
+                tokio::time::sleep(std::time::Duration::from_millis(linger)).await;
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+async fn status(db: &str, json: bool) -> Result<()> {
+    let store = vgg_atlas_coordinator::store::connect(db).await?;
+    let mut out = Vec::new();
+    for (run_id, _, _) in store.runs().await? {
+        for p in store.progress(&run_id).await? {
+            if json {
+                out.push(json!({"run_id": run_id, "layer": p.layer, "total": p.total, "done": p.done, "pending": p.pending, "leased": p.leased, "failed": p.failed, "dead": p.dead}));
+            } else {
+                println!("{run_id} {:<13} {:>4}/{:<4} done  {:>4} pending  {:>4} leased  {:>3} failed  {:>3} dead", p.layer, p.done, p.total, p.pending, p.leased, p.failed, p.dead);
+            }
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string(&out)?);
     }
     Ok(())
 }

@@ -3,6 +3,8 @@
 //! [`store`] keeps runs, filters with their lease state, and results in SQLite or PostgreSQL.
 
 pub mod error;
+pub mod plan;
+pub mod service;
 pub mod store;
 
 pub use error::{Error, Result};

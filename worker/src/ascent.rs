@@ -123,14 +123,19 @@ const EPS: f64 = 1e-7;
 /// The start image of one filter: `(uniform(0,1) - 0.5) * 20 + 128`, RGB, seeded per
 /// (run seed, layer, filter).
 pub fn start_image(seed: u64, layer: &Layer, filter: usize, size: usize) -> Vec<f32> {
-    let mut rng =
-        rand_chacha::ChaCha8Rng::seed_from_u64(mix(seed, layer.index as u64, filter as u64));
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(filter_seed(
+        seed,
+        layer.index as u64,
+        filter as u64,
+    ));
     (0..size * size * 3)
         .map(|_| (rng.random::<f32>() - 0.5) * 20.0 + 128.0)
         .collect()
 }
 
-fn mix(seed: u64, layer: u64, filter: u64) -> u64 {
+/// The seed of one filter's start image, from the run seed: a function of (seed, layer,
+/// filter) only, so a filter's image never depends on which worker or batch computed it.
+pub fn filter_seed(seed: u64, layer: u64, filter: u64) -> u64 {
     // splitmix64 over the three parts, so nearby filters get unrelated streams.
     let mut z = seed
         ^ layer.wrapping_mul(0x9E37_79B9_7F4A_7C15)

@@ -2,6 +2,7 @@
 //! CPU trunk with its hand-written backward pass, and the batched ascent engine.
 
 pub mod ascent;
+pub mod client;
 pub mod conv;
 mod error;
 pub mod fetch;

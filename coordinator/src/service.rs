@@ -1,0 +1,309 @@
+//! The gRPC face of the coordinator: registers workers, hands out leases from the store,
+//! records what they submit, and serves the run's weights. Every decision about leases and
+//! results is the store's (one transaction each); this layer converts and validates.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio_stream::Stream;
+use vgg_atlas_proto as pb;
+use vgg_atlas_proto::tonic::{Request, Response, Status};
+
+use crate::store::{self, Store};
+
+/// What the coordinator serves: one run.
+#[derive(Clone, Debug)]
+pub struct RunContext {
+    pub run_id: String,
+    pub settings: pb::RunSettings,
+    pub layers: Vec<String>,
+    pub filters_total: u32,
+    pub weights_path: PathBuf,
+    /// How long a lease lives without a heartbeat.
+    pub lease_ms: i64,
+}
+
+pub struct CoordinatorService {
+    store: Arc<dyn Store>,
+    run: RunContext,
+    /// lease id -> layer, for submissions (the store keys results by layer and filter).
+    leases: Mutex<HashMap<String, String>>,
+}
+
+impl CoordinatorService {
+    pub fn new(store: Arc<dyn Store>, run: RunContext) -> CoordinatorService {
+        CoordinatorService {
+            store,
+            run,
+            leases: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn into_server(self) -> pb::CoordinatorServer<CoordinatorService> {
+        pb::CoordinatorServer::new(self)
+            .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(pb::MAX_MESSAGE_BYTES)
+    }
+}
+
+/// How long an idle worker waits before polling again: around when leases may expire.
+pub fn retry_after_ms(lease_ms: i64) -> u32 {
+    (lease_ms / 4).clamp(100, 5_000) as u32
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn internal(e: crate::Error) -> Status {
+    Status::internal(e.to_string())
+}
+
+#[pb::tonic::async_trait]
+impl pb::Coordinator for CoordinatorService {
+    async fn register(
+        &self,
+        req: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let req = req.into_inner();
+        pb::check_protocol_version(req.protocol_version)?;
+        let worker_id = format!("{}-{}", req.name, &uuid::Uuid::new_v4().to_string()[..8]);
+        tracing::info!(worker = %worker_id, device = %req.device, max_batch = req.max_batch, "worker registered");
+        let progress = self
+            .store
+            .progress(&self.run.run_id)
+            .await
+            .map_err(internal)?;
+        let finished: i64 = progress.iter().map(|p| p.done + p.failed).sum();
+        Ok(Response::new(pb::RegisterResponse {
+            worker_id,
+            run: Some(pb::RunSummary {
+                run_id: self.run.run_id.clone(),
+                settings: Some(self.run.settings.clone()),
+                layers: self.run.layers.clone(),
+                filters_total: self.run.filters_total,
+                filters_finished: finished as u32,
+            }),
+            heartbeat_interval_ms: (self.run.lease_ms / 4).max(100) as u32,
+        }))
+    }
+
+    async fn poll_work(
+        &self,
+        req: Request<pb::PollWorkRequest>,
+    ) -> Result<Response<pb::PollWorkResponse>, Status> {
+        let req = req.into_inner();
+        let slots = req.free_slots.max(1) as usize;
+        let lease = self
+            .store
+            .lease(
+                &self.run.run_id,
+                &req.worker_id,
+                slots,
+                now_ms(),
+                self.run.lease_ms,
+            )
+            .await
+            .map_err(internal)?;
+        let work = match lease {
+            Some(l) => {
+                self.leases
+                    .lock()
+                    .expect("lease map")
+                    .insert(l.lease_id.clone(), l.layer.clone());
+                pb::poll_work_response::Work::Lease(pb::Lease {
+                    lease_id: l.lease_id,
+                    run_id: l.run_id,
+                    layer: l.layer,
+                    filters: l
+                        .filters
+                        .into_iter()
+                        .map(|(filter, seed)| pb::LeasedFilter {
+                            filter: filter as u32,
+                            seed: seed as u64,
+                        })
+                        .collect(),
+                    deadline_unix_ms: l.deadline_ms as u64,
+                    settings: Some(self.run.settings.clone()),
+                })
+            }
+            None if self
+                .store
+                .is_finished(&self.run.run_id)
+                .await
+                .map_err(internal)? =>
+            {
+                pb::poll_work_response::Work::Finished(true)
+            }
+            // Everything left is leased to someone else; ask again around when leases expire.
+            None => pb::poll_work_response::Work::RetryAfterMs(retry_after_ms(self.run.lease_ms)),
+        };
+        Ok(Response::new(pb::PollWorkResponse { work: Some(work) }))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let req = req.into_inner();
+        let now = now_ms();
+        let mut leases = Vec::with_capacity(req.lease_ids.len());
+        for lease_id in req.lease_ids {
+            let held = self
+                .store
+                .heartbeat(&lease_id, now, self.run.lease_ms)
+                .await
+                .map_err(internal)?;
+            leases.push(pb::LeaseStatus {
+                lease_id,
+                state: if held {
+                    pb::LeaseState::Held
+                } else {
+                    pb::LeaseState::Revoked
+                } as i32,
+                deadline_unix_ms: if held {
+                    (now + self.run.lease_ms) as u64
+                } else {
+                    0
+                },
+            });
+        }
+        Ok(Response::new(pb::HeartbeatResponse { leases }))
+    }
+
+    async fn submit(
+        &self,
+        req: Request<pb::SubmitRequest>,
+    ) -> Result<Response<pb::SubmitResponse>, Status> {
+        let req = req.into_inner();
+        let layer = self
+            .leases
+            .lock()
+            .expect("lease map")
+            .get(&req.lease_id)
+            .cloned();
+        let mut outcomes = Vec::with_capacity(req.results.len());
+        for r in req.results {
+            let (outcome, message) = match &layer {
+                None => (
+                    pb::SubmitOutcome::NotLeased,
+                    format!("lease {} is unknown to this coordinator", req.lease_id),
+                ),
+                Some(layer) => match check_png(&r, self.run.settings.size) {
+                    Err(why) => (pb::SubmitOutcome::Rejected, why),
+                    Ok(()) => {
+                        let outcome = store::FilterOutcome {
+                            run_id: self.run.run_id.clone(),
+                            layer: layer.clone(),
+                            filter: r.filter as i32,
+                            lease_id: req.lease_id.clone(),
+                            worker: req.worker_id.clone(),
+                            activation: r.activation,
+                            objective: r.objective,
+                            start_activation: r.start_activation,
+                            curve: r.curve,
+                            seconds: r.seconds,
+                            dead: r.dead,
+                            failed: r.failed_reason,
+                            png: r.png,
+                        };
+                        match self.store.submit(&outcome, now_ms()).await {
+                            Ok(o) => (convert(o), String::new()),
+                            Err(e @ crate::Error::NonFinite { .. }) => {
+                                (pb::SubmitOutcome::Rejected, e.to_string())
+                            }
+                            Err(e) => return Err(internal(e)),
+                        }
+                    }
+                },
+            };
+            if outcome != pb::SubmitOutcome::Recorded {
+                tracing::warn!(worker = %req.worker_id, lease = %req.lease_id, filter = r.filter, ?outcome, %message, "submission not recorded");
+            }
+            outcomes.push(pb::FilterOutcome {
+                filter: r.filter,
+                outcome: outcome as i32,
+                message,
+            });
+        }
+        Ok(Response::new(pb::SubmitResponse { outcomes }))
+    }
+
+    type FetchWeightsStream = Pin<Box<dyn Stream<Item = Result<pb::WeightsChunk, Status>> + Send>>;
+
+    async fn fetch_weights(
+        &self,
+        req: Request<pb::FetchWeightsRequest>,
+    ) -> Result<Response<Self::FetchWeightsStream>, Status> {
+        let req = req.into_inner();
+        if req.sha256 != self.run.settings.weights_sha256 {
+            return Err(Status::not_found(format!(
+                "this coordinator serves weights {} only, not {}",
+                self.run.settings.weights_sha256, req.sha256
+            )));
+        }
+        let bytes = tokio::fs::read(&self.run.weights_path).await.map_err(|e| {
+            Status::internal(format!(
+                "cannot read {}: {e}",
+                self.run.weights_path.display()
+            ))
+        })?;
+        let total = bytes.len() as u64;
+        let sha = req.sha256.clone();
+        let name = self
+            .run
+            .weights_path
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let start = req.offset.min(total) as usize;
+        let chunks: Vec<Result<pb::WeightsChunk, Status>> = bytes[start..]
+            .chunks(pb::WEIGHTS_CHUNK_BYTES)
+            .enumerate()
+            .map(|(i, c)| {
+                Ok(pb::WeightsChunk {
+                    offset: (start + i * pb::WEIGHTS_CHUNK_BYTES) as u64,
+                    data: c.to_vec(),
+                    total_size: total,
+                    sha256: sha.clone(),
+                    file_name: name.clone(),
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+}
+
+fn convert(o: store::SubmitOutcome) -> pb::SubmitOutcome {
+    match o {
+        store::SubmitOutcome::Recorded => pb::SubmitOutcome::Recorded,
+        store::SubmitOutcome::Duplicate => pb::SubmitOutcome::Duplicate,
+        store::SubmitOutcome::NotLeased => pb::SubmitOutcome::NotLeased,
+        store::SubmitOutcome::RetryLater => pb::SubmitOutcome::RetryLater,
+        store::SubmitOutcome::Failed => pb::SubmitOutcome::Failed,
+    }
+}
+
+/// A finished filter's image must be a PNG of the run's size; a failed one carries none.
+fn check_png(r: &pb::FilterResult, size: u32) -> Result<(), String> {
+    if r.failed_reason.is_some() {
+        return Ok(());
+    }
+    let img = image::load_from_memory_with_format(&r.png, image::ImageFormat::Png)
+        .map_err(|e| format!("filter {}: the image is not a valid PNG ({e})", r.filter))?;
+    if img.width() != size || img.height() != size {
+        return Err(format!(
+            "filter {}: the image is {}x{}, the run's size is {size}",
+            r.filter,
+            img.width(),
+            img.height()
+        ));
+    }
+    Ok(())
+}

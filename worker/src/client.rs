@@ -1,0 +1,338 @@
+//! The worker's side of the wire: register, poll for leases, compute them off the async
+//! runtime, heartbeat while computing, submit, and reconnect with backoff when the coordinator
+//! is away. A new node needs only the binary and the coordinator's address: it fetches the
+//! weights by sha256 if it has none that match.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use vgg_atlas_proto as pb;
+use vgg_atlas_proto::tonic;
+
+use crate::ascent::{self, Settings};
+use crate::trunk::{CpuTrunk, Objective};
+use crate::weights::{hex, Weights};
+use crate::{fetch, Error, Layer, Result};
+
+pub struct WorkerConfig {
+    pub connect: String,
+    pub name: String,
+    pub batch: usize,
+    pub threads: usize,
+    /// Weights to use instead of the cache; must have the run's sha256.
+    pub weights: Option<PathBuf>,
+}
+
+/// The run settings on the wire, as the engine's settings.
+pub fn settings_from_wire(s: &pb::RunSettings) -> Result<Settings> {
+    let objective =
+        match s.objective.as_str() {
+            "pre-relu" => Objective::PreRelu,
+            "post-relu" => Objective::PostRelu,
+            other => return Err(Error::Invalid(format!(
+                "the coordinator asked for objective '{other}', which this worker does not know"
+            ))),
+        };
+    Ok(Settings {
+        size: s.size as usize,
+        steps: s.steps as usize,
+        seed: s.seed,
+        objective,
+        learning_rate: s.learning_rate,
+        rmsprop_decay: s.rmsprop_decay,
+        lp_norm_p: s.lp_norm_p,
+        lp_norm_weight: s.lp_norm_weight,
+        tv_beta: s.tv_beta,
+        tv_weight: s.tv_weight,
+        inject_nan_filter: None,
+    })
+}
+
+/// The engine's settings on the wire.
+pub fn settings_to_wire(s: &Settings, weights_sha256: &str) -> pb::RunSettings {
+    pb::RunSettings {
+        weights_sha256: weights_sha256.to_string(),
+        size: s.size as u32,
+        steps: s.steps as u32,
+        objective: match s.objective {
+            Objective::PreRelu => "pre-relu",
+            Objective::PostRelu => "post-relu",
+        }
+        .to_string(),
+        learning_rate: s.learning_rate,
+        rmsprop_decay: s.rmsprop_decay,
+        lp_norm_p: s.lp_norm_p,
+        lp_norm_weight: s.lp_norm_weight,
+        tv_beta: s.tv_beta,
+        tv_weight: s.tv_weight,
+        seed: s.seed,
+    }
+}
+
+enum SessionEnd {
+    Finished,
+}
+
+/// Works for the coordinator until its run is finished. Connection losses are retried with
+/// backoff (up to 5 s between tries); a refusal (another protocol version) is returned.
+pub async fn run(cfg: WorkerConfig) -> Result<()> {
+    let mut backoff = Duration::from_millis(200);
+    let mut engine: Option<Engine> = None;
+    loop {
+        match session(&cfg, &mut engine).await {
+            Ok(SessionEnd::Finished) => return Ok(()),
+            Err(SessionError::Retry(why)) => {
+                tracing::warn!(
+                    "coordinator {} unreachable or lost ({why}); retrying in {:?}",
+                    cfg.connect,
+                    backoff
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(SessionError::Fatal(e)) => return Err(e),
+        }
+    }
+}
+
+enum SessionError {
+    Retry(String),
+    Fatal(Error),
+}
+
+impl From<tonic::Status> for SessionError {
+    fn from(s: tonic::Status) -> Self {
+        match s.code() {
+            tonic::Code::FailedPrecondition
+            | tonic::Code::InvalidArgument
+            | tonic::Code::PermissionDenied
+            | tonic::Code::Unauthenticated => SessionError::Fatal(Error::Invalid(format!(
+                "the coordinator refused this worker: {}",
+                s.message()
+            ))),
+            _ => SessionError::Retry(format!("{}: {}", s.code(), s.message())),
+        }
+    }
+}
+
+impl From<Error> for SessionError {
+    fn from(e: Error) -> Self {
+        SessionError::Fatal(e)
+    }
+}
+
+/// The compute side, shared with blocking tasks: weights, the trunk and its thread pool.
+#[derive(Clone)]
+struct Engine {
+    sha256: String,
+    weights: Arc<Weights>,
+    trunk: Arc<Mutex<CpuTrunk>>,
+    pool: Arc<rayon::ThreadPool>,
+}
+
+async fn session(
+    cfg: &WorkerConfig,
+    engine: &mut Option<Engine>,
+) -> Result<SessionEnd, SessionError> {
+    let endpoint = tonic::transport::Endpoint::from_shared(cfg.connect.clone())
+        .map_err(|e| {
+            SessionError::Fatal(Error::Invalid(format!(
+                "bad --connect '{}': {e}; expected e.g. http://host:50051",
+                cfg.connect
+            )))
+        })?
+        .connect_timeout(Duration::from_secs(5));
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| SessionError::Retry(e.to_string()))?;
+    let mut client = pb::CoordinatorClient::new(channel)
+        .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(pb::MAX_MESSAGE_BYTES);
+    let reg = client
+        .register(pb::RegisterRequest {
+            protocol_version: pb::PROTOCOL_VERSION,
+            name: cfg.name.clone(),
+            device: "cpu".into(),
+            max_batch: cfg.batch as u32,
+        })
+        .await?
+        .into_inner();
+    let run = reg
+        .run
+        .ok_or_else(|| SessionError::Retry("register answered without a run".into()))?;
+    let settings = run
+        .settings
+        .ok_or_else(|| SessionError::Retry("register answered without settings".into()))?;
+    let sha = settings.weights_sha256.clone();
+    if engine.as_ref().map(|e| e.sha256 != sha).unwrap_or(true) {
+        let path = weights_for(cfg, &mut client, &sha).await?;
+        let weights = Weights::load(&path)?;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(cfg.threads)
+            .build()
+            .map_err(|e| Error::Invalid(format!("cannot start {} threads: {e}", cfg.threads)))?;
+        *engine = Some(Engine {
+            sha256: sha.clone(),
+            trunk: Arc::new(Mutex::new(CpuTrunk::new(&weights))),
+            weights: Arc::new(weights),
+            pool: Arc::new(pool),
+        });
+    }
+    let engine = engine.clone().expect("set above");
+    let heartbeat = Duration::from_millis(reg.heartbeat_interval_ms.max(50) as u64);
+    tracing::info!(worker = %reg.worker_id, run = %run.run_id, "registered");
+    loop {
+        let work = client
+            .poll_work(pb::PollWorkRequest {
+                worker_id: reg.worker_id.clone(),
+                free_slots: cfg.batch as u32,
+            })
+            .await?
+            .into_inner()
+            .work;
+        let lease = match work {
+            Some(pb::poll_work_response::Work::Finished(true)) => return Ok(SessionEnd::Finished),
+            Some(pb::poll_work_response::Work::Lease(l)) => l,
+            Some(pb::poll_work_response::Work::RetryAfterMs(ms)) => {
+                tokio::time::sleep(Duration::from_millis(ms as u64)).await;
+                continue;
+            }
+            _ => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let s = settings_from_wire(lease.settings.as_ref().unwrap_or(&settings))?;
+        let layer = Layer::by_name(&lease.layer)?;
+        let filters: Vec<usize> = lease.filters.iter().map(|f| f.filter as usize).collect();
+        // Compute off the async runtime; heartbeat until it is done.
+        let e = engine.clone();
+        let mut job = tokio::task::spawn_blocking(move || {
+            let mut guard = e.trunk.lock().expect("trunk");
+            let trunk: &mut CpuTrunk = &mut guard;
+            e.pool
+                .install(|| ascent::visualize(trunk, e.weights.preprocess, layer, &filters, &s))
+        });
+        let mut tick = tokio::time::interval(heartbeat);
+        tick.tick().await;
+        let results = loop {
+            tokio::select! {
+                done = &mut job => break done.map_err(|e| SessionError::Fatal(Error::Invalid(format!("compute task failed: {e}"))))??,
+                _ = tick.tick() => {
+                    let hb = client.heartbeat(pb::HeartbeatRequest { worker_id: reg.worker_id.clone(), lease_ids: vec![lease.lease_id.clone()] }).await?.into_inner();
+                    if hb.leases.iter().any(|l| l.state == pb::LeaseState::Revoked as i32) {
+                        tracing::warn!(lease = %lease.lease_id, "lease revoked while computing; its results will be offered anyway");
+                    }
+                }
+            }
+        };
+        let wire: Vec<pb::FilterResult> = results.iter().map(to_wire).collect::<Result<_>>()?;
+        let outcomes = client
+            .submit(pb::SubmitRequest {
+                worker_id: reg.worker_id.clone(),
+                lease_id: lease.lease_id.clone(),
+                results: wire,
+            })
+            .await?
+            .into_inner();
+        for o in outcomes.outcomes {
+            if o.outcome != pb::SubmitOutcome::Recorded as i32 {
+                tracing::warn!(layer = %lease.layer, filter = o.filter, outcome = o.outcome, message = %o.message, "result not recorded");
+            }
+        }
+    }
+}
+
+fn to_wire(r: &ascent::FilterResult) -> Result<pb::FilterResult> {
+    let png = match &r.image {
+        Some(img) => {
+            let mut bytes = Vec::new();
+            img.write_to(
+                &mut std::io::Cursor::new(&mut bytes),
+                image::ImageFormat::Png,
+            )
+            .map_err(|e| Error::Invalid(format!("cannot encode PNG: {e}")))?;
+            bytes
+        }
+        None => Vec::new(),
+    };
+    Ok(pb::FilterResult {
+        filter: r.filter as u32,
+        png,
+        activation: r.activation,
+        objective: r.objective,
+        start_activation: r.start_activation,
+        curve: r.curve.clone(),
+        seconds: r.seconds,
+        dead: r.dead,
+        failed_reason: r.failed.clone(),
+        retries: r.retries,
+    })
+}
+
+/// A local weights file with this sha256: `--weights`, the cached default, a previously
+/// fetched copy, or a fresh copy streamed from the coordinator.
+async fn weights_for(
+    cfg: &WorkerConfig,
+    client: &mut pb::CoordinatorClient<tonic::transport::Channel>,
+    sha: &str,
+) -> Result<PathBuf, SessionError> {
+    if let Some(p) = &cfg.weights {
+        let got = file_sha256(p)?;
+        if got != sha {
+            return Err(Error::Invalid(format!("--weights {} has sha256 {got}, but the run uses weights {sha}; drop --weights to fetch them from the coordinator", p.display())).into());
+        }
+        return Ok(p.clone());
+    }
+    let default = fetch::default_weights_path()?;
+    if default.exists() && file_sha256(&default)? == sha {
+        return Ok(default);
+    }
+    let fetched = fetch::cache_dir()?.join(format!("weights-{sha}.safetensors"));
+    if fetched.exists() && file_sha256(&fetched)? == sha {
+        return Ok(fetched);
+    }
+    tracing::info!("fetching weights {sha} from the coordinator");
+    let mut stream = client
+        .fetch_weights(pb::FetchWeightsRequest {
+            sha256: sha.to_string(),
+            offset: 0,
+        })
+        .await?
+        .into_inner();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.message().await? {
+        bytes.extend_from_slice(&chunk.data);
+    }
+    let got = hex(&Sha256::digest(&bytes));
+    if got != sha {
+        return Err(SessionError::Retry(format!(
+            "weights stream had sha256 {got}, expected {sha}"
+        )));
+    }
+    std::fs::create_dir_all(fetch::cache_dir()?).map_err(|source| Error::WeightsIo {
+        path: fetched.clone(),
+        source,
+    })?;
+    let partial = fetched.with_extension("partial");
+    std::fs::write(&partial, &bytes).map_err(|source| Error::WeightsIo {
+        path: partial.clone(),
+        source,
+    })?;
+    std::fs::rename(&partial, &fetched).map_err(|source| Error::WeightsIo {
+        path: fetched.clone(),
+        source,
+    })?;
+    Ok(fetched)
+}
+
+fn file_sha256(p: &std::path::Path) -> Result<String> {
+    let bytes = std::fs::read(p).map_err(|source| Error::WeightsIo {
+        path: p.into(),
+        source,
+    })?;
+    Ok(hex(&Sha256::digest(&bytes)))
+}
