@@ -27,14 +27,15 @@ pub struct WorkerConfig {
 
 /// The run settings on the wire, as the engine's settings.
 pub fn settings_from_wire(s: &pb::RunSettings) -> Result<Settings> {
-    let objective =
-        match s.objective.as_str() {
-            "pre-relu" => Objective::PreRelu,
-            "post-relu" => Objective::PostRelu,
-            other => return Err(Error::Invalid(format!(
+    let objective = match s.objective.as_str() {
+        "pre-relu" => Objective::PreRelu,
+        "post-relu" => Objective::PostRelu,
+        other => {
+            return Err(Error::Invalid(format!(
                 "the coordinator asked for objective '{other}', which this worker does not know"
-            ))),
-        };
+            )))
+        }
+    };
     Ok(Settings {
         size: s.size as usize,
         steps: s.steps as usize,
