@@ -231,7 +231,8 @@ impl Compute {
         Ok(Weights::load(&path)?)
     }
 
-    fn pool(&self) -> Result<(rayon::ThreadPool, usize)> {
+    /// `--threads`, else every core.
+    fn threads(&self) -> Result<usize> {
         let n = self.threads.unwrap_or_else(|| {
             std::thread::available_parallelism()
                 .map(|n| n.get())
@@ -240,6 +241,11 @@ impl Compute {
         if n == 0 {
             bail!("--threads must be at least 1");
         }
+        Ok(n)
+    }
+
+    fn pool(&self) -> Result<(rayon::ThreadPool, usize)> {
+        let n = self.threads()?;
         Ok((rayon::ThreadPoolBuilder::new().num_threads(n).build()?, n))
     }
 }
@@ -281,7 +287,7 @@ fn run(cli: Cli) -> Result<()> {
             name,
             compute,
         } => {
-            let threads = compute.pool()?.1;
+            let threads = compute.threads()?;
             let name = name
                 .unwrap_or_else(|| std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into()));
             let cfg = vgg_atlas_worker::client::WorkerConfig {
@@ -647,7 +653,7 @@ async fn render(a: RenderArgs) -> Result<()> {
             .add_service(server)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    let threads = a.compute.pool()?.1;
+    let threads = a.compute.threads()?;
     let per_worker = (threads / a.local_workers.max(1)).max(1);
     for i in 0..a.local_workers {
         let cfg = vgg_atlas_worker::client::WorkerConfig {

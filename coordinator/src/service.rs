@@ -6,13 +6,12 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio_stream::Stream;
 use vgg_atlas_proto as pb;
 use vgg_atlas_proto::tonic::{Request, Response, Status};
 
-use crate::store::{self, Store};
+use crate::store::{self, now_ms, Store};
 
 /// What the coordinator serves: one run.
 #[derive(Clone, Debug)]
@@ -52,13 +51,6 @@ impl CoordinatorService {
 /// How long an idle worker waits before polling again: around when leases may expire.
 pub fn retry_after_ms(lease_ms: i64) -> u32 {
     (lease_ms / 4).clamp(100, 5_000) as u32
-}
-
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 fn internal(e: crate::Error) -> Status {

@@ -282,18 +282,18 @@ async fn weights_for(
     sha: &str,
 ) -> Result<PathBuf, SessionError> {
     if let Some(p) = &cfg.weights {
-        let got = file_sha256(p)?;
+        let got = fetch::file_sha256(p)?;
         if got != sha {
             return Err(Error::Invalid(format!("--weights {} has sha256 {got}, but the run uses weights {sha}; drop --weights to fetch them from the coordinator", p.display())).into());
         }
         return Ok(p.clone());
     }
     let default = fetch::default_weights_path()?;
-    if default.exists() && file_sha256(&default)? == sha {
+    if default.exists() && fetch::file_sha256(&default)? == sha {
         return Ok(default);
     }
     let fetched = fetch::cache_dir()?.join(format!("weights-{sha}.safetensors"));
-    if fetched.exists() && file_sha256(&fetched)? == sha {
+    if fetched.exists() && fetch::file_sha256(&fetched)? == sha {
         return Ok(fetched);
     }
     tracing::info!("fetching weights {sha} from the coordinator");
@@ -328,12 +328,4 @@ async fn weights_for(
         source,
     })?;
     Ok(fetched)
-}
-
-fn file_sha256(p: &std::path::Path) -> Result<String> {
-    let bytes = std::fs::read(p).map_err(|source| Error::WeightsIo {
-        path: p.into(),
-        source,
-    })?;
-    Ok(hex(&Sha256::digest(&bytes)))
 }

@@ -191,3 +191,12 @@ fn tempdir() -> Result<tempfile::TempDir> {
         source,
     })
 }
+
+/// sha256 of a file, hex.
+pub fn file_sha256(p: &Path) -> Result<String> {
+    let bytes = std::fs::read(p).map_err(|source| Error::WeightsIo {
+        path: p.into(),
+        source,
+    })?;
+    Ok(hex(&Sha256::digest(&bytes)))
+}

@@ -431,7 +431,8 @@ fn layer_progress(row: ProgressRow) -> LayerProgress {
     }
 }
 
-fn now_ms() -> i64 {
+/// Wall-clock time in unix milliseconds, the unit of every deadline and timestamp.
+pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
