@@ -2,10 +2,9 @@
 //! records what they submit, and serves the run's weights. Every decision about leases and
 //! results is the store's (one transaction each); this layer converts and validates.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tokio_stream::Stream;
 use vgg_atlas_proto as pb;
@@ -28,17 +27,11 @@ pub struct RunContext {
 pub struct CoordinatorService {
     store: Arc<dyn Store>,
     run: RunContext,
-    /// lease id -> layer, for submissions (the store keys results by layer and filter).
-    leases: Mutex<HashMap<String, String>>,
 }
 
 impl CoordinatorService {
     pub fn new(store: Arc<dyn Store>, run: RunContext) -> CoordinatorService {
-        CoordinatorService {
-            store,
-            run,
-            leases: Mutex::new(HashMap::new()),
-        }
+        CoordinatorService { store, run }
     }
 
     pub fn into_server(self) -> pb::CoordinatorServer<CoordinatorService> {
@@ -104,27 +97,21 @@ impl pb::Coordinator for CoordinatorService {
             .await
             .map_err(internal)?;
         let work = match lease {
-            Some(l) => {
-                self.leases
-                    .lock()
-                    .expect("lease map")
-                    .insert(l.lease_id.clone(), l.layer.clone());
-                pb::poll_work_response::Work::Lease(pb::Lease {
-                    lease_id: l.lease_id,
-                    run_id: l.run_id,
-                    layer: l.layer,
-                    filters: l
-                        .filters
-                        .into_iter()
-                        .map(|(filter, seed)| pb::LeasedFilter {
-                            filter: filter as u32,
-                            seed: seed as u64,
-                        })
-                        .collect(),
-                    deadline_unix_ms: l.deadline_ms as u64,
-                    settings: Some(self.run.settings.clone()),
-                })
-            }
+            Some(l) => pb::poll_work_response::Work::Lease(pb::Lease {
+                lease_id: l.lease_id,
+                run_id: l.run_id,
+                layer: l.layer,
+                filters: l
+                    .filters
+                    .into_iter()
+                    .map(|(filter, seed)| pb::LeasedFilter {
+                        filter: filter as u32,
+                        seed: seed as u64,
+                    })
+                    .collect(),
+                deadline_unix_ms: l.deadline_ms as u64,
+                settings: Some(self.run.settings.clone()),
+            }),
             None if self
                 .store
                 .is_finished(&self.run.run_id)
@@ -174,18 +161,22 @@ impl pb::Coordinator for CoordinatorService {
         req: Request<pb::SubmitRequest>,
     ) -> Result<Response<pb::SubmitResponse>, Status> {
         let req = req.into_inner();
+        // The layer comes from the store, not from memory: a lease issued before a coordinator
+        // restart is still honoured.
         let layer = self
-            .leases
-            .lock()
-            .expect("lease map")
-            .get(&req.lease_id)
-            .cloned();
+            .store
+            .lease_layer(&self.run.run_id, &req.lease_id)
+            .await
+            .map_err(internal)?;
         let mut outcomes = Vec::with_capacity(req.results.len());
         for r in req.results {
             let (outcome, message) = match &layer {
                 None => (
                     pb::SubmitOutcome::NotLeased,
-                    format!("lease {} is unknown to this coordinator", req.lease_id),
+                    format!(
+                        "lease {} holds no filter of run {} (expired and re-leased, or never issued)",
+                        req.lease_id, self.run.run_id
+                    ),
                 ),
                 Some(layer) => match check_png(&r, self.run.settings.size) {
                     Err(why) => (pb::SubmitOutcome::Rejected, why),

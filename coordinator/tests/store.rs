@@ -140,6 +140,7 @@ store_tests!(
     best_filters_ranks_the_strongest_first,
     layer_summary_and_failed_filters_views,
     non_finite_scores_are_refused,
+    lease_layer_follows_the_lease_through_submit_and_expiry,
 );
 
 /// A run over `layers` = `[(name, filter count)]`, layer_index in the order given.
@@ -596,6 +597,67 @@ async fn stale_lease_submission_is_not_recorded(db: &TestDb) {
     assert!(
         matches!(err, Error::UnknownFilter { filter: 99, .. }),
         "{err}"
+    );
+}
+
+async fn lease_layer_follows_the_lease_through_submit_and_expiry(db: &TestDb) {
+    let s = &db.store;
+    s.create_or_resume_run(&spec(
+        "run-1",
+        &[("block1_conv1", 2), ("block2_conv1", 2)],
+        3,
+    ))
+    .await
+    .unwrap();
+    let first = s.lease("run-1", "a", 2, 0, 1000).await.unwrap().unwrap();
+    let second = s.lease("run-1", "b", 2, 0, 1000).await.unwrap().unwrap();
+    assert_eq!(
+        (first.layer.as_str(), second.layer.as_str()),
+        ("block1_conv1", "block2_conv1")
+    );
+    assert_eq!(
+        s.lease_layer("run-1", &first.lease_id)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("block1_conv1")
+    );
+    assert_eq!(
+        s.lease_layer("run-1", &second.lease_id)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("block2_conv1")
+    );
+    assert_eq!(s.lease_layer("run-1", "no-such-lease").await.unwrap(), None);
+    assert_eq!(
+        s.lease_layer("other-run", &first.lease_id).await.unwrap(),
+        None
+    );
+
+    // A finished filter keeps its lease id, so a duplicate still finds its layer...
+    s.submit(&outcome(&first, 0, "a", 1.0), 10).await.unwrap();
+    s.submit(&outcome(&first, 1, "a", 1.0), 10).await.unwrap();
+    assert_eq!(
+        s.lease_layer("run-1", &first.lease_id)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("block1_conv1")
+    );
+    // ...while a lease that expired and was re-issued holds nothing any more.
+    let again = s.lease("run-1", "c", 2, 5000, 1000).await.unwrap().unwrap();
+    assert_eq!(filter_ids(&again), filter_ids(&second));
+    assert_eq!(
+        s.lease_layer("run-1", &second.lease_id).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        s.lease_layer("run-1", &again.lease_id)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("block2_conv1")
     );
 }
 

@@ -150,6 +150,11 @@ pub trait Store: Send + Sync {
     /// `true` when no filter of the run is pending or leased (each is done or failed).
     async fn is_finished(&self, run_id: &str) -> Result<bool>;
 
+    /// The layer of the filters a lease holds or held (a finished filter keeps its last lease id),
+    /// so a submission can be matched after a coordinator restart. `None` when no filter of the run
+    /// carries this lease id any more (expired and re-leased, or never issued).
+    async fn lease_layer(&self, run_id: &str, lease_id: &str) -> Result<Option<String>>;
+
     /// The stored result of one filter, if it is done.
     async fn result(&self, run_id: &str, layer: &str, filter: i32) -> Result<Option<StoredResult>>;
 }
@@ -357,6 +362,8 @@ mod sql {
          FROM layer_summary WHERE run_id = $1 ORDER BY layer_index, layer";
     pub const UNFINISHED: &str =
         "SELECT COUNT(*) FROM filters WHERE run_id = $1 AND state IN ('pending', 'leased')";
+    pub const LEASE_LAYER: &str =
+        "SELECT layer FROM filters WHERE run_id = $1 AND lease_id = $2 LIMIT 1";
     pub const RESULT: &str =
         "SELECT activation, objective, start_activation, curve, seconds, dead, worker, image,
                 finished_at_ms

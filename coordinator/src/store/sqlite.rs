@@ -321,6 +321,14 @@ impl Store for SqliteStore {
         Ok(unfinished == 0)
     }
 
+    async fn lease_layer(&self, run_id: &str, lease_id: &str) -> Result<Option<String>> {
+        Ok(sqlx::query_scalar(sql::LEASE_LAYER)
+            .bind(run_id)
+            .bind(lease_id)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
     async fn result(&self, run_id: &str, layer: &str, filter: i32) -> Result<Option<StoredResult>> {
         let row: Option<ResultRow> = sqlx::query_as(sql::RESULT)
             .bind(run_id)
