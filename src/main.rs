@@ -13,6 +13,8 @@ use vgg_atlas_worker::trunk::{CpuTrunk, Objective};
 use vgg_atlas_worker::vgg::Vgg16;
 use vgg_atlas_worker::{fetch, Layer, Weights};
 
+mod progress;
+
 #[derive(Parser)]
 #[command(
     name = "vgg-atlas",
@@ -85,6 +87,16 @@ enum Command {
         db: String,
         #[arg(long)]
         json: bool,
+    },
+    /// Runs one SQL statement against the database, read-only (see README.md for the schema).
+    Query {
+        /// e.g. "SELECT layer, filter, activation FROM best_filters WHERE rank <= 3"
+        sql: String,
+        #[arg(long, default_value = "sqlite://atlas/atlas.db")]
+        db: String,
+        /// table: aligned columns; csv: with a header row; json: an array of row objects.
+        #[arg(long, value_enum, default_value = "table")]
+        format: QueryFormat,
     },
     /// Filters per second and effective GFLOP/s of the ascent on one layer.
     Bench {
@@ -250,6 +262,13 @@ impl Compute {
     }
 }
 
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum QueryFormat {
+    Table,
+    Csv,
+    Json,
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -302,6 +321,17 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Status { db, json } => runtime()?.block_on(status(&db, json)),
+        Command::Query { sql, db, format } => {
+            use vgg_atlas_coordinator::query;
+            let rows = runtime()?.block_on(query::query(&db, &sql))?;
+            let format = match format {
+                QueryFormat::Table => query::Format::Table,
+                QueryFormat::Csv => query::Format::Csv,
+                QueryFormat::Json => query::Format::Json,
+            };
+            print!("{}", rows.render(format));
+            Ok(())
+        }
         Command::Bench {
             layer,
             batch,
@@ -669,23 +699,13 @@ async fn render(a: RenderArgs) -> Result<()> {
             }
         });
     }
-    let started = std::time::Instant::now();
-    let mut last = String::new();
+    let mut shown = progress::Progress::new();
     loop {
         let progress = store.progress(&spec.run_id).await?;
-        let (total, finished): (i64, i64) = progress
-            .iter()
-            .fold((0, 0), |(t, f), p| (t + p.total, f + p.done + p.failed));
-        let line = format!("{finished}/{total} filters finished");
-        if line != last {
-            let rate = finished as f64 / started.elapsed().as_secs_f64().max(1e-3);
-            eprintln!(
-                "[{:>6.0}s] {line} ({rate:.2}/s)",
-                started.elapsed().as_secs_f64()
-            );
-            last = line;
-        }
+        shown.update(&progress);
         if store.is_finished(&spec.run_id).await? {
+            shown.finish();
+            let (finished, _) = progress::counts(&progress);
             let failed: i64 = progress.iter().map(|p| p.failed).sum();
             let dead: i64 = progress.iter().map(|p| p.dead).sum();
             eprintln!(
@@ -705,6 +725,12 @@ async fn render(a: RenderArgs) -> Result<()> {
 }
 
 async fn status(db: &str, json: bool) -> Result<()> {
+    if let Some(path) = db.strip_prefix("sqlite://") {
+        let path = path.split('?').next().unwrap_or_default();
+        if !Path::new(path).is_file() {
+            bail!("there is no database at {path}; `render` creates it (give the one it used with --db)");
+        }
+    }
     let store = vgg_atlas_coordinator::store::connect(db).await?;
     let mut out = Vec::new();
     for (run_id, _, _) in store.runs().await? {

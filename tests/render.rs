@@ -120,6 +120,77 @@ fn two_worker_processes_finish_every_filter_exactly_once() {
         count(&rows, "pending") + count(&rows, "leased") + count(&rows, "failed"),
         0
     );
+
+    // `query` answers from the same database, in each format.
+    let db = format!("sqlite://{}", dir.path().join("atlas.db").display());
+    let per_layer = query(
+        &db,
+        "SELECT layer, COUNT(*) AS n, MIN(rank) AS top, MAX(rank) AS bottom \
+         FROM best_filters GROUP BY layer ORDER BY layer",
+        "json",
+    );
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&per_layer).unwrap(),
+        serde_json::json!([
+            {"layer": "block1_conv1", "n": 64, "top": 1, "bottom": 64},
+            {"layer": "block2_conv1", "n": 128, "top": 1, "bottom": 128},
+        ])
+    );
+    let best = query(
+        &db,
+        "SELECT layer, filter, activation FROM best_filters WHERE rank <= 3 ORDER BY layer, rank",
+        "csv",
+    );
+    let lines: Vec<&str> = best.lines().collect();
+    assert_eq!(lines[0], "layer,filter,activation");
+    assert_eq!(lines.len(), 1 + 6, "{best}");
+    let activations: Vec<f64> = lines[1..4]
+        .iter()
+        .map(|l| l.split(',').nth(2).unwrap().parse().unwrap())
+        .collect();
+    assert!(
+        activations[0] >= activations[1]
+            && activations[1] >= activations[2]
+            && activations[2] > 0.0,
+        "rank 1 is the strongest: {activations:?}"
+    );
+    let table = query(
+        &db,
+        "SELECT layer, filter, image FROM results WHERE filter = 0 ORDER BY layer",
+        "table",
+    );
+    assert!(
+        table.contains("block2_conv1")
+            && table.contains(" bytes>")
+            && table.ends_with("(2 rows)\n"),
+        "{table}"
+    );
+
+    // A write is refused, says so, and changes nothing.
+    let o = bin()
+        .args(["query", "--db", &db, "DELETE FROM results"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("read-only") && err.contains("nothing was changed"),
+        "{err}"
+    );
+    assert_eq!(count(&status(&db), "done"), 64 + 128);
+}
+
+fn query(db: &str, sql: &str, format: &str) -> String {
+    let o = bin()
+        .args(["query", "--db", db, "--format", format, sql])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{sql}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
 }
 
 #[test]

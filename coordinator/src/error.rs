@@ -69,6 +69,9 @@ pub enum Error {
     #[error("the database holds a damaged value: {0}")]
     Corrupt(String),
 
+    #[error("query failed: {0}")]
+    Query(String),
+
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
 }

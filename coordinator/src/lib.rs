@@ -4,6 +4,7 @@
 
 pub mod error;
 pub mod plan;
+pub mod query;
 pub mod service;
 pub mod store;
 

@@ -7,11 +7,12 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use serde_json::json;
 use sqlx::{PgPool, SqlitePool};
 use vgg_atlas_coordinator::store::{
     self, FilterOutcome, LayerProgress, Lease, PlannedFilter, RunSpec, Store, SubmitOutcome,
 };
-use vgg_atlas_coordinator::Error;
+use vgg_atlas_coordinator::{query, Error};
 
 const POSTGRES_ENV: &str = "VGG_ATLAS_TEST_POSTGRES";
 const MINUTE: i64 = 60_000;
@@ -19,6 +20,8 @@ const MINUTE: i64 = 60_000;
 /// A store on a fresh database, plus a plain connection to it for reading the views.
 struct TestDb {
     store: Arc<dyn Store>,
+    /// The URL the store was opened with (for `query`).
+    url: String,
     pool: Pool,
     _dir: Option<tempfile::TempDir>,
     /// The PostgreSQL schema to drop when the test is done.
@@ -45,14 +48,14 @@ impl TestDb {
     async fn sqlite() -> TestDb {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("atlas.db");
-        let store = store::connect(&format!("sqlite://{}", path.display()))
-            .await
-            .unwrap();
+        let url = format!("sqlite://{}", path.display());
+        let store = store::connect(&url).await.unwrap();
         let pool = SqlitePool::connect(&format!("sqlite://{}", path.display()))
             .await
             .unwrap();
         TestDb {
             store,
+            url,
             pool: Pool::Sqlite(pool),
             _dir: Some(dir),
             schema: None,
@@ -84,6 +87,7 @@ impl TestDb {
         let pool = PgPool::connect(&url).await.unwrap();
         Some(TestDb {
             store,
+            url,
             pool: Pool::Postgres(pool),
             _dir: None,
             schema: Some(schema),
@@ -141,6 +145,7 @@ store_tests!(
     layer_summary_and_failed_filters_views,
     non_finite_scores_are_refused,
     lease_layer_follows_the_lease_through_submit_and_expiry,
+    query_reads_the_views_and_refuses_every_write,
 );
 
 /// A run over `layers` = `[(name, filter count)]`, layer_index in the order given.
@@ -840,6 +845,75 @@ async fn finish(s: &Arc<dyn Store>, run: &RunSpec, activations: &[&[Option<f32>]
             }
         }
     }
+}
+
+async fn query_reads_the_views_and_refuses_every_write(db: &TestDb) {
+    let run = spec("run-1", &[("block1_conv1", 3), ("block1_conv2", 2)], 3);
+    finish(
+        &db.store,
+        &run,
+        &[&[Some(1.0), Some(3.0), Some(2.0)], &[Some(0.5), Some(4.0)]],
+    )
+    .await;
+    let q = |sql: &'static str| query::query(&db.url, sql);
+
+    let best = q("SELECT layer, filter, activation, rank FROM best_filters
+                  WHERE rank <= 2 ORDER BY layer_index, rank")
+    .await
+    .unwrap();
+    assert_eq!(best.columns, ["layer", "filter", "activation", "rank"]);
+    assert_eq!(
+        best.rows,
+        vec![
+            vec![json!("block1_conv1"), json!(1), json!(3.0), json!(1)],
+            vec![json!("block1_conv1"), json!(2), json!(2.0), json!(2)],
+            vec![json!("block1_conv2"), json!(1), json!(4.0), json!(1)],
+            vec![json!("block1_conv2"), json!(0), json!(0.5), json!(2)],
+        ]
+    );
+    let parsed: serde_json::Value =
+        serde_json::from_str(&best.render(query::Format::Json)).unwrap();
+    assert_eq!(parsed[3]["activation"], json!(0.5));
+
+    // Images come back as bytes, shown by size in a table.
+    let image = q("SELECT image FROM results WHERE layer = 'block1_conv1' AND filter = 0")
+        .await
+        .unwrap();
+    assert_eq!(image.binary, [true]);
+    let expected = format!("<{} bytes>", "png of 0 by w1".len());
+    assert!(
+        image.render(query::Format::Table).contains(&expected),
+        "{}",
+        image.render(query::Format::Table)
+    );
+
+    let activations = || q("SELECT layer, filter, activation FROM results ORDER BY layer, filter");
+    let before = activations().await.unwrap();
+    assert_eq!(before.rows.len(), 5);
+    for write in [
+        "DROP TABLE results",
+        "DELETE FROM results",
+        "UPDATE results SET activation = 0",
+        "INSERT INTO runs (run_id, weights_sha256, settings, max_attempts, created_at_ms) VALUES ('x', 'y', '{}', 1, 0)",
+        "SELECT 1; DELETE FROM results",
+        "DELETE FROM results RETURNING filter",
+        "CREATE TABLE evil (x INTEGER)",
+    ] {
+        let err = q(write).await.expect_err(write);
+        assert!(
+            matches!(err, Error::Query(_)),
+            "{write}: {err}"
+        );
+    }
+    assert_eq!(
+        activations().await.unwrap(),
+        before,
+        "a refused write changed nothing"
+    );
+    assert_eq!(db.store.runs().await.unwrap().len(), 1);
+
+    let err = q("SELEC nonsense").await.unwrap_err();
+    assert!(err.to_string().contains("query failed"), "{err}");
 }
 
 async fn best_filters_ranks_the_strongest_first(db: &TestDb) {
