@@ -185,26 +185,20 @@ async fn session(
     let engine = engine.clone().expect("set above");
     let heartbeat = Duration::from_millis(reg.heartbeat_interval_ms.max(50) as u64);
     tracing::info!(worker = %reg.worker_id, run = %run.run_id, "registered");
+    let worker_id = reg.worker_id.clone();
+    // A lease fetched while the previous one was computing.
+    let mut next: Option<pb::Lease> = None;
     loop {
-        let work = client
-            .poll_work(pb::PollWorkRequest {
-                worker_id: reg.worker_id.clone(),
-                free_slots: cfg.batch as u32,
-            })
-            .await?
-            .into_inner()
-            .work;
-        let lease = match work {
-            Some(pb::poll_work_response::Work::Finished(true)) => return Ok(SessionEnd::Finished),
-            Some(pb::poll_work_response::Work::Lease(l)) => l,
-            Some(pb::poll_work_response::Work::RetryAfterMs(ms)) => {
-                tokio::time::sleep(Duration::from_millis(ms as u64)).await;
-                continue;
-            }
-            _ => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
+        let lease = match next.take() {
+            Some(l) => l,
+            None => match poll(client.clone(), worker_id.clone(), cfg.batch).await? {
+                Next::Lease(l) => l,
+                Next::Finished => return Ok(SessionEnd::Finished),
+                Next::Wait(d) => {
+                    tokio::time::sleep(d).await;
+                    continue;
+                }
+            },
         };
         let s = settings_from_wire(lease.settings.as_ref().unwrap_or(&settings))?;
         let layer = Layer::by_name(&lease.layer)?;
@@ -217,23 +211,44 @@ async fn session(
             e.pool
                 .install(|| ascent::visualize(trunk, e.weights.preprocess, layer, &filters, &s))
         });
+        // Meanwhile ask for the next lease, so the compute never waits on a round trip.
+        let mut prefetch = Some(tokio::spawn(poll(
+            client.clone(),
+            worker_id.clone(),
+            cfg.batch,
+        )));
         let mut tick = tokio::time::interval(heartbeat);
         tick.tick().await;
         let results = loop {
             tokio::select! {
                 done = &mut job => break done.map_err(|e| SessionError::Fatal(Error::Invalid(format!("compute task failed: {e}"))))??,
+                got = async { prefetch.as_mut().expect("guarded").await }, if prefetch.is_some() => {
+                    prefetch = None;
+                    next = prefetched(got);
+                }
                 _ = tick.tick() => {
-                    let hb = client.heartbeat(pb::HeartbeatRequest { worker_id: reg.worker_id.clone(), lease_ids: vec![lease.lease_id.clone()] }).await?.into_inner();
-                    if hb.leases.iter().any(|l| l.state == pb::LeaseState::Revoked as i32) {
-                        tracing::warn!(lease = %lease.lease_id, "lease revoked while computing; its results will be offered anyway");
+                    let mut ids = vec![lease.lease_id.clone()];
+                    ids.extend(next.iter().map(|l| l.lease_id.clone()));
+                    let hb = client.heartbeat(pb::HeartbeatRequest { worker_id: worker_id.clone(), lease_ids: ids }).await?.into_inner();
+                    for l in hb.leases.iter().filter(|l| l.state == pb::LeaseState::Revoked as i32) {
+                        if l.lease_id == lease.lease_id {
+                            tracing::warn!(lease = %lease.lease_id, "lease revoked while computing; its results will be offered anyway");
+                        } else if next.as_ref().is_some_and(|n| n.lease_id == l.lease_id) {
+                            tracing::warn!(lease = %l.lease_id, "prefetched lease revoked before it started; dropped");
+                            next = None;
+                        }
                     }
                 }
             }
         };
+        if let Some(p) = prefetch {
+            // Still in flight: it is one short RPC, and a lease it brings must not be left to expire.
+            next = prefetched(p.await);
+        }
         let wire: Vec<pb::FilterResult> = results.iter().map(to_wire).collect::<Result<_>>()?;
         let outcomes = client
             .submit(pb::SubmitRequest {
-                worker_id: reg.worker_id.clone(),
+                worker_id: worker_id.clone(),
                 lease_id: lease.lease_id.clone(),
                 results: wire,
             })
@@ -244,6 +259,53 @@ async fn session(
                 tracing::warn!(layer = %lease.layer, filter = o.filter, outcome = o.outcome, message = %o.message, "result not recorded");
             }
         }
+    }
+}
+
+/// What a poll for work brought.
+enum Next {
+    Lease(pb::Lease),
+    Finished,
+    Wait(Duration),
+}
+
+async fn poll(
+    mut client: pb::CoordinatorClient<tonic::transport::Channel>,
+    worker_id: String,
+    batch: usize,
+) -> Result<Next, SessionError> {
+    let work = client
+        .poll_work(pb::PollWorkRequest {
+            worker_id,
+            free_slots: batch as u32,
+        })
+        .await?
+        .into_inner()
+        .work;
+    Ok(match work {
+        Some(pb::poll_work_response::Work::Lease(l)) => Next::Lease(l),
+        Some(pb::poll_work_response::Work::Finished(true)) => Next::Finished,
+        Some(pb::poll_work_response::Work::RetryAfterMs(ms)) => {
+            Next::Wait(Duration::from_millis(ms as u64))
+        }
+        _ => Next::Wait(Duration::from_millis(200)),
+    })
+}
+
+/// The lease a prefetch brought, if any. A failed prefetch costs nothing but the overlap: the
+/// next poll after the compute asks again (and meets the same error, if it persists).
+fn prefetched(got: Result<Result<Next, SessionError>, tokio::task::JoinError>) -> Option<pb::Lease> {
+    match got {
+        Ok(Ok(Next::Lease(l))) => Some(l),
+        Ok(Err(SessionError::Retry(why))) => {
+            tracing::debug!("prefetch of the next lease failed: {why}");
+            None
+        }
+        Ok(Err(SessionError::Fatal(e))) => {
+            tracing::debug!("prefetch of the next lease failed: {e}");
+            None
+        }
+        _ => None,
     }
 }
 
