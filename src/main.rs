@@ -98,6 +98,28 @@ enum Command {
         #[arg(long, value_enum, default_value = "table")]
         format: QueryFormat,
     },
+    /// Filter results per second the coordinator records: simulated workers (no compute, ~50 KB
+    /// PNGs) against a real coordinator and store on loopback.
+    BenchCoordinator {
+        /// The store to measure (default: SQLite in a temporary folder). A PostgreSQL database
+        /// gets a new run each time; nothing else in it is touched.
+        #[arg(long)]
+        db: Option<String>,
+        /// Concurrent simulated workers.
+        #[arg(long, default_value_t = 64)]
+        workers: usize,
+        /// Filters per lease.
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// Image side (128: ~50 KB PNGs of noise).
+        #[arg(long, default_value_t = 128)]
+        size: u32,
+        /// Layers of the plan (default: all 13 conv layers, 4,224 filters).
+        #[arg(long, value_delimiter = ',')]
+        layers: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Filters per second and effective GFLOP/s of the ascent on one layer.
     Bench {
         #[arg(long)]
@@ -321,6 +343,43 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Status { db, json } => runtime()?.block_on(status(&db, json)),
+        Command::BenchCoordinator {
+            db,
+            workers,
+            batch,
+            size,
+            layers,
+            json,
+        } => {
+            let layers = conv_layers_or(&layers)?;
+            let cfg = vgg_atlas_coordinator::bench::BenchConfig {
+                db,
+                workers: workers.max(1),
+                batch: batch.max(1),
+                size,
+                layers,
+            };
+            let r = runtime()?.block_on(vgg_atlas_coordinator::bench::run(cfg))?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{}: {} workers x {} filters/lease, {} filters, {} KB PNGs: {:.0} results/s, \
+                     {:.0} leases/s; poll+heartbeat+submit p50 {:.1} ms, p99 {:.1} ms ({:.1} s)",
+                    r.backend,
+                    r.workers,
+                    r.batch,
+                    r.filters,
+                    r.png_bytes / 1000,
+                    r.results_per_second,
+                    r.leases_per_second,
+                    r.round_trip_p50_ms,
+                    r.round_trip_p99_ms,
+                    r.seconds
+                );
+            }
+            Ok(())
+        }
         Command::Query { sql, db, format } => {
             use vgg_atlas_coordinator::query;
             let rows = runtime()?.block_on(query::query(&db, &sql))?;
@@ -616,16 +675,20 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+/// The named layers, or all 13 conv layers when none are named.
+fn conv_layers_or(names: &[String]) -> Result<Vec<Layer>> {
+    if names.is_empty() {
+        return Ok(vgg_atlas_worker::LAYERS[..vgg_atlas_worker::layers::CONV_LAYERS].to_vec());
+    }
+    Ok(names
+        .iter()
+        .map(|n| Layer::by_name(n.trim()))
+        .collect::<Result<_, _>>()?)
+}
+
 async fn render(a: RenderArgs) -> Result<()> {
     use vgg_atlas_coordinator::{plan, service, store};
-    let layers: Vec<Layer> = if a.layers.is_empty() {
-        vgg_atlas_worker::LAYERS[..vgg_atlas_worker::layers::CONV_LAYERS].to_vec()
-    } else {
-        a.layers
-            .iter()
-            .map(|n| Layer::by_name(n.trim()))
-            .collect::<Result<_, _>>()?
-    };
+    let layers = conv_layers_or(&a.layers)?;
     let settings = a.method.settings();
     for l in &layers {
         settings.check(l)?;

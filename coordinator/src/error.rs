@@ -69,6 +69,9 @@ pub enum Error {
     #[error("the database holds a damaged value: {0}")]
     Corrupt(String),
 
+    #[error("benchmark failed: {0}")]
+    Bench(String),
+
     #[error("query failed: {0}")]
     Query(String),
 

@@ -2,6 +2,7 @@
 //!
 //! [`store`] keeps runs, filters with their lease state, and results in SQLite or PostgreSQL.
 
+pub mod bench;
 pub mod error;
 pub mod plan;
 pub mod query;

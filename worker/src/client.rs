@@ -294,7 +294,9 @@ async fn poll(
 
 /// The lease a prefetch brought, if any. A failed prefetch costs nothing but the overlap: the
 /// next poll after the compute asks again (and meets the same error, if it persists).
-fn prefetched(got: Result<Result<Next, SessionError>, tokio::task::JoinError>) -> Option<pb::Lease> {
+fn prefetched(
+    got: Result<Result<Next, SessionError>, tokio::task::JoinError>,
+) -> Option<pb::Lease> {
     match got {
         Ok(Ok(Next::Lease(l))) => Some(l),
         Ok(Err(SessionError::Retry(why))) => {

@@ -1,0 +1,247 @@
+//! `vgg-atlas bench-coordinator`: how many filter results per second the coordinator records.
+//!
+//! A real coordinator (the gRPC service over a real store) on a loopback port, and N simulated
+//! workers in the same process that do what real ones do, minus the compute: register, poll for
+//! a lease, submit one result per leased filter with a realistic PNG (noise, so it does not
+//! compress: ~50 KB at 128 px), heartbeat once per lease. The whole plan of a full atlas (4,224
+//! filters) by default. Clients and server share this machine's cores, so the figure is a floor
+//! for a coordinator on its own machine.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vgg_atlas_proto as pb;
+use vgg_atlas_proto::tonic;
+use vgg_atlas_worker::ascent::Settings;
+use vgg_atlas_worker::Layer;
+
+use crate::service::{CoordinatorService, RunContext};
+use crate::store::{self, Store};
+use crate::{plan, Error, Result};
+
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    /// The store to measure; `None`: a SQLite file in a fresh temporary folder.
+    pub db: Option<String>,
+    pub workers: usize,
+    /// Filters per lease.
+    pub batch: usize,
+    /// Image side; the PNG of noise at 128 px is ~50 KB.
+    pub size: u32,
+    pub layers: Vec<Layer>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchReport {
+    pub backend: String,
+    pub workers: usize,
+    pub batch: usize,
+    pub filters: usize,
+    pub png_bytes: usize,
+    pub seconds: f64,
+    pub results_per_second: f64,
+    pub leases_per_second: f64,
+    /// Median and 99th percentile of one poll+submit round trip, milliseconds.
+    pub round_trip_p50_ms: f64,
+    pub round_trip_p99_ms: f64,
+}
+
+/// A PNG of `size`x`size` RGB noise from a fixed seed.
+pub fn noise_png(size: u32) -> Vec<u8> {
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let img = image::RgbImage::from_fn(size, size, |_, _| {
+        // xorshift64*: cheap, and noise enough to defeat the PNG filter and deflate.
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        let v = state.wrapping_mul(0x2545_F491_4F6C_DD1D);
+        image::Rgb([(v >> 56) as u8, (v >> 48) as u8, (v >> 40) as u8])
+    });
+    let mut bytes = Vec::new();
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )
+    .expect("PNG to memory");
+    bytes
+}
+
+pub async fn run(cfg: BenchConfig) -> Result<BenchReport> {
+    let tmp =
+        std::env::temp_dir().join(format!("vgg-atlas-bench-{}", uuid::Uuid::new_v4().simple()));
+    let url = match &cfg.db {
+        Some(url) => url.clone(),
+        None => format!("sqlite://{}", tmp.join("bench.db").display()),
+    };
+    let result = measure(&cfg, &url).await;
+    std::fs::remove_dir_all(&tmp).ok();
+    result
+}
+
+async fn measure(cfg: &BenchConfig, url: &str) -> Result<BenchReport> {
+    let store: Arc<dyn Store> = store::connect(url).await?;
+    let settings = Settings {
+        size: cfg.size as usize,
+        ..Settings::default()
+    };
+    // A fresh run each time, so a benchmark never resumes (or collides with) an earlier one.
+    let fresh = store::now_ms() as u64;
+    let weights = "be".repeat(32);
+    let spec = plan::plan(&weights, &cfg.layers, &settings, 3, Some(fresh));
+    store.create_or_resume_run(&spec).await?;
+    let ctx = RunContext {
+        run_id: spec.run_id.clone(),
+        settings: vgg_atlas_worker::client::settings_to_wire(&settings, &weights),
+        layers: cfg.layers.iter().map(|l| l.name.to_string()).collect(),
+        filters_total: spec.filters.len() as u32,
+        weights_path: std::path::PathBuf::new(),
+        lease_ms: 60_000,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| Error::Bench(format!("cannot listen on loopback: {e}")))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::Bench(e.to_string()))?;
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(CoordinatorService::new(store.clone(), ctx).into_server())
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let png = Arc::new(noise_png(cfg.size));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..cfg.workers {
+        let png = png.clone();
+        let batch = cfg.batch;
+        tasks.push(tokio::spawn(async move {
+            simulated_worker(format!("http://{addr}"), format!("bench-{w}"), batch, png).await
+        }));
+    }
+    let mut round_trips = Vec::new();
+    let mut leases = 0usize;
+    for t in tasks {
+        let (n, times) = t
+            .await
+            .map_err(|e| Error::Bench(format!("a simulated worker panicked: {e}")))??;
+        leases += n;
+        round_trips.extend(times);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    server.abort();
+    let progress = store.progress(&spec.run_id).await?;
+    let done: i64 = progress.iter().map(|p| p.done).sum();
+    if done as usize != spec.filters.len() {
+        return Err(Error::Bench(format!(
+            "the benchmark recorded {done} of {} filters",
+            spec.filters.len()
+        )));
+    }
+    round_trips.sort_by(f64::total_cmp);
+    let pct = |q: f64| round_trips[((round_trips.len() - 1) as f64 * q).round() as usize];
+    Ok(BenchReport {
+        backend: url.split(':').next().unwrap_or_default().to_string(),
+        workers: cfg.workers,
+        batch: cfg.batch,
+        filters: spec.filters.len(),
+        png_bytes: png.len(),
+        seconds,
+        results_per_second: spec.filters.len() as f64 / seconds,
+        leases_per_second: leases as f64 / seconds,
+        round_trip_p50_ms: pct(0.5),
+        round_trip_p99_ms: pct(0.99),
+    })
+}
+
+/// A worker without compute; returns its lease count and per-lease round-trip times (ms).
+async fn simulated_worker(
+    url: String,
+    name: String,
+    batch: usize,
+    png: Arc<Vec<u8>>,
+) -> Result<(usize, Vec<f64>)> {
+    let rpc = |e: tonic::Status| Error::Bench(format!("{}: {}", e.code(), e.message()));
+    let channel = tonic::transport::Endpoint::from_shared(url)
+        .map_err(|e| Error::Bench(e.to_string()))?
+        .connect()
+        .await
+        .map_err(|e| Error::Bench(e.to_string()))?;
+    let mut client = pb::CoordinatorClient::new(channel)
+        .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(pb::MAX_MESSAGE_BYTES);
+    let worker_id = client
+        .register(pb::RegisterRequest {
+            protocol_version: pb::PROTOCOL_VERSION,
+            name,
+            device: "bench".into(),
+            max_batch: batch as u32,
+        })
+        .await
+        .map_err(rpc)?
+        .into_inner()
+        .worker_id;
+    let mut times = Vec::new();
+    loop {
+        let t = Instant::now();
+        let work = client
+            .poll_work(pb::PollWorkRequest {
+                worker_id: worker_id.clone(),
+                free_slots: batch as u32,
+            })
+            .await
+            .map_err(rpc)?
+            .into_inner()
+            .work;
+        let lease = match work {
+            Some(pb::poll_work_response::Work::Lease(l)) => l,
+            Some(pb::poll_work_response::Work::Finished(true)) => return Ok((times.len(), times)),
+            _ => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        client
+            .heartbeat(pb::HeartbeatRequest {
+                worker_id: worker_id.clone(),
+                lease_ids: vec![lease.lease_id.clone()],
+            })
+            .await
+            .map_err(rpc)?;
+        let results = lease
+            .filters
+            .iter()
+            .map(|f| pb::FilterResult {
+                filter: f.filter,
+                png: png.to_vec(),
+                activation: 1.0 + f.filter as f32,
+                objective: 1.0,
+                start_activation: 0.5,
+                curve: vec![0.5; 20],
+                seconds: 1.0,
+                dead: false,
+                failed_reason: None,
+                retries: 0,
+            })
+            .collect();
+        let outcomes = client
+            .submit(pb::SubmitRequest {
+                worker_id: worker_id.clone(),
+                lease_id: lease.lease_id.clone(),
+                results,
+            })
+            .await
+            .map_err(rpc)?
+            .into_inner()
+            .outcomes;
+        if let Some(o) = outcomes
+            .iter()
+            .find(|o| o.outcome != pb::SubmitOutcome::Recorded as i32)
+        {
+            return Err(Error::Bench(format!(
+                "filter {} was not recorded: {}",
+                o.filter, o.message
+            )));
+        }
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+}

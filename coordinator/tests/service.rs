@@ -1,0 +1,347 @@
+//! The coordinator's gRPC service over a real SQLite store, spoken to by a real tonic client:
+//! duplicate and late submissions, a restart between lease and submit, refused results, version
+//! mismatch, and the coordinator benchmark end to end.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use vgg_atlas_coordinator::service::{CoordinatorService, RunContext};
+use vgg_atlas_coordinator::store::{self, Store};
+use vgg_atlas_coordinator::{bench, plan};
+use vgg_atlas_proto as pb;
+use vgg_atlas_proto::tonic;
+use vgg_atlas_worker::ascent::Settings;
+use vgg_atlas_worker::Layer;
+
+const SIZE: u32 = 16;
+
+struct Coordinator {
+    url: String,
+    server: tokio::task::JoinHandle<()>,
+}
+
+/// Serves `ctx` over `store` on a fresh loopback port.
+async fn serve(store: Arc<dyn Store>, ctx: RunContext) -> Coordinator {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(CoordinatorService::new(store, ctx).into_server())
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .unwrap()
+    });
+    Coordinator {
+        url: format!("http://{addr}"),
+        server,
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    store: Arc<dyn Store>,
+    ctx: RunContext,
+}
+
+async fn fixture(lease_ms: i64) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store::connect(&format!("sqlite://{}", dir.path().join("a.db").display()))
+        .await
+        .unwrap();
+    let layers = [Layer::by_name("block1_conv1").unwrap()];
+    let settings = Settings {
+        size: SIZE as usize,
+        steps: 2,
+        ..Settings::default()
+    };
+    let weights = "ab".repeat(32);
+    let spec = plan::plan(&weights, &layers, &settings, 3, None);
+    store.create_or_resume_run(&spec).await.unwrap();
+    let ctx = RunContext {
+        run_id: spec.run_id.clone(),
+        settings: vgg_atlas_worker::client::settings_to_wire(&settings, &weights),
+        layers: vec!["block1_conv1".into()],
+        filters_total: 64,
+        weights_path: dir.path().join("none"),
+        lease_ms,
+    };
+    Fixture {
+        _dir: dir,
+        store,
+        ctx,
+    }
+}
+
+type Client = pb::CoordinatorClient<tonic::transport::Channel>;
+
+async fn client(url: &str) -> Client {
+    pb::CoordinatorClient::connect(url.to_string())
+        .await
+        .unwrap()
+        .max_encoding_message_size(pb::MAX_MESSAGE_BYTES)
+}
+
+async fn register(c: &mut Client, name: &str) -> String {
+    c.register(pb::RegisterRequest {
+        protocol_version: pb::PROTOCOL_VERSION,
+        name: name.into(),
+        device: "cpu".into(),
+        max_batch: 4,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .worker_id
+}
+
+async fn lease(c: &mut Client, worker: &str, n: u32) -> pb::Lease {
+    match c
+        .poll_work(pb::PollWorkRequest {
+            worker_id: worker.into(),
+            free_slots: n,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .work
+    {
+        Some(pb::poll_work_response::Work::Lease(l)) => l,
+        other => panic!("expected a lease, got {other:?}"),
+    }
+}
+
+fn png(size: u32, shade: u8) -> Vec<u8> {
+    let img = image::RgbImage::from_pixel(size, size, image::Rgb([shade, 0, 0]));
+    let mut bytes = Vec::new();
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )
+    .unwrap();
+    bytes
+}
+
+fn result(filter: u32, activation: f32) -> pb::FilterResult {
+    pb::FilterResult {
+        filter,
+        png: png(SIZE, activation as u8),
+        activation,
+        objective: activation,
+        start_activation: 0.5,
+        curve: vec![0.5, activation],
+        seconds: 0.1,
+        dead: false,
+        failed_reason: None,
+        retries: 0,
+    }
+}
+
+async fn submit(
+    c: &mut Client,
+    worker: &str,
+    lease: &pb::Lease,
+    results: Vec<pb::FilterResult>,
+) -> Vec<(u32, pb::SubmitOutcome, String)> {
+    c.submit(pb::SubmitRequest {
+        worker_id: worker.into(),
+        lease_id: lease.lease_id.clone(),
+        results,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .outcomes
+    .into_iter()
+    .map(|o| {
+        (
+            o.filter,
+            pb::SubmitOutcome::try_from(o.outcome).unwrap(),
+            o.message,
+        )
+    })
+    .collect()
+}
+
+fn outcomes(o: &[(u32, pb::SubmitOutcome, String)]) -> Vec<pb::SubmitOutcome> {
+    o.iter().map(|(_, outcome, _)| *outcome).collect()
+}
+
+fn filters(l: &pb::Lease) -> Vec<u32> {
+    l.filters.iter().map(|f| f.filter).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_and_late_submissions_are_recorded_once() {
+    let f = fixture(300).await;
+    let coord = serve(f.store.clone(), f.ctx.clone()).await;
+    let mut c = client(&coord.url).await;
+    let a = register(&mut c, "a").await;
+    let b = register(&mut c, "b").await;
+    let run = &f.ctx.run_id;
+
+    // Submitted twice: recorded once, the first result stays.
+    let first = lease(&mut c, &a, 2).await;
+    let ids = filters(&first);
+    let results = || ids.iter().map(|&i| result(i, 7.0)).collect::<Vec<_>>();
+    let o = submit(&mut c, &a, &first, results()).await;
+    assert_eq!(outcomes(&o), [pb::SubmitOutcome::Recorded; 2]);
+    let again: Vec<_> = ids.iter().map(|&i| result(i, 99.0)).collect();
+    let o = submit(&mut c, &a, &first, again).await;
+    assert_eq!(outcomes(&o), [pb::SubmitOutcome::Duplicate; 2]);
+    let stored = f
+        .store
+        .result(run, "block1_conv1", ids[0] as i32)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.activation, 7.0);
+
+    // A lease that expires is re-issued; its holder's late result is refused, the new one kept.
+    let stale = lease(&mut c, &a, 2).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let fresh = lease(&mut c, &b, 2).await;
+    assert_eq!(filters(&fresh), filters(&stale));
+    let fresh_results: Vec<_> = filters(&fresh).iter().map(|&i| result(i, 3.0)).collect();
+    assert_eq!(
+        outcomes(&submit(&mut c, &b, &fresh, fresh_results).await),
+        [pb::SubmitOutcome::Recorded; 2]
+    );
+    let late: Vec<_> = filters(&stale).iter().map(|&i| result(i, 50.0)).collect();
+    let o = submit(&mut c, &a, &stale, late).await;
+    assert_eq!(outcomes(&o), [pb::SubmitOutcome::NotLeased; 2]);
+    assert!(o[0].2.contains("holds no filter"), "{}", o[0].2);
+    for i in filters(&fresh) {
+        let r = f
+            .store
+            .result(run, "block1_conv1", i as i32)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((r.activation, r.worker.as_str()), (3.0, b.as_str()));
+    }
+    let done: i64 = f
+        .store
+        .progress(run)
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| p.done)
+        .sum();
+    assert_eq!(done, 4);
+    coord.server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_from_before_a_coordinator_restart_is_honoured() {
+    let f = fixture(60_000).await;
+    let before = serve(f.store.clone(), f.ctx.clone()).await;
+    let mut c = client(&before.url).await;
+    let w = register(&mut c, "w").await;
+    let held = lease(&mut c, &w, 3).await;
+    before.server.abort();
+    let _ = before.server.await;
+
+    let after = serve(f.store.clone(), f.ctx.clone()).await;
+    let mut c = client(&after.url).await;
+    let results: Vec<_> = filters(&held).iter().map(|&i| result(i, 5.0)).collect();
+    assert_eq!(
+        outcomes(&submit(&mut c, &w, &held, results).await),
+        [pb::SubmitOutcome::Recorded; 3]
+    );
+    after.server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_results_are_rejected_and_nothing_is_stored() {
+    let f = fixture(60_000).await;
+    let coord = serve(f.store.clone(), f.ctx.clone()).await;
+    let mut c = client(&coord.url).await;
+    let w = register(&mut c, "w").await;
+    let l = lease(&mut c, &w, 4).await;
+    let ids = filters(&l);
+    let wrong_size = pb::FilterResult {
+        png: png(SIZE * 2, 1),
+        ..result(ids[0], 1.0)
+    };
+    let not_png = pb::FilterResult {
+        png: b"GIF89a, not a PNG".to_vec(),
+        ..result(ids[1], 1.0)
+    };
+    let nan = pb::FilterResult {
+        activation: f32::NAN,
+        ..result(ids[2], 1.0)
+    };
+    let inf_curve = pb::FilterResult {
+        curve: vec![1.0, f32::INFINITY],
+        ..result(ids[3], 1.0)
+    };
+    let o = submit(&mut c, &w, &l, vec![wrong_size, not_png, nan, inf_curve]).await;
+    assert_eq!(outcomes(&o), [pb::SubmitOutcome::Rejected; 4]);
+    assert!(
+        o[0].2.contains("32x32") && o[0].2.contains("16"),
+        "{}",
+        o[0].2
+    );
+    assert!(o[1].2.contains("not a valid PNG"), "{}", o[1].2);
+    assert!(o[2].2.contains("non-finite activation"), "{}", o[2].2);
+    assert!(o[3].2.contains("non-finite curve"), "{}", o[3].2);
+    for i in &ids {
+        assert!(f
+            .store
+            .result(&f.ctx.run_id, "block1_conv1", *i as i32)
+            .await
+            .unwrap()
+            .is_none());
+    }
+    // The filters are still leased to the worker, which can submit good results.
+    let good: Vec<_> = ids.iter().map(|&i| result(i, 2.0)).collect();
+    assert_eq!(
+        outcomes(&submit(&mut c, &w, &l, good).await),
+        [pb::SubmitOutcome::Recorded; 4]
+    );
+    coord.server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_protocol_version_is_refused_at_registration() {
+    let f = fixture(60_000).await;
+    let coord = serve(f.store.clone(), f.ctx.clone()).await;
+    let mut c = client(&coord.url).await;
+    let err = c
+        .register(pb::RegisterRequest {
+            protocol_version: pb::PROTOCOL_VERSION + 1,
+            name: "future".into(),
+            device: "cpu".into(),
+            max_batch: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        err.message().contains("same vgg-atlas release"),
+        "{}",
+        err.message()
+    );
+    coord.server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_benchmark_records_every_filter() {
+    let r = bench::run(bench::BenchConfig {
+        db: None,
+        workers: 4,
+        batch: 8,
+        size: 32,
+        layers: vec![
+            Layer::by_name("block1_conv1").unwrap(),
+            Layer::by_name("block1_conv2").unwrap(),
+        ],
+    })
+    .await
+    .unwrap();
+    assert_eq!(r.filters, 128);
+    assert_eq!(r.backend, "sqlite");
+    assert!(r.results_per_second > 0.0 && r.round_trip_p99_ms >= r.round_trip_p50_ms);
+    // Noise does not compress: the PNG is about the raw image's size.
+    assert!(r.png_bytes >= 32 * 32 * 3, "{}", r.png_bytes);
+}
