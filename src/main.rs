@@ -101,8 +101,8 @@ enum Command {
     /// Filter results per second the coordinator records: simulated workers (no compute, ~50 KB
     /// PNGs) against a real coordinator and store on loopback.
     BenchCoordinator {
-        /// The store to measure (default: SQLite in a temporary folder). A PostgreSQL database
-        /// gets a new run each time; nothing else in it is touched.
+        /// The store to measure (default: SQLite in a temporary folder). On PostgreSQL the
+        /// benchmark works in a schema of its own and drops it at the end.
         #[arg(long)]
         db: Option<String>,
         /// Concurrent simulated workers.

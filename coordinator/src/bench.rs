@@ -21,7 +21,8 @@ use crate::{plan, Error, Result};
 
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
-    /// The store to measure; `None`: a SQLite file in a fresh temporary folder.
+    /// The store to measure; `None`: a SQLite file in a fresh temporary folder. A PostgreSQL
+    /// database is used in a schema of the benchmark's own, dropped at the end.
     pub db: Option<String>,
     pub workers: usize,
     /// Filters per lease.
@@ -33,6 +34,7 @@ pub struct BenchConfig {
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BenchReport {
+    /// `sqlite` or `postgres`.
     pub backend: String,
     pub workers: usize,
     pub batch: usize,
@@ -69,12 +71,35 @@ pub fn noise_png(size: u32) -> Vec<u8> {
 pub async fn run(cfg: BenchConfig) -> Result<BenchReport> {
     let tmp =
         std::env::temp_dir().join(format!("vgg-atlas-bench-{}", uuid::Uuid::new_v4().simple()));
-    let url = match &cfg.db {
-        Some(url) => url.clone(),
-        None => format!("sqlite://{}", tmp.join("bench.db").display()),
+    let schema = format!("vgg_atlas_bench_{}", uuid::Uuid::new_v4().simple());
+    let (url, pg_admin) = match &cfg.db {
+        None => (format!("sqlite://{}", tmp.join("bench.db").display()), None),
+        Some(url) if url.starts_with("postgres") => {
+            // A schema of its own, dropped afterwards: the benchmark leaves no runs behind in
+            // a database that may hold a real atlas.
+            let admin = sqlx::PgPool::connect(url).await.map_err(|source| Error::Connect {
+                url: store::redact(url),
+                hint: "Is the server running, and may this user create a schema?",
+                source,
+            })?;
+            sqlx::query(&format!("CREATE SCHEMA {schema}"))
+                .execute(&admin)
+                .await?;
+            let separator = if url.contains('?') { '&' } else { '?' };
+            (
+                format!("{url}{separator}options=-c%20search_path%3D{schema}"),
+                Some(admin),
+            )
+        }
+        Some(url) => (url.clone(), None),
     };
     let result = measure(&cfg, &url).await;
     std::fs::remove_dir_all(&tmp).ok();
+    if let Some(admin) = pg_admin {
+        sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+            .execute(&admin)
+            .await?;
+    }
     result
 }
 
@@ -140,7 +165,12 @@ async fn measure(cfg: &BenchConfig, url: &str) -> Result<BenchReport> {
     round_trips.sort_by(f64::total_cmp);
     let pct = |q: f64| round_trips[((round_trips.len() - 1) as f64 * q).round() as usize];
     Ok(BenchReport {
-        backend: url.split(':').next().unwrap_or_default().to_string(),
+        backend: if url.starts_with("sqlite") {
+            "sqlite"
+        } else {
+            "postgres"
+        }
+        .to_string(),
         workers: cfg.workers,
         batch: cfg.batch,
         filters: spec.filters.len(),

@@ -271,8 +271,8 @@ fn plan_submit(
     }
 }
 
-/// Password blanked out, for error messages.
-pub(crate) fn redact(url: &str) -> String {
+/// The URL with its password blanked out, for messages.
+pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme_end), Some(at)) if at > scheme_end => {
             let userinfo = &url[scheme_end + 3..at];
