@@ -78,6 +78,9 @@ enum Command {
         /// A name for logs (default: the host name).
         #[arg(long)]
         name: Option<String>,
+        /// Where to compute: `cpu` (this build); `cuda:N` needs a build with CUDA support.
+        #[arg(long, default_value = "cpu")]
+        device: String,
         #[command(flatten)]
         compute: Compute,
     },
@@ -326,8 +329,17 @@ fn run(cli: Cli) -> Result<()> {
             connect,
             batch,
             name,
+            device,
             compute,
         } => {
+            match device.as_str() {
+                "cpu" => {}
+                d if d.starts_with("cuda") || d.starts_with("metal") => bail!(
+                    "--device {d}: this vgg-atlas was built without GPU support; it computes on \
+                     the CPU only (--device cpu). GPU workers are not available yet"
+                ),
+                d => bail!("--device {d}: unknown device; use cpu"),
+            }
             let threads = compute.threads()?;
             let name = name
                 .unwrap_or_else(|| std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into()));

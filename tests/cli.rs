@@ -115,7 +115,8 @@ fn bench_prints_its_json_contract() {
 fn bad_input_gets_a_clear_error_and_no_panic() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("o").display().to_string();
-    let cases: [(&[&str], &str); 6] = [
+    let missing_db = format!("sqlite://{}/none.db", dir.path().display());
+    let cases: [(&[&str], &str); 11] = [
         (
             &["visualize", "--layer", "block6_conv1", "--out", &out],
             "unknown layer 'block6_conv1'",
@@ -164,6 +165,35 @@ fn bad_input_gets_a_clear_error_and_no_panic() {
             &["visualize", "--layer", "fc1", "--out", &out],
             "classifier",
         ),
+        (
+            &[
+                "worker",
+                "--connect",
+                "http://127.0.0.1:9",
+                "--device",
+                "cuda:0",
+            ],
+            "without GPU support",
+        ),
+        (
+            &["query", "--db", &missing_db, "SELECT 1"],
+            "no database file",
+        ),
+        (&["status", "--db", &missing_db], "no database at"),
+        (
+            &["query", "--db", "mysql://x/y", "SELECT 1"],
+            "neither sqlite nor postgres",
+        ),
+        (
+            &[
+                "render",
+                "--layers",
+                "block1_conv1,block9_conv9",
+                "--out",
+                &out,
+            ],
+            "unknown layer 'block9_conv9'",
+        ),
     ];
     for (args, want) in cases {
         let o = vgg_atlas(args);
@@ -172,4 +202,8 @@ fn bad_input_gets_a_clear_error_and_no_panic() {
         assert!(err.contains(want), "{args:?}: expected '{want}' in: {err}");
         assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
     }
+    assert!(
+        !dir.path().join("none.db").exists(),
+        "query and status on a missing database create nothing"
+    );
 }

@@ -77,11 +77,13 @@ pub async fn run(cfg: BenchConfig) -> Result<BenchReport> {
         Some(url) if url.starts_with("postgres") => {
             // A schema of its own, dropped afterwards: the benchmark leaves no runs behind in
             // a database that may hold a real atlas.
-            let admin = sqlx::PgPool::connect(url).await.map_err(|source| Error::Connect {
-                url: store::redact(url),
-                hint: "Is the server running, and may this user create a schema?",
-                source,
-            })?;
+            let admin = sqlx::PgPool::connect(url)
+                .await
+                .map_err(|source| Error::Connect {
+                    url: store::redact(url),
+                    hint: "Is the server running, and may this user create a schema?",
+                    source,
+                })?;
             sqlx::query(&format!("CREATE SCHEMA {schema}"))
                 .execute(&admin)
                 .await?;
