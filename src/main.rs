@@ -91,6 +91,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// (Re)builds the atlas (tiles, mosaics, atlas.png, index.html) from the database alone;
+    /// works on an unfinished run (missing filters are shown as pending).
+    Mosaic {
+        #[arg(long, default_value = "sqlite://atlas/atlas.db")]
+        db: String,
+        #[arg(long, default_value = "atlas")]
+        out: PathBuf,
+        /// The run to draw (default: the newest run in the database).
+        #[arg(long)]
+        run: Option<String>,
+        #[command(flatten)]
+        mosaic: MosaicArgs,
+    },
     /// Runs one SQL statement against the database, read-only (see README.md for the schema).
     Query {
         /// e.g. "SELECT layer, filter, activation FROM best_filters WHERE rank <= 3"
@@ -170,9 +183,32 @@ struct RenderArgs {
     #[arg(long, default_value_t = 3)]
     max_attempts: i32,
     #[command(flatten)]
+    mosaic: MosaicArgs,
+    #[command(flatten)]
     method: Method,
     #[command(flatten)]
     compute: Compute,
+}
+
+/// How the atlas pictures are laid out.
+#[derive(Args, Clone)]
+struct MosaicArgs {
+    /// Side of one tile in the layer mosaics, pixels (tiles/ keeps every image at full size).
+    #[arg(long, default_value_t = 64)]
+    tile_size: u32,
+    /// Margin between mosaic tiles, pixels.
+    #[arg(long, default_value_t = 2)]
+    margin: u32,
+}
+
+impl MosaicArgs {
+    fn options(&self) -> vgg_atlas_atlas::Options {
+        vgg_atlas_atlas::Options {
+            tile: self.tile_size,
+            margin: self.margin,
+            ..Default::default()
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -392,6 +428,32 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Mosaic {
+            db,
+            out,
+            run,
+            mosaic,
+        } => runtime()?.block_on(async {
+            require_database(&db)?;
+            let store = vgg_atlas_coordinator::store::connect(&db).await?;
+            let run_id = match run {
+                Some(r) => r,
+                None => {
+                    let runs = store.runs().await?;
+                    let Some((newest, _, _)) = runs.last().cloned() else {
+                        bail!("the database {db} holds no run yet; `vgg-atlas render` makes one");
+                    };
+                    if runs.len() > 1 {
+                        eprintln!(
+                            "the database holds {} runs; drawing the newest, {newest} (choose with --run)",
+                            runs.len()
+                        );
+                    }
+                    newest
+                }
+            };
+            write_atlas(store, &run_id, &out, mosaic.options()).await
+        }),
         Command::Query { sql, db, format } => {
             use vgg_atlas_coordinator::query;
             let rows = runtime()?.block_on(query::query(&db, &sql))?;
@@ -701,6 +763,7 @@ fn conv_layers_or(names: &[String]) -> Result<Vec<Layer>> {
 async fn render(a: RenderArgs) -> Result<()> {
     use vgg_atlas_coordinator::{plan, service, store};
     let layers = conv_layers_or(&a.layers)?;
+    a.mosaic.options().check()?;
     let settings = a.method.settings();
     for l in &layers {
         settings.check(l)?;
@@ -787,6 +850,7 @@ async fn render(a: RenderArgs) -> Result<()> {
                 "run {} finished: {finished} filters, {dead} dead, {failed} failed",
                 spec.run_id
             );
+            write_atlas(store.clone(), &spec.run_id, &a.out, a.mosaic.options()).await?;
             if a.listen.is_some() {
                 // Keep answering until every idle remote worker has polled once more and been
                 // told the run is finished, so they exit instead of waiting for us to return.
@@ -799,13 +863,101 @@ async fn render(a: RenderArgs) -> Result<()> {
     }
 }
 
-async fn status(db: &str, json: bool) -> Result<()> {
+/// A SQLite database must exist already for commands that only read it.
+fn require_database(db: &str) -> Result<()> {
     if let Some(path) = db.strip_prefix("sqlite://") {
         let path = path.split('?').next().unwrap_or_default();
         if !Path::new(path).is_file() {
             bail!("there is no database at {path}; `render` creates it (give the one it used with --db)");
         }
     }
+    Ok(())
+}
+
+/// Draws the atlas of `run_id` into `out` from the store, one layer at a time.
+async fn write_atlas(
+    store: std::sync::Arc<dyn vgg_atlas_coordinator::store::Store>,
+    run_id: &str,
+    out: &Path,
+    options: vgg_atlas_atlas::Options,
+) -> Result<()> {
+    use vgg_atlas_atlas as atlas;
+    options.check()?;
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("cannot create the output folder {}", out.display()))?;
+    let info = store.run_info(run_id).await?;
+    let run = atlas::Run {
+        run_id: info.run_id.clone(),
+        weights_sha256: info.weights_sha256.clone(),
+        settings: serde_json::from_str(&info.settings)
+            .unwrap_or(serde_json::Value::String(info.settings.clone())),
+        created_at_ms: info.created_at_ms,
+    };
+    let started = Instant::now();
+    let mut outputs = Vec::new();
+    for p in store.progress(run_id).await? {
+        let records = store.layer_filters(run_id, &p.layer).await?;
+        let layer = atlas::Layer {
+            name: p.layer.clone(),
+            index: p.layer_index as u32,
+            filters: records.into_iter().map(atlas_filter).collect(),
+        };
+        let dir = out.to_path_buf();
+        let output =
+            tokio::task::spawn_blocking(move || atlas::write_layer(&dir, &layer, &options))
+                .await??;
+        for w in &output.warnings {
+            eprintln!("warning: {w}");
+        }
+        outputs.push(output);
+    }
+    let dir = out.to_path_buf();
+    let count = outputs.len();
+    tokio::task::spawn_blocking(move || atlas::write_index(&dir, &run, &outputs, &options))
+        .await??;
+    eprintln!(
+        "atlas of run {run_id} written to {}: index.html, atlas.png, {count} layer mosaics, tiles/ ({:.1} s)",
+        out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// A stored filter as the atlas draws it.
+fn atlas_filter(r: vgg_atlas_coordinator::store::FilterRecord) -> vgg_atlas_atlas::Filter {
+    use vgg_atlas_atlas::{Filter, Scores, Status};
+    let status = match (r.state.as_str(), &r.result) {
+        ("done", Some(res)) if res.dead => Status::Dead,
+        ("done", Some(_)) => Status::Done,
+        ("failed", _) => Status::Failed,
+        _ => Status::Pending,
+    };
+    let (png, scores) = match r.result {
+        Some(res) => (
+            Some(res.png),
+            Some(Scores {
+                activation: res.activation,
+                objective: res.objective,
+                start_activation: res.start_activation,
+                curve: res.curve,
+                seconds: res.seconds,
+                worker: res.worker,
+            }),
+        ),
+        None => (None, None),
+    };
+    Filter {
+        filter: r.filter as u32,
+        status,
+        png,
+        scores,
+        attempts: r.attempts as u32,
+        reason: r.failed_reason,
+    }
+}
+
+async fn status(db: &str, json: bool) -> Result<()> {
+    require_database(db)?;
     let store = vgg_atlas_coordinator::store::connect(db).await?;
     let mut out = Vec::new();
     for (run_id, _, _) in store.runs().await? {

@@ -146,6 +146,7 @@ store_tests!(
     non_finite_scores_are_refused,
     lease_layer_follows_the_lease_through_submit_and_expiry,
     query_reads_the_views_and_refuses_every_write,
+    layer_filters_and_run_info_feed_the_atlas,
 );
 
 /// A run over `layers` = `[(name, filter count)]`, layer_index in the order given.
@@ -914,6 +915,52 @@ async fn query_reads_the_views_and_refuses_every_write(db: &TestDb) {
 
     let err = q("SELEC nonsense").await.unwrap_err();
     assert!(err.to_string().contains("query failed"), "{err}");
+}
+
+async fn layer_filters_and_run_info_feed_the_atlas(db: &TestDb) {
+    let s = &db.store;
+    let run = spec("run-1", &[("block1_conv1", 4), ("block1_conv2", 2)], 1);
+    s.create_or_resume_run(&run).await.unwrap();
+    let l = s.lease("run-1", "w", 3, 0, MINUTE).await.unwrap().unwrap();
+    s.submit(&outcome(&l, 0, "w", 2.5), 5).await.unwrap();
+    s.submit(&failure(&l, 1, "w", "NaN in the gradient"), 5)
+        .await
+        .unwrap();
+    let records = s.layer_filters("run-1", "block1_conv1").await.unwrap();
+    assert_eq!(
+        records
+            .iter()
+            .map(|r| (r.filter, r.state.as_str()))
+            .collect::<Vec<_>>(),
+        [(0, "done"), (1, "failed"), (2, "leased"), (3, "pending")]
+    );
+    let done = records[0].result.as_ref().unwrap();
+    assert_eq!(
+        (done.activation, done.png.as_slice()),
+        (2.5, b"png of 0 by w".as_slice())
+    );
+    assert_eq!(done.curve, vec![0.25, 1.25, 2.5]);
+    assert_eq!(
+        records[1].failed_reason.as_deref(),
+        Some("NaN in the gradient")
+    );
+    assert!(records[1..].iter().all(|r| r.result.is_none()));
+    assert_eq!(
+        s.layer_filters("run-1", "block1_conv2")
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    assert!(s.layer_filters("run-1", "block9").await.unwrap().is_empty());
+
+    let info = s.run_info("run-1").await.unwrap();
+    assert_eq!(info.weights_sha256, run.weights_sha256);
+    assert_eq!(info.settings, run.settings_json);
+    assert!(matches!(
+        s.run_info("run-9").await.unwrap_err(),
+        Error::UnknownRun(_)
+    ));
 }
 
 async fn best_filters_ranks_the_strongest_first(db: &TestDb) {

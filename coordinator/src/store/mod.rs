@@ -60,7 +60,7 @@ pub struct FilterOutcome {
     pub activation: f32,
     pub objective: f32,
     pub start_activation: f32,
-    /// The objective after each ascent step.
+    /// The post-ReLU activation after each ascent step.
     pub curve: Vec<f32>,
     pub seconds: f32,
     pub dead: bool,
@@ -82,6 +82,28 @@ pub enum SubmitOutcome {
     RetryLater,
     /// The worker reported a failure and no attempts are left: the filter failed for good.
     Failed,
+}
+
+/// One planned filter with its lease state and, when finished, its result (image included).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FilterRecord {
+    pub filter: i32,
+    /// `pending`, `leased`, `done` or `failed`.
+    pub state: String,
+    pub attempts: i32,
+    /// Why it failed for good, or why its last attempt failed (a pending retry).
+    pub failed_reason: Option<String>,
+    pub result: Option<StoredResult>,
+}
+
+/// What a run is, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunInfo {
+    pub run_id: String,
+    pub weights_sha256: String,
+    /// The settings JSON as given at creation.
+    pub settings: String,
+    pub created_at_ms: i64,
 }
 
 /// Per-layer counts of a run. `dead` filters are finished and counted in `done` as well.
@@ -154,6 +176,12 @@ pub trait Store: Send + Sync {
     /// so a submission can be matched after a coordinator restart. `None` when no filter of the run
     /// carries this lease id any more (expired and re-leased, or never issued).
     async fn lease_layer(&self, run_id: &str, lease_id: &str) -> Result<Option<String>>;
+
+    /// The run's weights and settings.
+    async fn run_info(&self, run_id: &str) -> Result<RunInfo>;
+
+    /// Every planned filter of one layer of a run, in filter order, with its result if finished.
+    async fn layer_filters(&self, run_id: &str, layer: &str) -> Result<Vec<FilterRecord>>;
 
     /// The stored result of one filter, if it is done.
     async fn result(&self, run_id: &str, layer: &str, filter: i32) -> Result<Option<StoredResult>>;
@@ -362,6 +390,15 @@ mod sql {
          FROM layer_summary WHERE run_id = $1 ORDER BY layer_index, layer";
     pub const UNFINISHED: &str =
         "SELECT COUNT(*) FROM filters WHERE run_id = $1 AND state IN ('pending', 'leased')";
+    pub const RUN_INFO: &str =
+        "SELECT run_id, weights_sha256, settings, created_at_ms FROM runs WHERE run_id = $1";
+    pub const LAYER_FILTERS: &str = "SELECT f.filter, f.state, f.attempts, f.failed_reason,
+                r.activation, r.objective, r.start_activation, r.curve, r.seconds, r.dead, r.worker,
+                r.image, r.finished_at_ms
+         FROM filters f
+         LEFT JOIN results r ON r.run_id = f.run_id AND r.layer = f.layer AND r.filter = f.filter
+         WHERE f.run_id = $1 AND f.layer = $2
+         ORDER BY f.filter";
     pub const LEASE_LAYER: &str =
         "SELECT layer FROM filters WHERE run_id = $1 AND lease_id = $2 LIMIT 1";
     pub const RESULT: &str =
@@ -419,6 +456,66 @@ fn stored_result(run_id: &str, layer: &str, filter: i32, row: ResultRow) -> Resu
         worker,
         png,
         finished_at_ms,
+    })
+}
+
+/// The columns of [`sql::LAYER_FILTERS`].
+pub(crate) type LayerFilterRow = (
+    i32,
+    String,
+    i32,
+    Option<String>,
+    Option<f32>,
+    Option<f32>,
+    Option<f32>,
+    Option<String>,
+    Option<f32>,
+    Option<bool>,
+    Option<String>,
+    Option<Vec<u8>>,
+    Option<i64>,
+);
+
+fn filter_record(run_id: &str, layer: &str, row: LayerFilterRow) -> Result<FilterRecord> {
+    let (
+        filter,
+        state,
+        attempts,
+        failed_reason,
+        activation,
+        objective,
+        start,
+        curve,
+        seconds,
+        dead,
+        worker,
+        png,
+        finished,
+    ) = row;
+    let result = match (
+        activation, objective, start, curve, seconds, dead, worker, png, finished,
+    ) {
+        (Some(a), Some(o), Some(st), Some(c), Some(sec), Some(d), Some(w), Some(png), Some(t)) => {
+            Some(stored_result(
+                run_id,
+                layer,
+                filter,
+                (a, o, st, c, sec, d, w, png, t),
+            )?)
+        }
+        (None, None, None, None, None, None, None, None, None) => None,
+        _ => {
+            return Err(Error::Corrupt(format!(
+                "the result of run {run_id}, layer {layer}, filter {filter} has NULL columns"
+            )))
+        }
+    };
+    Ok(FilterRecord {
+        filter,
+        state,
+        attempts,
+        failed_reason,
+        result,
     })
 }
 

@@ -16,9 +16,10 @@ use sqlx::sqlite::{
 use sqlx::{Sqlite, Transaction};
 
 use super::{
-    check_finite, check_resume, check_spec, curve_json, expired_reason, layer_progress,
-    plan_submit, sql, stored_result, FilterOutcome, LayerProgress, Lease, ProgressRow, ResultRow,
-    RunSpec, Store, StoredResult, SubmitOutcome, SubmitPlan,
+    check_finite, check_resume, check_spec, curve_json, expired_reason, filter_record,
+    layer_progress, plan_submit, sql, stored_result, FilterOutcome, FilterRecord, LayerFilterRow,
+    LayerProgress, Lease, ProgressRow, ResultRow, RunInfo, RunSpec, Store, StoredResult,
+    SubmitOutcome, SubmitPlan,
 };
 use crate::{Error, Result};
 
@@ -319,6 +320,32 @@ impl Store for SqliteStore {
             .fetch_one(&self.pool)
             .await?;
         Ok(unfinished == 0)
+    }
+
+    async fn run_info(&self, run_id: &str) -> Result<RunInfo> {
+        let row: Option<(String, String, String, i64)> = sqlx::query_as(sql::RUN_INFO)
+            .bind(run_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        let (run_id, weights_sha256, settings, created_at_ms) =
+            row.ok_or_else(|| Error::UnknownRun(run_id.to_string()))?;
+        Ok(RunInfo {
+            run_id,
+            weights_sha256,
+            settings,
+            created_at_ms,
+        })
+    }
+
+    async fn layer_filters(&self, run_id: &str, layer: &str) -> Result<Vec<FilterRecord>> {
+        let rows: Vec<LayerFilterRow> = sqlx::query_as(sql::LAYER_FILTERS)
+            .bind(run_id)
+            .bind(layer)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter()
+            .map(|row| filter_record(run_id, layer, row))
+            .collect()
     }
 
     async fn lease_layer(&self, run_id: &str, lease_id: &str) -> Result<Option<String>> {
