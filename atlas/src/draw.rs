@@ -57,7 +57,7 @@ pub fn failed_tile(tile: u32) -> RgbImage {
 pub fn pending_tile(tile: u32) -> RgbImage {
     let cell = (tile / 8).max(1);
     RgbImage::from_fn(tile, tile, |x, y| {
-        if (x / cell + y / cell) % 2 == 0 {
+        if (x / cell + y / cell).is_multiple_of(2) {
             PENDING_LIGHT
         } else {
             PENDING_DARK
