@@ -837,7 +837,11 @@ async fn render(a: RenderArgs) -> Result<()> {
             }
         });
     }
-    let mut shown = progress::Progress::new();
+    let costs = layers
+        .iter()
+        .map(|l| (l.name.to_string(), l.render_cost(settings.size)))
+        .collect();
+    let mut shown = progress::Progress::new(costs);
     loop {
         let progress = store.progress(&spec.run_id).await?;
         shown.update(&progress);

@@ -2,6 +2,7 @@
 //! layers being worked on when stderr is a terminal; plain log lines (at most one every few
 //! seconds, and one per finished layer) when it is not, so logs and CI output stay readable.
 
+use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
@@ -14,8 +15,12 @@ const LOG_EVERY: Duration = Duration::from_secs(10);
 pub struct Progress {
     bar: Option<ProgressBar>,
     started: Instant,
-    /// Finished filters when this process started (a resumed run), not counted in the rate.
-    finished_at_start: Option<i64>,
+    /// Relative cost of one filter per layer: deep layers take far longer than shallow ones,
+    /// so the ETA weighs the work left by it rather than counting filters.
+    costs: HashMap<String, f64>,
+    /// Finished filters per layer when this process started (a resumed run), not counted in
+    /// the rate.
+    at_start: Option<HashMap<String, i64>>,
     last_log: Option<Instant>,
     last_finished: i64,
     layers_done: Vec<String>,
@@ -41,8 +46,26 @@ pub fn active_layers(progress: &[LayerProgress]) -> String {
 }
 
 /// Seconds left at the rate seen so far, or `None` before there is a rate.
-pub fn eta_seconds(finished_here: i64, remaining: i64, elapsed: Duration) -> Option<f64> {
-    (finished_here > 0).then(|| remaining as f64 * elapsed.as_secs_f64() / finished_here as f64)
+/// `done_here` and `remaining` are in the same unit of work (filters, or cost-weighted filters).
+pub fn eta_seconds(done_here: f64, remaining: f64, elapsed: Duration) -> Option<f64> {
+    (done_here > 0.0).then(|| remaining * elapsed.as_secs_f64() / done_here)
+}
+
+/// Work finished by this process and work left, weighted by each layer's cost.
+pub fn weighted_work(
+    progress: &[LayerProgress],
+    at_start: &HashMap<String, i64>,
+    costs: &HashMap<String, f64>,
+) -> (f64, f64) {
+    progress.iter().fold((0.0, 0.0), |(here, left), p| {
+        let cost = costs.get(&p.layer).copied().unwrap_or(1.0);
+        let finished = p.done + p.failed;
+        let before = at_start.get(&p.layer).copied().unwrap_or(0);
+        (
+            here + (finished - before).max(0) as f64 * cost,
+            left + (p.total - finished) as f64 * cost,
+        )
+    })
 }
 
 /// `1h02m`, `14m05s`, `42s`.
@@ -56,12 +79,12 @@ pub fn human(seconds: f64) -> String {
 }
 
 impl Progress {
-    pub fn new() -> Progress {
+    pub fn new(costs: HashMap<String, f64>) -> Progress {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
             bar.set_style(
                 ProgressStyle::with_template(
-                    "{elapsed_precise} [{bar:30.cyan/blue}] {pos}/{len} filters  {per_sec}  ETA {eta}  {msg}",
+                    "{elapsed_precise} [{bar:30.cyan/blue}] {pos}/{len} filters  {msg}",
                 )
                 .expect("a valid template")
                 .progress_chars("=> "),
@@ -71,7 +94,8 @@ impl Progress {
         Progress {
             bar,
             started: Instant::now(),
-            finished_at_start: None,
+            costs,
+            at_start: None,
             last_log: None,
             last_finished: -1,
             layers_done: Vec::new(),
@@ -81,15 +105,25 @@ impl Progress {
 
     pub fn update(&mut self, progress: &[LayerProgress]) {
         let (finished, total) = counts(progress);
-        let at_start = *self.finished_at_start.get_or_insert(finished);
+        let at_start = self
+            .at_start
+            .get_or_insert_with(|| {
+                progress
+                    .iter()
+                    .map(|p| (p.layer.clone(), p.done + p.failed))
+                    .collect()
+            })
+            .clone();
+        let start_total: i64 = at_start.values().sum();
+        let elapsed = self.started.elapsed();
+        let (here, left) = weighted_work(progress, &at_start, &self.costs);
+        let eta = eta_seconds(here, left, elapsed).map_or("?".to_string(), human);
+        let rate = (finished - start_total) as f64 / elapsed.as_secs_f64().max(1e-3);
+        let status = format!("{rate:.2}/s, ETA {eta}  {}", active_layers(progress));
         if let Some(bar) = &self.bar {
-            if bar.length() != Some(total as u64) {
-                bar.set_length(total as u64);
-                bar.set_position(finished as u64);
-                bar.reset_eta();
-            }
+            bar.set_length(total as u64);
             bar.set_position(finished as u64);
-            bar.set_message(active_layers(progress));
+            bar.set_message(status.clone());
         }
         // Layers finished before this process started are not announced again.
         let first = !std::mem::replace(&mut self.primed, true);
@@ -110,14 +144,9 @@ impl Progress {
                 .last_log
                 .is_none_or(|t| t.elapsed() >= LOG_EVERY || finished == total)
         {
-            let elapsed = self.started.elapsed();
-            let here = finished - at_start;
-            let eta = eta_seconds(here, total - finished, elapsed).map_or("?".to_string(), human);
             eprintln!(
-                "[{:>7}] {finished}/{total} filters ({:.2}/s, ETA {eta}) {}",
+                "[{:>7}] {finished}/{total} filters ({status})",
                 human(elapsed.as_secs_f64()),
-                here as f64 / elapsed.as_secs_f64().max(1e-3),
-                active_layers(progress)
             );
             self.last_log = Some(Instant::now());
             self.last_finished = finished;
@@ -169,9 +198,24 @@ mod tests {
     }
 
     #[test]
-    fn eta_follows_the_rate_of_this_process() {
-        assert_eq!(eta_seconds(0, 100, Duration::from_secs(10)), None);
-        assert_eq!(eta_seconds(10, 100, Duration::from_secs(5)), Some(50.0));
+    fn eta_follows_the_rate_of_this_process_weighted_by_layer_cost() {
+        assert_eq!(eta_seconds(0.0, 100.0, Duration::from_secs(10)), None);
+        assert_eq!(eta_seconds(10.0, 100.0, Duration::from_secs(5)), Some(50.0));
+        // Resumed with block1_conv1 half done; since then 16 more of it and 4 of a layer
+        // ten times as costly.
+        let p = [
+            layer("block1_conv1", 64, 48, 0, 0),
+            layer("block1_conv2", 64, 4, 0, 0),
+        ];
+        let at_start = HashMap::from([("block1_conv1".to_string(), 32)]);
+        let costs = HashMap::from([
+            ("block1_conv1".to_string(), 1.0),
+            ("block1_conv2".to_string(), 10.0),
+        ]);
+        assert_eq!(
+            weighted_work(&p, &at_start, &costs),
+            (16.0 + 40.0, 16.0 + 600.0)
+        );
         assert_eq!(human(42.4), "42s");
         assert_eq!(human(845.0), "14m05s");
         assert_eq!(human(3720.0), "1h02m");

@@ -150,6 +150,20 @@ impl Layer {
             })
             .sum()
     }
+
+    /// Relative cost of rendering one filter of this layer at `size` (for ETAs, not FLOP counts):
+    /// the trunk runs the layers below in full but only the target filter of this one, forward
+    /// and back, plus per-pixel work (regularizers, optimiser) that dominates the first layers.
+    pub fn render_cost(&self, size: usize) -> f64 {
+        let below = if self.index == 0 {
+            0
+        } else {
+            LAYERS[self.index - 1].forward_macs(size)
+        };
+        let own = (self.forward_macs(size) - below) as f64 / self.filters().max(1) as f64;
+        let per_pixel = 3000.0 * (size * size) as f64;
+        below as f64 + own + per_pixel
+    }
 }
 
 #[cfg(test)]
@@ -160,6 +174,16 @@ mod tests {
     fn conv_layers_have_4224_filters() {
         let n: usize = LAYERS[..CONV_LAYERS].iter().map(|l| l.filters()).sum();
         assert_eq!(n, 4224);
+    }
+
+    #[test]
+    fn render_cost_grows_with_depth_like_the_measured_rates() {
+        // `vgg-atlas bench` at 128 px: block1_conv1 52 filters/s, block3_conv1 2.4, block5_conv3 0.92.
+        let cost = |n| Layer::by_name(n).unwrap().render_cost(128);
+        let r13 = cost("block3_conv1") / cost("block1_conv1");
+        let r35 = cost("block5_conv3") / cost("block3_conv1");
+        assert!((10.0..50.0).contains(&r13), "{r13}");
+        assert!((2.0..4.0).contains(&r35), "{r35}");
     }
 
     #[test]
