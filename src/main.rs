@@ -136,6 +136,35 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The presets side by side on the same filters: activation reached, seconds, dead filters,
+    /// and a picture (rows: preset x layer; columns: filters).
+    BenchPresets {
+        /// Layers, comma-separated.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "block1_conv2,block3_conv1,block5_conv3"
+        )]
+        layers: Vec<String>,
+        /// Filters of each layer, A..B.
+        #[arg(long, default_value = "0..4")]
+        filters: String,
+        /// Presets to compare, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "quick,keras-vis,lucid")]
+        presets: Vec<String>,
+        /// Override every preset's step count (default: each preset's own).
+        #[arg(long)]
+        steps: Option<usize>,
+        #[arg(long, default_value_t = 128)]
+        size: usize,
+        /// Where to write presets.png.
+        #[arg(long, default_value = "bench-presets")]
+        out: PathBuf,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        compute: Compute,
+    },
     /// Filters per second and effective GFLOP/s of the ascent on one layer.
     Bench {
         #[arg(long)]
@@ -242,28 +271,53 @@ struct Compute {
 
 #[derive(Args)]
 struct Method {
-    /// Image side in pixels.
-    #[arg(long, default_value_t = 128)]
-    size: usize,
-    #[arg(long, default_value_t = 20)]
-    steps: usize,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    /// The method: quick (the default: 20 steps, pixels), keras-vis (200 steps, jitter), lucid
+    /// (Fourier parameterisation, transforms, Adam); see README.md. The flags below override
+    /// single values of the preset.
+    #[arg(long, default_value = ascent::DEFAULT_PRESET.name())]
+    preset: String,
+    /// Image side in pixels [128].
+    #[arg(long)]
+    size: Option<usize>,
+    /// Ascent steps [preset].
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Run seed [0].
+    #[arg(long)]
+    seed: Option<u64>,
     /// pre-relu (default: silent filters still get a gradient) or post-relu (the tutorial's).
-    #[arg(long, value_enum, default_value = "pre-relu")]
-    objective: ObjectiveArg,
-    #[arg(long, default_value_t = 1.0)]
-    learning_rate: f32,
-    #[arg(long, default_value_t = 0.95)]
-    rmsprop_decay: f32,
-    #[arg(long, default_value_t = 6.0)]
-    lp_norm_p: f32,
-    #[arg(long, default_value_t = 10.0)]
-    lp_norm_weight: f32,
-    #[arg(long, default_value_t = 2.0)]
-    tv_beta: f32,
-    #[arg(long, default_value_t = 10.0)]
-    tv_weight: f32,
+    #[arg(long, value_enum)]
+    objective: Option<ObjectiveArg>,
+    /// pixels or fourier [preset].
+    #[arg(long, value_enum)]
+    parameterization: Option<ParamArg>,
+    /// rmsprop or adam [preset].
+    #[arg(long, value_enum)]
+    optimizer: Option<OptimizerArg>,
+    #[arg(long)]
+    learning_rate: Option<f32>,
+    #[arg(long)]
+    rmsprop_decay: Option<f32>,
+    #[arg(long)]
+    lp_norm_p: Option<f32>,
+    #[arg(long)]
+    lp_norm_weight: Option<f32>,
+    #[arg(long)]
+    tv_beta: Option<f32>,
+    #[arg(long)]
+    tv_weight: Option<f32>,
+    /// Fourier parameterisation: frequency f scaled by 1/f^decay.
+    #[arg(long)]
+    fourier_decay: Option<f32>,
+    /// Random shift per step, pixels each way.
+    #[arg(long)]
+    jitter: Option<u32>,
+    /// Random rotation per step, degrees each way.
+    #[arg(long)]
+    rotate_degrees: Option<f32>,
+    /// Random scale per step within 1 +- this.
+    #[arg(long)]
+    scale_jitter: Option<f32>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -272,26 +326,62 @@ enum ObjectiveArg {
     PostRelu,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ParamArg {
+    Pixels,
+    Fourier,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum OptimizerArg {
+    Rmsprop,
+    Adam,
+}
+
 impl Method {
-    fn settings(&self) -> Settings {
-        Settings {
-            size: self.size,
-            steps: self.steps,
-            seed: self.seed,
-            objective: match self.objective {
+    /// The preset's settings with the given flags applied.
+    fn settings(&self) -> Result<Settings> {
+        let mut s = ascent::Preset::by_name(&self.preset)?.settings();
+        macro_rules! set {
+            ($($field:ident),*) => { $( if let Some(v) = self.$field { s.$field = v; } )* };
+        }
+        set!(
+            size,
+            steps,
+            seed,
+            learning_rate,
+            rmsprop_decay,
+            lp_norm_p,
+            lp_norm_weight,
+            tv_beta,
+            tv_weight,
+            fourier_decay,
+            jitter,
+            rotate_degrees,
+            scale_jitter
+        );
+        if let Some(o) = self.objective {
+            s.objective = match o {
                 ObjectiveArg::PreRelu => Objective::PreRelu,
                 ObjectiveArg::PostRelu => Objective::PostRelu,
-            },
-            learning_rate: self.learning_rate,
-            rmsprop_decay: self.rmsprop_decay,
-            lp_norm_p: self.lp_norm_p,
-            lp_norm_weight: self.lp_norm_weight,
-            tv_beta: self.tv_beta,
-            tv_weight: self.tv_weight,
-            inject_nan_filter: std::env::var("VGG_ATLAS_TEST_INJECT_NAN_FILTER")
-                .ok()
-                .and_then(|v| v.parse().ok()),
+            };
         }
+        if let Some(p) = self.parameterization {
+            s.parameterization = match p {
+                ParamArg::Pixels => ascent::Parameterization::Pixels,
+                ParamArg::Fourier => ascent::Parameterization::Fourier,
+            };
+        }
+        if let Some(o) = self.optimizer {
+            s.optimizer = match o {
+                OptimizerArg::Rmsprop => ascent::Optimizer::Rmsprop,
+                OptimizerArg::Adam => ascent::Optimizer::Adam,
+            };
+        }
+        s.inject_nan_filter = std::env::var("VGG_ATLAS_TEST_INJECT_NAN_FILTER")
+            .ok()
+            .and_then(|v| v.parse().ok());
+        Ok(s)
     }
 }
 
@@ -454,6 +544,16 @@ fn run(cli: Cli) -> Result<()> {
             };
             write_atlas(store, &run_id, &out, mosaic.options()).await
         }),
+        Command::BenchPresets {
+            layers,
+            filters,
+            presets,
+            steps,
+            size,
+            out,
+            json,
+            compute,
+        } => bench_presets(&layers, &filters, &presets, steps, size, &out, json, &compute),
         Command::Query { sql, db, format } => {
             use vgg_atlas_coordinator::query;
             let rows = runtime()?.block_on(query::query(&db, &sql))?;
@@ -615,7 +715,7 @@ fn visualize(
     if batch == 0 {
         bail!("--batch must be at least 1");
     }
-    let settings = method.settings();
+    let settings = method.settings()?;
     settings.check(&layer)?;
     let weights = compute.weights()?;
     if !layer.is_conv() && !weights.has_classifier() {
@@ -677,6 +777,106 @@ fn visualize(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
+fn bench_presets(
+    layers: &[String],
+    filters: &str,
+    presets: &[String],
+    steps: Option<usize>,
+    size: usize,
+    out: &Path,
+    json: bool,
+    compute: &Compute,
+) -> Result<()> {
+    let layers: Vec<Layer> = layers
+        .iter()
+        .map(|n| Layer::by_name(n.trim()))
+        .collect::<Result<_, _>>()?;
+    let presets: Vec<ascent::Preset> = presets
+        .iter()
+        .map(|p| ascent::Preset::by_name(p.trim()))
+        .collect::<Result<_, _>>()?;
+    let weights = compute.weights()?;
+    let (pool, threads) = compute.pool()?;
+    let mut trunk = CpuTrunk::new(&weights);
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut rows = Vec::new();
+    let mut images: Vec<Vec<Option<image::RgbImage>>> = Vec::new();
+    for &preset in &presets {
+        for &layer in &layers {
+            let range = parse_filters(filters, &layer)?;
+            let ids: Vec<usize> = range.collect();
+            let mut s = preset.settings();
+            s.size = size;
+            if let Some(n) = steps {
+                s.steps = n;
+            }
+            s.check(&layer)?;
+            let t = Instant::now();
+            let results = pool
+                .install(|| ascent::visualize(&mut trunk, weights.preprocess, layer, &ids, &s))?;
+            let secs = t.elapsed().as_secs_f64() / ids.len() as f64;
+            let mean = |f: &dyn Fn(&ascent::FilterResult) -> f32| {
+                results.iter().map(|r| f(r) as f64).sum::<f64>() / results.len() as f64
+            };
+            let activation = mean(&|r| r.activation);
+            let row = json!({"preset": preset.name(), "layer": layer.name, "filters": ids.len(),
+                "steps": s.steps, "size": s.size, "threads": threads,
+                "mean_activation": activation, "mean_start_activation": mean(&|r| r.start_activation),
+                "seconds_per_filter": secs, "activation_per_second": activation / secs,
+                "dead": results.iter().filter(|r| r.dead).count(),
+                "failed": results.iter().filter(|r| r.failed.is_some()).count()});
+            if !json {
+                println!(
+                    "{:<10} {:<13} {:>4} steps: mean activation {:>9.1} (start {:>7.1}), {:>6.2} s/filter, {:>8.1} activation/s, {} dead",
+                    preset.name(), layer.name, s.steps, activation, row["mean_start_activation"].as_f64().unwrap_or(0.0),
+                    secs, activation / secs, row["dead"]
+                );
+            }
+            rows.push(row);
+            images.push(results.into_iter().map(|r| r.image).collect());
+        }
+    }
+    // The picture: one row per (preset, layer), one column per filter.
+    let cols = images.iter().map(|r| r.len()).max().unwrap_or(0) as u32;
+    let cell = size as u32 + 4;
+    let mut pic = image::RgbImage::from_pixel(
+        cols * cell + 4,
+        images.len() as u32 * cell + 4,
+        image::Rgb([17, 17, 17]),
+    );
+    for (r, row) in images.iter().enumerate() {
+        for (c, img) in row.iter().enumerate() {
+            if let Some(img) = img {
+                image::imageops::replace(
+                    &mut pic,
+                    img,
+                    (4 + c as u32 * cell) as i64,
+                    (4 + r as u32 * cell) as i64,
+                );
+            }
+        }
+    }
+    let path = out.join("presets.png");
+    pic.save(&path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    if json {
+        println!("{}", serde_json::to_string(&rows)?);
+    } else {
+        println!(
+            "picture: {} (rows: {} for each of {}; columns: filters {filters})",
+            path.display(),
+            layers.iter().map(|l| l.name).collect::<Vec<_>>().join(", "),
+            presets
+                .iter()
+                .map(|p| p.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(())
+}
+
 fn bench(
     layer: &str,
     batch: Option<usize>,
@@ -685,7 +885,7 @@ fn bench(
     compute: &Compute,
 ) -> Result<()> {
     let layer = Layer::by_name(layer)?;
-    let settings = method.settings();
+    let settings = method.settings()?;
     settings.check(&layer)?;
     if !layer.is_conv() {
         bail!(
@@ -764,7 +964,7 @@ async fn render(a: RenderArgs) -> Result<()> {
     use vgg_atlas_coordinator::{plan, service, store};
     let layers = conv_layers_or(&a.layers)?;
     a.mosaic.options().check()?;
-    let settings = a.method.settings();
+    let settings = a.method.settings()?;
     for l in &layers {
         settings.check(l)?;
     }

@@ -116,7 +116,7 @@ fn bad_input_gets_a_clear_error_and_no_panic() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("o").display().to_string();
     let missing_db = format!("sqlite://{}/none.db", dir.path().display());
-    let cases: [(&[&str], &str); 11] = [
+    let cases: [(&[&str], &str); 13] = [
         (
             &["visualize", "--layer", "block6_conv1", "--out", &out],
             "unknown layer 'block6_conv1'",
@@ -180,6 +180,32 @@ fn bad_input_gets_a_clear_error_and_no_panic() {
             "no database file",
         ),
         (&["status", "--db", &missing_db], "no database at"),
+        (
+            &[
+                "visualize",
+                "--layer",
+                "block1_conv1",
+                "--preset",
+                "deepdream",
+                "--out",
+                &out,
+            ],
+            "unknown preset 'deepdream'; the presets are quick, keras-vis, lucid",
+        ),
+        (
+            &[
+                "visualize",
+                "--layer",
+                "block1_conv1",
+                "--size",
+                "32",
+                "--jitter",
+                "9",
+                "--out",
+                &out,
+            ],
+            "bad transform parameters",
+        ),
         (
             &["query", "--db", "mysql://x/y", "SELECT 1"],
             "neither sqlite nor postgres",

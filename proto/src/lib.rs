@@ -10,6 +10,7 @@ pub use prost;
 pub use tonic;
 
 /// The generated code of package `atlas.v1`.
+#[allow(clippy::large_enum_variant)] // prost's oneof enums hold messages inline
 pub mod v1 {
     tonic::include_proto!("atlas.v1");
 }
@@ -19,9 +20,9 @@ pub use v1::coordinator_server::{Coordinator, CoordinatorServer};
 pub use v1::*;
 
 /// The version of this contract a peer speaks, sent in `RegisterRequest.protocol_version`.
-/// Bumped together with the package (`atlas.v1` -> `atlas.v2`) on any breaking change; see the
-/// header of `atlas.proto`.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Bumped on any breaking change (together with the package name) and on any addition old
+/// peers would silently misread, such as new run settings; see the header of `atlas.proto`.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The largest gRPC message either side accepts. tonic's default of 4 MiB is too small for a
 /// submit of a large batch of large images (64 filters at 512x512 are ~50 MB of PNG); set it on
@@ -40,7 +41,6 @@ pub fn check_protocol_version(worker_version: u32) -> Result<(), tonic::Status> 
     }
     Err(tonic::Status::failed_precondition(format!(
         "worker speaks protocol version {worker_version} but this coordinator speaks version \
-         {PROTOCOL_VERSION} (atlas.v{PROTOCOL_VERSION}); run the same vgg-atlas release on the \
-         coordinator and every worker"
+         {PROTOCOL_VERSION}; run the same vgg-atlas release on the coordinator and every worker"
     )))
 }

@@ -36,6 +36,13 @@ fn settings() -> RunSettings {
         tv_beta: 2.0,
         tv_weight: 10.0,
         seed: 42,
+        preset: "lucid".into(),
+        parameterization: "fourier".into(),
+        optimizer: "adam".into(),
+        fourier_decay: 1.0,
+        jitter: 8,
+        rotate_degrees: 10.0,
+        scale_jitter: 0.1,
     }
 }
 

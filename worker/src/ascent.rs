@@ -9,18 +9,128 @@ use std::time::Instant;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
+use crate::fourier::{Adam, Fourier};
 use crate::layers::Layer;
+use crate::transform::Affine;
 use crate::trunk::{Objective, Trunk};
 use crate::weights::Preprocess;
 use crate::{Error, Result};
 
+/// How the image is represented while it is optimised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Parameterization {
+    /// The pixels themselves (the Keras blog, keras-vis), shown standardised at the end.
+    Pixels,
+    /// lucid's scaled Fourier spectrum with decorrelated colour and a sigmoid.
+    Fourier,
+}
+
+/// The ascent's update rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Optimizer {
+    /// RMSprop on the per-image RMS-normalised gradient (keras-vis).
+    Rmsprop,
+    /// Adam on the raw gradient (lucid).
+    Adam,
+}
+
+/// A named bundle of method settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Preset {
+    /// The Keras blog's method as first written here: pixels, Lp + TV weight 10, 20 steps.
+    Quick,
+    /// keras-vis / tf-keras-vis: pixels, Lp + TV (weight 1), jitter and a small rotation,
+    /// RMSprop, 200 steps.
+    KerasVis,
+    /// lucid: Fourier parameterisation, decorrelated colour, transformation robustness, Adam.
+    Lucid,
+}
+
+impl Preset {
+    pub const ALL: [Preset; 3] = [Preset::Quick, Preset::KerasVis, Preset::Lucid];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Preset::Quick => "quick",
+            Preset::KerasVis => "keras-vis",
+            Preset::Lucid => "lucid",
+        }
+    }
+
+    pub fn by_name(name: &str) -> Result<Preset> {
+        Preset::ALL
+            .into_iter()
+            .find(|p| p.name() == name)
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "unknown preset '{name}'; the presets are {}",
+                    Preset::ALL.map(|p| p.name()).join(", ")
+                ))
+            })
+    }
+
+    /// The preset's settings (size, seed and the rest as in `Settings::default()`).
+    pub fn settings(&self) -> Settings {
+        let quick = Settings {
+            preset: *self,
+            size: 128,
+            steps: 20,
+            seed: 0,
+            objective: Objective::PreRelu,
+            parameterization: Parameterization::Pixels,
+            optimizer: Optimizer::Rmsprop,
+            learning_rate: 1.0,
+            rmsprop_decay: 0.95,
+            lp_norm_p: 6.0,
+            lp_norm_weight: 10.0,
+            tv_beta: 2.0,
+            tv_weight: 10.0,
+            fourier_decay: 1.0,
+            jitter: 0,
+            rotate_degrees: 0.0,
+            scale_jitter: 0.0,
+            inject_nan_filter: None,
+        };
+        match self {
+            Preset::Quick => quick,
+            Preset::KerasVis => Settings {
+                steps: 200,
+                tv_weight: 1.0,
+                jitter: 4,
+                rotate_degrees: 1.0,
+                ..quick
+            },
+            Preset::Lucid => Settings {
+                steps: 256,
+                parameterization: Parameterization::Fourier,
+                optimizer: Optimizer::Adam,
+                learning_rate: 0.05,
+                lp_norm_weight: 0.0,
+                tv_weight: 0.0,
+                jitter: 8,
+                rotate_degrees: 10.0,
+                scale_jitter: 0.1,
+                ..quick
+            },
+        }
+    }
+}
+
 /// Every parameter that changes an image. Serialised with each result.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Settings {
+    /// The preset these settings started from (flags may have changed some values; all of
+    /// them are recorded).
+    pub preset: Preset,
     pub size: usize,
     pub steps: usize,
     pub seed: u64,
     pub objective: Objective,
+    pub parameterization: Parameterization,
+    pub optimizer: Optimizer,
     pub learning_rate: f32,
     /// RMSprop's decay of the squared-gradient average.
     pub rmsprop_decay: f32,
@@ -28,26 +138,25 @@ pub struct Settings {
     pub lp_norm_weight: f32,
     pub tv_beta: f32,
     pub tv_weight: f32,
+    /// Fourier parameterisation: frequency f is scaled by 1/f^decay.
+    pub fourier_decay: f32,
+    /// Transformation robustness: random shift up to this many pixels each way per step.
+    pub jitter: u32,
+    /// ... random rotation up to this many degrees each way.
+    pub rotate_degrees: f32,
+    /// ... random scale in 1 ± this.
+    pub scale_jitter: f32,
     /// Test-only fault injection: the filter whose gradient is poisoned with NaN every step.
     #[serde(skip)]
     pub inject_nan_filter: Option<usize>,
 }
 
+/// The default preset: see README.md for the measurement behind the choice.
+pub const DEFAULT_PRESET: Preset = Preset::Quick;
+
 impl Default for Settings {
     fn default() -> Self {
-        Settings {
-            size: 128,
-            steps: 20,
-            seed: 0,
-            objective: Objective::PreRelu,
-            learning_rate: 1.0,
-            rmsprop_decay: 0.95,
-            lp_norm_p: 6.0,
-            lp_norm_weight: 10.0,
-            tv_beta: 2.0,
-            tv_weight: 10.0,
-            inject_nan_filter: None,
-        }
+        DEFAULT_PRESET.settings()
     }
 }
 
@@ -77,6 +186,9 @@ impl Settings {
             self.lp_norm_weight,
             self.tv_beta,
             self.tv_weight,
+            self.fourier_decay,
+            self.rotate_degrees,
+            self.scale_jitter,
         ];
         if finite.iter().any(|v| !v.is_finite())
             || !(0.0..1.0).contains(&self.rmsprop_decay)
@@ -86,6 +198,16 @@ impl Settings {
             return Err(Error::Invalid(format!(
                 "bad method parameters: learning rate {}, RMSprop decay {} (must be in [0, 1)), Lp p {} (>= 1), TV beta {} (> 0)",
                 self.learning_rate, self.rmsprop_decay, self.lp_norm_p, self.tv_beta
+            )));
+        }
+        if self.jitter as usize * 4 > self.size
+            || !(0.0..=45.0).contains(&self.rotate_degrees)
+            || !(0.0..=0.5).contains(&self.scale_jitter)
+            || !(0.0..=4.0).contains(&self.fourier_decay)
+        {
+            return Err(Error::Invalid(format!(
+                "bad transform parameters: jitter {} px (at most a quarter of the size {}), rotation {} degrees (0..=45), scale jitter {} (0..=0.5), Fourier decay {} (0..=4)",
+                self.jitter, self.size, self.rotate_degrees, self.scale_jitter, self.fourier_decay
             )));
         }
         Ok(())
@@ -145,17 +267,104 @@ pub fn filter_seed(seed: u64, layer: u64, filter: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// The optimiser's state for one image.
+enum OptState {
+    /// RMSprop's squared-gradient average.
+    Rmsprop(Vec<f32>),
+    Adam(Adam),
+}
+
+impl OptState {
+    fn new(o: Optimizer, n: usize) -> OptState {
+        match o {
+            Optimizer::Rmsprop => OptState::Rmsprop(vec![0.0; n]),
+            Optimizer::Adam => OptState::Adam(Adam::new(n)),
+        }
+    }
+}
+
 /// Per-image optimiser state.
 struct ImageState {
-    x: Vec<f32>,
-    cache: Vec<f32>,
+    /// What is optimised: the pixels (0..255 RGB, HWC) or a Fourier spectrum.
+    params: Vec<f32>,
+    opt: OptState,
+    /// The parameters before the current step, to retry it after NaN/Inf.
     last_good: Vec<f32>,
+    /// The image in pixels (0..255 RGB, HWC), as the parameters make it.
+    x: Vec<f32>,
+    /// Pre-sigmoid values of a Fourier image, for its backward pass.
+    pre: Vec<f32>,
+    /// What the network sees this step: `x` through this step's transform.
+    view: Vec<f32>,
+    affine: Affine,
+    seed: u64,
     lr: f32,
     retries: u32,
     failed: Option<String>,
     curve: Vec<f32>,
     start: f32,
     objective: f32,
+}
+
+impl ImageState {
+    fn new(s: &Settings, layer: &Layer, filter: usize, fourier: Option<&Fourier>) -> ImageState {
+        let seed = filter_seed(s.seed, layer.index as u64, filter as u64);
+        let params = match fourier {
+            None => start_image(s.seed, layer, filter, s.size),
+            Some(f) => f.random_spectrum(seed),
+        };
+        ImageState {
+            last_good: params.clone(),
+            opt: OptState::new(s.optimizer, params.len()),
+            params,
+            x: Vec::new(),
+            pre: Vec::new(),
+            view: Vec::new(),
+            affine: Affine::IDENTITY,
+            seed,
+            lr: s.learning_rate,
+            retries: 0,
+            failed: None,
+            curve: Vec::with_capacity(s.steps),
+            start: 0.0,
+            objective: 0.0,
+        }
+    }
+
+    /// Renders the image from the parameters and the network's view of it for `step`: the
+    /// first and last steps (start and final scores) see the image as it is, the others
+    /// through a random transform.
+    fn prepare(&mut self, s: &Settings, fourier: Option<&Fourier>, step: usize) {
+        match fourier {
+            Some(f) => {
+                let (rgb, pre) = f.render(&self.params);
+                self.x = rgb.iter().map(|v| v * 255.0).collect();
+                self.pre = pre;
+            }
+            None => self.x.clone_from(&self.params),
+        }
+        self.affine = if step == 0 || step == s.steps {
+            Affine::IDENTITY
+        } else {
+            Affine::random(self.seed, step, s.jitter, s.rotate_degrees, s.scale_jitter)
+        };
+        // Outside the image, mid grey.
+        self.view = self.affine.apply(&self.x, s.size, 127.5);
+    }
+
+    /// Restores the last finite parameters and halves the step, or fails the filter.
+    fn retry(&mut self, step: usize, what: &str) {
+        self.retries += 1;
+        self.params.copy_from_slice(&self.last_good);
+        self.opt = match &self.opt {
+            OptState::Rmsprop(_) => OptState::Rmsprop(vec![0.0; self.params.len()]),
+            OptState::Adam(_) => OptState::Adam(Adam::new(self.params.len())),
+        };
+        self.lr *= 0.5;
+        if self.retries > MAX_RETRIES {
+            self.failed = Some(format!("{what} at step {step}; still non-finite after {MAX_RETRIES} retries with smaller steps"));
+        }
+    }
 }
 
 /// Optimises one image per filter of `layer`, all in one batch.
@@ -179,27 +388,20 @@ pub fn visualize(
     s.check(&layer)?;
     let started = Instant::now();
     let n = s.size * s.size * 3;
+    let fourier = (s.parameterization == Parameterization::Fourier)
+        .then(|| Fourier::new(s.size, s.fourier_decay));
     let mut states: Vec<ImageState> = filters
         .iter()
-        .map(|&f| {
-            let x = start_image(s.seed, &layer, f, s.size);
-            ImageState {
-                cache: vec![0.0; n],
-                last_good: x.clone(),
-                x,
-                lr: s.learning_rate,
-                retries: 0,
-                failed: None,
-                curve: Vec::with_capacity(s.steps),
-                start: 0.0,
-                objective: 0.0,
-            }
-        })
+        .map(|&f| ImageState::new(s, &layer, f, fourier.as_ref()))
         .collect();
     let chans = preprocess.channels();
     let mut input = vec![0.0f32; filters.len() * n];
     let mut grad = vec![0.0f32; filters.len() * n];
     for step in 0..=s.steps {
+        states
+            .par_iter_mut()
+            .filter(|st| st.failed.is_none())
+            .for_each(|st| st.prepare(s, fourier.as_ref(), step));
         fill_input(&states, &chans, &mut input, n);
         let want_grad = step < s.steps;
         let scores = trunk.run(
@@ -230,14 +432,23 @@ pub fn visualize(
                 } else {
                     st.curve.push(sc.post);
                 }
-                st.last_good.copy_from_slice(&st.x);
+                st.last_good.copy_from_slice(&st.params);
                 let (reg, reg_grad) = regularizers(&st.x, s.size, s);
                 st.objective = (target as f64 - reg) as f32;
                 if !want_grad {
                     return;
                 }
                 let poisoned = s.inject_nan_filter == Some(f);
-                step_image(st, g, &reg_grad, &chans, s, poisoned, step);
+                step_image(
+                    st,
+                    g,
+                    &reg_grad,
+                    &chans,
+                    s,
+                    fourier.as_ref(),
+                    poisoned,
+                    step,
+                );
             });
     }
     let seconds = started.elapsed().as_secs_f32() / filters.len() as f32;
@@ -247,7 +458,11 @@ pub fn visualize(
         .map(|(st, &f)| {
             let activation = st.curve.last().copied().unwrap_or(st.start);
             let dead = st.failed.is_none() && st.start == 0.0 && st.curve.iter().all(|&a| a == 0.0);
-            let image = st.failed.is_none().then(|| deprocess(&st.x, s.size));
+            let image = st.failed.is_none().then(|| match s.parameterization {
+                Parameterization::Pixels => deprocess(&st.x, s.size),
+                // Already in the valid range: shown as it is.
+                Parameterization::Fourier => to_rgb8(&st.x, s.size),
+            });
             FilterResult {
                 layer: layer.name.to_string(),
                 filter: f,
@@ -269,26 +484,16 @@ pub fn visualize(
         .collect())
 }
 
-impl ImageState {
-    /// Restores the last finite image and halves the step, or fails the filter.
-    fn retry(&mut self, step: usize, what: &str) {
-        self.retries += 1;
-        self.x.copy_from_slice(&self.last_good);
-        self.cache.fill(0.0);
-        self.lr *= 0.5;
-        if self.retries > MAX_RETRIES {
-            self.failed = Some(format!("{what} at step {step}; still non-finite after {MAX_RETRIES} retries with smaller steps"));
-        }
-    }
-}
-
-/// Preprocessed network input of every image.
+/// Preprocessed network input of every image (its transformed view).
 fn fill_input(states: &[ImageState], chans: &[(usize, f32, f32); 3], input: &mut [f32], n: usize) {
     input
         .par_chunks_mut(n)
         .zip(states.par_iter())
         .for_each(|(inp, st)| {
-            for (px, rgb) in inp.chunks_exact_mut(3).zip(st.x.chunks_exact(3)) {
+            if st.view.len() != n {
+                return; // failed before its first view: its input is never read
+            }
+            for (px, rgb) in inp.chunks_exact_mut(3).zip(st.view.chunks_exact(3)) {
                 for (c, &(src, scale, off)) in chans.iter().enumerate() {
                     px[c] = scale * rgb[src] + off;
                 }
@@ -308,36 +513,78 @@ pub fn pixel_gradient(g_net: &[f32], reg_grad: &[f64], chans: &[(usize, f32, f32
     total
 }
 
-/// One RMSprop ascent step on one image, from the network gradient `g` (w.r.t. its input).
+/// One ascent step on one image, from the network gradient `g` (w.r.t. its transformed,
+/// preprocessed view).
+#[allow(clippy::too_many_arguments)]
 fn step_image(
     st: &mut ImageState,
     g: &[f32],
     reg_grad: &[f64],
     chans: &[(usize, f32, f32); 3],
     s: &Settings,
+    fourier: Option<&Fourier>,
     poisoned: bool,
     step: usize,
 ) {
-    let mut total = pixel_gradient(g, reg_grad, chans);
+    // Back through the transform to the image: the network's part only (the regularizers
+    // look at the untransformed image).
+    let g_view = pixel_gradient(g, &vec![0.0; g.len()], chans);
+    let g_view: Vec<f32> = g_view.iter().map(|&v| v as f32).collect();
+    let g_image = st.affine.adjoint(&g_view, s.size);
+    let mut total: Vec<f64> = g_image
+        .iter()
+        .zip(reg_grad)
+        .map(|(&a, &r)| a as f64 - r)
+        .collect();
     if poisoned {
         total[0] = f64::NAN;
     }
-    let norm = (total.iter().map(|v| v * v).sum::<f64>() / total.len() as f64).sqrt() + EPS;
-    if !norm.is_finite() {
+    // To the parameters: the pixels themselves, or back through the Fourier basis (the image
+    // is 255 x its sigmoid output).
+    let grad: Vec<f64> = match fourier {
+        None => total,
+        Some(f) => {
+            let g_rgb: Vec<f32> = total.iter().map(|&v| (v * 255.0) as f32).collect();
+            f.backward(&st.pre, &g_rgb)
+                .into_iter()
+                .map(f64::from)
+                .collect()
+        }
+    };
+    if grad.iter().any(|v| !v.is_finite()) {
         st.retry(step, "non-finite gradient");
         return;
     }
-    let decay = s.rmsprop_decay as f64;
     let lr = st.lr as f64;
-    for ((x, c), t) in st.x.iter_mut().zip(st.cache.iter_mut()).zip(&total) {
-        let g = t / norm;
-        let cache = decay * *c as f64 + (1.0 - decay) * g * g;
-        *c = cache as f32;
-        *x = (*x as f64 + lr * g / (cache + EPS).sqrt()) as f32;
+    match &mut st.opt {
+        OptState::Rmsprop(cache) => {
+            // keras-vis: the gradient normalised by its RMS, then RMSprop.
+            let norm = (grad.iter().map(|v| v * v).sum::<f64>() / grad.len() as f64).sqrt() + EPS;
+            let decay = s.rmsprop_decay as f64;
+            for ((x, c), t) in st.params.iter_mut().zip(cache.iter_mut()).zip(&grad) {
+                let g = t / norm;
+                let cache = decay * *c as f64 + (1.0 - decay) * g * g;
+                *c = cache as f32;
+                *x = (*x as f64 + lr * g / (cache + EPS).sqrt()) as f32;
+            }
+        }
+        OptState::Adam(adam) => {
+            let g: Vec<f32> = grad.iter().map(|&v| v as f32).collect();
+            adam.ascend(&mut st.params, &g, lr as f32);
+        }
     }
-    if st.x.iter().any(|v| !v.is_finite()) {
+    if st.params.iter().any(|v| !v.is_finite()) {
         st.retry(step, "non-finite image");
     }
+}
+
+/// A [0, 255] image to 8-bit as it is.
+fn to_rgb8(x: &[f32], size: usize) -> image::RgbImage {
+    let bytes: Vec<u8> = x
+        .iter()
+        .map(|&v| v.clamp(0.0, 255.0).round() as u8)
+        .collect();
+    image::RgbImage::from_raw(size as u32, size as u32, bytes).expect("size*size*3 bytes")
 }
 
 /// The Lp-norm and total-variation penalties of one image (RGB, HWC) and their gradient, each

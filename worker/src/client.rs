@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 use vgg_atlas_proto as pb;
 use vgg_atlas_proto::tonic;
 
-use crate::ascent::{self, Settings};
+use crate::ascent::{self, Optimizer, Parameterization, Preset, Settings};
 use crate::trunk::{CpuTrunk, Objective};
 use crate::weights::{hex, Weights};
 use crate::{fetch, Error, Layer, Result};
@@ -36,7 +36,30 @@ pub fn settings_from_wire(s: &pb::RunSettings) -> Result<Settings> {
             )))
         }
     };
+    let name = |what: &str, v: &str| {
+        Error::Invalid(format!(
+            "the coordinator asked for {what} '{v}', which this worker does not know"
+        ))
+    };
+    let preset = Preset::by_name(&s.preset)?;
+    let parameterization = match s.parameterization.as_str() {
+        "pixels" => Parameterization::Pixels,
+        "fourier" => Parameterization::Fourier,
+        other => return Err(name("parameterization", other)),
+    };
+    let optimizer = match s.optimizer.as_str() {
+        "rmsprop" => Optimizer::Rmsprop,
+        "adam" => Optimizer::Adam,
+        other => return Err(name("optimizer", other)),
+    };
     Ok(Settings {
+        preset,
+        parameterization,
+        optimizer,
+        fourier_decay: s.fourier_decay,
+        jitter: s.jitter,
+        rotate_degrees: s.rotate_degrees,
+        scale_jitter: s.scale_jitter,
         size: s.size as usize,
         steps: s.steps as usize,
         seed: s.seed,
@@ -69,6 +92,21 @@ pub fn settings_to_wire(s: &Settings, weights_sha256: &str) -> pb::RunSettings {
         tv_beta: s.tv_beta,
         tv_weight: s.tv_weight,
         seed: s.seed,
+        preset: s.preset.name().to_string(),
+        parameterization: match s.parameterization {
+            Parameterization::Pixels => "pixels",
+            Parameterization::Fourier => "fourier",
+        }
+        .to_string(),
+        optimizer: match s.optimizer {
+            Optimizer::Rmsprop => "rmsprop",
+            Optimizer::Adam => "adam",
+        }
+        .to_string(),
+        fourier_decay: s.fourier_decay,
+        jitter: s.jitter,
+        rotate_degrees: s.rotate_degrees,
+        scale_jitter: s.scale_jitter,
     }
 }
 
@@ -192,7 +230,7 @@ async fn session(
         let lease = match next.take() {
             Some(l) => l,
             None => match poll(client.clone(), worker_id.clone(), cfg.batch).await? {
-                Next::Lease(l) => l,
+                Next::Lease(l) => *l,
                 Next::Finished => return Ok(SessionEnd::Finished),
                 Next::Wait(d) => {
                     tokio::time::sleep(d).await;
@@ -264,7 +302,7 @@ async fn session(
 
 /// What a poll for work brought.
 enum Next {
-    Lease(pb::Lease),
+    Lease(Box<pb::Lease>),
     Finished,
     Wait(Duration),
 }
@@ -283,7 +321,7 @@ async fn poll(
         .into_inner()
         .work;
     Ok(match work {
-        Some(pb::poll_work_response::Work::Lease(l)) => Next::Lease(l),
+        Some(pb::poll_work_response::Work::Lease(l)) => Next::Lease(Box::new(l)),
         Some(pb::poll_work_response::Work::Finished(true)) => Next::Finished,
         Some(pb::poll_work_response::Work::RetryAfterMs(ms)) => {
             Next::Wait(Duration::from_millis(ms as u64))
@@ -298,7 +336,7 @@ fn prefetched(
     got: Result<Result<Next, SessionError>, tokio::task::JoinError>,
 ) -> Option<pb::Lease> {
     match got {
-        Ok(Ok(Next::Lease(l))) => Some(l),
+        Ok(Ok(Next::Lease(l))) => Some(*l),
         Ok(Err(SessionError::Retry(why))) => {
             tracing::debug!("prefetch of the next lease failed: {why}");
             None
@@ -392,4 +430,32 @@ async fn weights_for(
         source,
     })?;
     Ok(fetched)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_preset_crosses_the_wire_unchanged() {
+        for preset in Preset::ALL {
+            let s = Settings {
+                seed: 42,
+                size: 96,
+                ..preset.settings()
+            };
+            let back = settings_from_wire(&settings_to_wire(&s, "ab")).unwrap();
+            assert_eq!(back, s, "{preset:?}");
+        }
+        let mut wire = settings_to_wire(&Settings::default(), "ab");
+        wire.parameterization = "wavelets".into();
+        let err = settings_from_wire(&wire).unwrap_err().to_string();
+        assert!(err.contains("parameterization 'wavelets'"), "{err}");
+        wire = settings_to_wire(&Settings::default(), "ab");
+        wire.preset = "deepdream".into();
+        assert!(settings_from_wire(&wire)
+            .unwrap_err()
+            .to_string()
+            .contains("deepdream"));
+    }
 }

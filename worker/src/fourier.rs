@@ -80,7 +80,7 @@ impl Fourier {
         let mut sw = vec![0.0; k * size];
         for kx in 0..k {
             // The DC and (for an even side) Nyquist terms appear once, the others twice.
-            let weight = if kx == 0 || (size % 2 == 0 && kx == size / 2) {
+            let weight = if kx == 0 || (size.is_multiple_of(2) && kx == size / 2) {
                 1.0
             } else {
                 2.0

@@ -188,3 +188,41 @@ impl PreRelu for Settings {
         }
     }
 }
+
+#[test]
+fn the_lucid_and_keras_vis_presets_raise_the_activation_reproducibly_in_any_batch() {
+    use vgg_atlas_worker::ascent::Preset;
+    for preset in [Preset::KerasVis, Preset::Lucid] {
+        let s = Settings {
+            size: 32,
+            steps: 12,
+            jitter: 2,
+            ..preset.settings()
+        };
+        let batch = run("block3_conv1", &[0, 1, 2], &s);
+        for r in &batch {
+            assert!(r.failed.is_none(), "{preset:?}: {:?}", r.failed);
+            assert!(
+                r.activation > r.start_activation,
+                "{preset:?} filter {}: {} -> {}",
+                r.filter,
+                r.start_activation,
+                r.activation
+            );
+        }
+        // The transforms and the start are seeded per filter: alone or in a batch, again or not,
+        // the same image.
+        let alone = run("block3_conv1", &[1], &s);
+        assert_eq!(alone[0].image, batch[1].image, "{preset:?}");
+        assert_eq!(alone[0].activation, batch[1].activation, "{preset:?}");
+        let other_seed = run(
+            "block3_conv1",
+            &[1],
+            &Settings {
+                seed: 9,
+                ..s.clone()
+            },
+        );
+        assert_ne!(other_seed[0].image, alone[0].image, "{preset:?}");
+    }
+}
