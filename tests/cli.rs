@@ -190,7 +190,7 @@ fn bad_input_gets_a_clear_error_and_no_panic() {
                 "--out",
                 &out,
             ],
-            "unknown preset 'deepdream'; the presets are quick, keras-vis, lucid",
+            "unknown preset 'deepdream'; the presets are atlas, quick, keras-vis, lucid",
         ),
         (
             &[
@@ -200,7 +200,7 @@ fn bad_input_gets_a_clear_error_and_no_panic() {
                 "--size",
                 "32",
                 "--jitter",
-                "9",
+                "17",
                 "--out",
                 &out,
             ],

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use vgg_atlas_worker::ascent::{visualize, FilterResult, Settings};
+use vgg_atlas_worker::ascent::{visualize, FilterResult, Preset, Settings};
 use vgg_atlas_worker::trunk::CpuTrunk;
 use vgg_atlas_worker::{Layer, LAYERS};
 
@@ -33,7 +33,7 @@ fn ascent_raises_the_activation_on_every_layer() {
         size: 32,
         steps: 20,
         tv_weight: 0.1,
-        ..Settings::default()
+        ..Preset::Quick.settings()
     };
     for layer in &LAYERS[..13] {
         let filters = [1usize, layer.filters() / 2 + 3];
@@ -69,7 +69,7 @@ fn a_filter_alone_equals_the_same_filter_in_a_batch_of_8() {
     let s = Settings {
         size: 32,
         steps: 5,
-        ..Settings::default()
+        ..Preset::Quick.settings()
     };
     let alone = run("block2_conv1", &[5], &s).remove(0);
     let batch = run("block2_conv1", &[0, 1, 2, 3, 4, 5, 6, 7], &s).remove(5);
@@ -102,7 +102,7 @@ fn the_same_seed_gives_the_same_image_and_another_seed_another() {
     let s = Settings {
         size: 32,
         steps: 3,
-        ..Settings::default()
+        ..Preset::Quick.settings()
     };
     let a = run("block1_conv1", &[2, 9], &s);
     let b = run("block1_conv1", &[2, 9], &s);
@@ -126,7 +126,7 @@ fn a_nan_gradient_fails_that_filter_with_a_reason_and_spares_the_others() {
         steps: 8,
         inject_nan_filter: Some(4),
         tv_weight: 1.0,
-        ..Settings::default()
+        ..Preset::Quick.settings()
     };
     let res = run("block2_conv1", &[3, 4, 5], &s);
     let failed = &res[1];
@@ -150,7 +150,7 @@ fn the_post_relu_objective_leaves_silent_filters_dead_and_says_so() {
         size: 32,
         steps: 4,
         objective: vgg_atlas_worker::trunk::Objective::PostRelu,
-        ..Settings::default()
+        ..Preset::Quick.settings()
     };
     let filters: Vec<usize> = (0..24).collect();
     let post = run("block5_conv3", &filters, &s);
@@ -191,7 +191,6 @@ impl PreRelu for Settings {
 
 #[test]
 fn the_lucid_and_keras_vis_presets_raise_the_activation_reproducibly_in_any_batch() {
-    use vgg_atlas_worker::ascent::Preset;
     for preset in [Preset::KerasVis, Preset::Lucid] {
         let s = Settings {
             size: 32,

@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use rand::{Rng, SeedableRng};
-use vgg_atlas_worker::ascent::{pixel_gradient, regularizers, Settings};
+use vgg_atlas_worker::ascent::{pixel_gradient, regularizers, Preset, Settings};
 use vgg_atlas_worker::trunk::{CpuTrunk, Objective, Trunk};
 use vgg_atlas_worker::Layer;
 
@@ -128,7 +128,7 @@ fn no_regularizers() -> Settings {
     Settings {
         lp_norm_weight: 0.0,
         tv_weight: 0.0,
-        ..Settings::default()
+        ..Preset::Quick.settings()
     }
 }
 
@@ -151,7 +151,7 @@ fn full_objective_gradient_matches_finite_differences() {
     check_h(
         "block1_conv2",
         Objective::PreRelu,
-        &Settings::default(),
+        &Preset::Quick.settings(),
         1.0,
     );
     // TV with beta != 2 exercises the general power.
@@ -160,7 +160,7 @@ fn full_objective_gradient_matches_finite_differences() {
         Objective::PostRelu,
         &Settings {
             tv_beta: 1.5,
-            ..Settings::default()
+            ..Preset::Quick.settings()
         },
         1.0,
     );
@@ -175,11 +175,11 @@ fn regularizer_gradients_match_finite_differences() {
     for s in [
         Settings {
             tv_weight: 0.0,
-            ..Settings::default()
+            ..Preset::Quick.settings()
         },
         Settings {
             lp_norm_weight: 0.0,
-            ..Settings::default()
+            ..Preset::Quick.settings()
         },
     ] {
         let (_, g) = regularizers(&x, SIZE, &s);
