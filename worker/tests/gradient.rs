@@ -199,3 +199,32 @@ fn regularizer_gradients_match_finite_differences() {
         }
     }
 }
+
+#[test]
+fn total_variation_reaches_the_last_row_and_column() {
+    // The tutorial's TV skips the last row's horizontal and the last column's vertical
+    // differences, so the bottom-right pixel gets no gradient and stays a stray dot. Here every
+    // edge pixel, the corner included, is pulled towards its neighbours.
+    let size = 6;
+    let s = Settings {
+        lp_norm_weight: 0.0,
+        tv_weight: 1.0,
+        ..Preset::Quick.settings()
+    };
+    let mut x = vec![100.0f32; size * size * 3];
+    let corner = ((size - 1) * size + size - 1) * 3;
+    x[corner] = 200.0; // a bright dot in the corner's red channel
+    let (value, grad) = regularizers(&x, size, &s);
+    assert!(value > 0.0);
+    assert!(
+        grad[corner] > 0.0,
+        "the corner is pulled down: {}",
+        grad[corner]
+    );
+    let left = corner - 3;
+    let above = corner - size * 3;
+    assert!(
+        grad[left] < 0.0 && grad[above] < 0.0,
+        "its neighbours are pulled up"
+    );
+}
