@@ -81,6 +81,9 @@ enum Command {
         /// Where to compute: `cpu` (this build); `cuda:N` needs a build with CUDA support.
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// The coordinator's token.
+        #[arg(long, env = "VGG_ATLAS_TOKEN", hide_env_values = true)]
+        token: Option<String>,
         #[command(flatten)]
         compute: Compute,
     },
@@ -211,6 +214,13 @@ struct RenderArgs {
     /// Attempts per filter before it is recorded as failed.
     #[arg(long, default_value_t = 3)]
     max_attempts: i32,
+    /// The shared token workers must send (at least 16 characters). Required with --listen;
+    /// without --listen a random one is made for the local workers.
+    #[arg(long, env = "VGG_ATLAS_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Accept workers without a token; only with --listen on a loopback address.
+    #[arg(long, conflicts_with = "token")]
+    no_token: bool,
     #[command(flatten)]
     mosaic: MosaicArgs,
     #[command(flatten)]
@@ -456,6 +466,7 @@ fn run(cli: Cli) -> Result<()> {
             batch,
             name,
             device,
+            token,
             compute,
         } => {
             match device.as_str() {
@@ -475,6 +486,7 @@ fn run(cli: Cli) -> Result<()> {
                 batch: batch.max(1),
                 threads,
                 weights: compute.weights.clone(),
+                token,
             };
             runtime()?.block_on(vgg_atlas_worker::client::run(cfg))?;
             eprintln!("the run is finished");
@@ -964,6 +976,35 @@ async fn render(a: RenderArgs) -> Result<()> {
     use vgg_atlas_coordinator::{plan, service, store};
     let layers = conv_layers_or(&a.layers)?;
     a.mosaic.options().check()?;
+    // Who may talk to this coordinator.
+    let token = match (&a.listen, &a.token, a.no_token) {
+        (_, Some(t), _) => Some(t.clone()),
+        (None, None, _) => Some(format!(
+            "local-{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        )),
+        (Some(addr), None, true) => {
+            let loopback = addr
+                .parse::<std::net::SocketAddr>()
+                .map(|a| a.ip().is_loopback())
+                .unwrap_or(addr.starts_with("localhost:"));
+            if !loopback {
+                bail!(
+                    "--no-token is only for loopback addresses; on {addr} anyone who can reach \
+                     the port could feed or read the run. Give --token (or VGG_ATLAS_TOKEN)"
+                );
+            }
+            None
+        }
+        (Some(addr), None, false) => bail!(
+            "--listen {addr} needs a token, so that only your workers can feed or read the run: \
+             give --token (or VGG_ATLAS_TOKEN; e.g. `export VGG_ATLAS_TOKEN=$(openssl rand -hex 32)`) \
+             here and to each worker, or --no-token on a loopback address"
+        ),
+    };
+    let check = vgg_atlas_proto::auth::CheckToken::new(token.as_deref())
+        .map_err(|e| anyhow::anyhow!("bad --token: {e}"))?;
     let settings = a.method.settings()?;
     for l in &layers {
         settings.check(l)?;
@@ -1013,9 +1054,12 @@ async fn render(a: RenderArgs) -> Result<()> {
         .with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     if a.listen.is_some() {
-        eprintln!("coordinator listening on {addr}; workers join with `vgg-atlas worker --connect http://{addr}`");
+        eprintln!(
+            "coordinator listening on {addr}; workers join with `vgg-atlas worker --connect http://{addr}`{}",
+            if token.is_some() { " and the same token (--token or VGG_ATLAS_TOKEN)" } else { "" }
+        );
     }
-    let server = service::CoordinatorService::new(store.clone(), ctx).into_server();
+    let server = service::CoordinatorService::new(store.clone(), ctx).into_server(check);
     tokio::spawn(
         vgg_atlas_proto::tonic::transport::Server::builder()
             .add_service(server)
@@ -1030,6 +1074,7 @@ async fn render(a: RenderArgs) -> Result<()> {
             batch: a.batch.max(1),
             threads: per_worker,
             weights: Some(weights_path.clone()),
+            token: token.clone(),
         };
         tokio::spawn(async move {
             if let Err(e) = vgg_atlas_worker::client::run(cfg).await {

@@ -6,8 +6,13 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The token of every test coordinator; the workers get it from the environment.
+const TOKEN: &str = "render-test-token-0123456789";
+
 fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_vgg-atlas"))
+    let mut c = Command::new(env!("CARGO_BIN_EXE_vgg-atlas"));
+    c.env("VGG_ATLAS_TOKEN", TOKEN);
+    c
 }
 
 /// Starts `render` as a pure coordinator on a loopback port and returns it with its address.
@@ -30,7 +35,7 @@ fn coordinator(out: &Path, extra: &[&str]) -> (Child, String) {
     let addr = loop {
         let line = lines.next().expect("render printed its address").unwrap();
         if let Some(rest) = line.split("--connect ").nth(1) {
-            break rest.trim_end_matches('`').to_string();
+            break rest.split('`').next().unwrap().to_string();
         }
     };
     // Keep draining stderr so the coordinator never blocks on a full pipe.
@@ -315,4 +320,83 @@ fn finished_at(db: &Path) -> std::collections::HashMap<(String, i32), i64> {
         }
         out
     })
+}
+
+#[test]
+fn a_worker_with_the_wrong_token_is_refused_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut render, addr) = coordinator(dir.path(), &SMALL);
+    let o = bin()
+        .env("VGG_ATLAS_TOKEN", "not-the-render-token-0000")
+        .args(["worker", "--connect", &addr, "--threads", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("wrong token"), "{err}");
+    let o = bin()
+        .env_remove("VGG_ATLAS_TOKEN")
+        .args(["worker", "--connect", &addr, "--threads", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("requires a token"));
+    // Nothing was leased to them.
+    let db = format!("sqlite://{}", dir.path().join("atlas.db").display());
+    assert_eq!(
+        count(&status(&db), "leased") + count(&status(&db), "done"),
+        0
+    );
+    render.kill().unwrap();
+    render.wait().unwrap();
+}
+
+#[test]
+fn listening_beyond_loopback_needs_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().display().to_string();
+    let o = bin()
+        .env_remove("VGG_ATLAS_TOKEN")
+        .args([
+            "render",
+            "--listen",
+            "0.0.0.0:0",
+            "--local-workers",
+            "0",
+            "--out",
+            &out,
+        ])
+        .args(SMALL)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("needs a token"));
+    let o = bin()
+        .env_remove("VGG_ATLAS_TOKEN")
+        .args([
+            "render",
+            "--listen",
+            "0.0.0.0:0",
+            "--no-token",
+            "--local-workers",
+            "0",
+            "--out",
+            &out,
+        ])
+        .args(SMALL)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("only for loopback"));
+    let o = bin()
+        .args(["render", "--token", "short", "--out", &out])
+        .args(SMALL)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("at least 16"));
+    assert!(
+        !dir.path().join("atlas.db").exists(),
+        "a refused render writes nothing"
+    );
 }

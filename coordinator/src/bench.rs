@@ -124,6 +124,9 @@ async fn measure(cfg: &BenchConfig, url: &str) -> Result<BenchReport> {
         weights_path: std::path::PathBuf::new(),
         lease_ms: 60_000,
     };
+    // Measured with the token check on, as a real cluster runs.
+    let token = format!("bench-{}", uuid::Uuid::new_v4().simple());
+    let check = pb::auth::CheckToken::new(Some(&token)).map_err(Error::Bench)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|e| Error::Bench(format!("cannot listen on loopback: {e}")))?;
@@ -132,7 +135,7 @@ async fn measure(cfg: &BenchConfig, url: &str) -> Result<BenchReport> {
         .map_err(|e| Error::Bench(e.to_string()))?;
     let server = tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(CoordinatorService::new(store.clone(), ctx).into_server())
+            .add_service(CoordinatorService::new(store.clone(), ctx).into_server(check))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
     let png = Arc::new(noise_png(cfg.size));
@@ -141,8 +144,16 @@ async fn measure(cfg: &BenchConfig, url: &str) -> Result<BenchReport> {
     for w in 0..cfg.workers {
         let png = png.clone();
         let batch = cfg.batch;
+        let token = token.clone();
         tasks.push(tokio::spawn(async move {
-            simulated_worker(format!("http://{addr}"), format!("bench-{w}"), batch, png).await
+            simulated_worker(
+                format!("http://{addr}"),
+                format!("bench-{w}"),
+                batch,
+                png,
+                token,
+            )
+            .await
         }));
     }
     let mut round_trips = Vec::new();
@@ -191,6 +202,7 @@ async fn simulated_worker(
     name: String,
     batch: usize,
     png: Arc<Vec<u8>>,
+    token: String,
 ) -> Result<(usize, Vec<f64>)> {
     let rpc = |e: tonic::Status| Error::Bench(format!("{}: {}", e.code(), e.message()));
     let channel = tonic::transport::Endpoint::from_shared(url)
@@ -198,9 +210,10 @@ async fn simulated_worker(
         .connect()
         .await
         .map_err(|e| Error::Bench(e.to_string()))?;
-    let mut client = pb::CoordinatorClient::new(channel)
-        .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(pb::MAX_MESSAGE_BYTES);
+    let mut client = pb::auth::client(
+        channel,
+        pb::auth::AttachToken::new(Some(&token)).map_err(Error::Bench)?,
+    );
     let worker_id = client
         .register(pb::RegisterRequest {
             protocol_version: pb::PROTOCOL_VERSION,

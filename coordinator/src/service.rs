@@ -8,7 +8,12 @@ use std::sync::Arc;
 
 use tokio_stream::Stream;
 use vgg_atlas_proto as pb;
+use vgg_atlas_proto::tonic::service::interceptor::InterceptedService;
 use vgg_atlas_proto::tonic::{Request, Response, Status};
+
+/// The coordinator as a tonic service, behind its token check.
+pub type Server =
+    InterceptedService<pb::CoordinatorServer<CoordinatorService>, pb::auth::CheckToken>;
 
 use crate::store::{self, now_ms, Store};
 
@@ -34,10 +39,15 @@ impl CoordinatorService {
         CoordinatorService { store, run }
     }
 
-    pub fn into_server(self) -> pb::CoordinatorServer<CoordinatorService> {
-        pb::CoordinatorServer::new(self)
-            .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(pb::MAX_MESSAGE_BYTES)
+    /// The service for a tonic server: message limits set, and every call checked for the
+    /// token first.
+    pub fn into_server(self, token: pb::auth::CheckToken) -> Server {
+        InterceptedService::new(
+            pb::CoordinatorServer::new(self)
+                .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(pb::MAX_MESSAGE_BYTES),
+            token,
+        )
     }
 }
 

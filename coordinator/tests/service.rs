@@ -20,13 +20,19 @@ struct Coordinator {
     server: tokio::task::JoinHandle<()>,
 }
 
+/// The token every test coordinator requires and every test client sends.
+const TOKEN: &str = "service-test-token-0123456789";
+
 /// Serves `ctx` over `store` on a fresh loopback port.
 async fn serve(store: Arc<dyn Store>, ctx: RunContext) -> Coordinator {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move {
         tonic::transport::Server::builder()
-            .add_service(CoordinatorService::new(store, ctx).into_server())
+            .add_service(
+                CoordinatorService::new(store, ctx)
+                    .into_server(pb::auth::CheckToken::new(Some(TOKEN)).unwrap()),
+            )
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
             .await
             .unwrap()
@@ -72,13 +78,19 @@ async fn fixture(lease_ms: i64) -> Fixture {
     }
 }
 
-type Client = pb::CoordinatorClient<tonic::transport::Channel>;
+type Client = pb::auth::Client;
+
+async fn client_with(url: &str, token: Option<&str>) -> Client {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    pb::auth::client(channel, pb::auth::AttachToken::new(token).unwrap())
+}
 
 async fn client(url: &str) -> Client {
-    pb::CoordinatorClient::connect(url.to_string())
-        .await
-        .unwrap()
-        .max_encoding_message_size(pb::MAX_MESSAGE_BYTES)
+    client_with(url, Some(TOKEN)).await
 }
 
 async fn register(c: &mut Client, name: &str) -> String {
@@ -322,6 +334,54 @@ async fn another_protocol_version_is_refused_at_registration() {
         "{}",
         err.message()
     );
+    coord.server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_call_without_the_right_token_is_refused() {
+    let f = fixture(60_000).await;
+    let coord = serve(f.store.clone(), f.ctx.clone()).await;
+    for token in [None, Some("another-token-0123456789")] {
+        let mut c = client_with(&coord.url, token).await;
+        let register = c
+            .register(pb::RegisterRequest {
+                protocol_version: pb::PROTOCOL_VERSION,
+                name: "intruder".into(),
+                device: "cpu".into(),
+                max_batch: 4,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(register.code(), tonic::Code::Unauthenticated, "{token:?}");
+        let poll = c
+            .poll_work(pb::PollWorkRequest {
+                worker_id: "x".into(),
+                free_slots: 4,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(poll.code(), tonic::Code::Unauthenticated);
+        let submit = c
+            .submit(pb::SubmitRequest {
+                worker_id: "x".into(),
+                lease_id: "x".into(),
+                results: vec![result(0, 1.0)],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(submit.code(), tonic::Code::Unauthenticated);
+        let weights = c
+            .fetch_weights(pb::FetchWeightsRequest {
+                sha256: f.ctx.settings.weights_sha256.clone(),
+                offset: 0,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(weights.code(), tonic::Code::Unauthenticated);
+    }
+    // Nothing was leased or stored by the refused calls.
+    let p = f.store.progress(&f.ctx.run_id).await.unwrap();
+    assert_eq!((p[0].pending, p[0].leased, p[0].done), (64, 0, 0));
     coord.server.abort();
 }
 

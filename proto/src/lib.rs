@@ -6,6 +6,8 @@
 //! [`CoordinatorServer`]. `tonic` and `prost` are re-exported so that dependents build against
 //! the exact versions the code was generated for.
 
+pub mod auth;
+
 pub use prost;
 pub use tonic;
 

@@ -23,6 +23,8 @@ pub struct WorkerConfig {
     pub threads: usize,
     /// Weights to use instead of the cache; must have the run's sha256.
     pub weights: Option<PathBuf>,
+    /// The coordinator's shared token, sent with every call.
+    pub token: Option<String>,
 }
 
 /// The run settings on the wire, as the engine's settings.
@@ -187,9 +189,9 @@ async fn session(
         .connect()
         .await
         .map_err(|e| SessionError::Retry(e.to_string()))?;
-    let mut client = pb::CoordinatorClient::new(channel)
-        .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(pb::MAX_MESSAGE_BYTES);
+    let attach = pb::auth::AttachToken::new(cfg.token.as_deref())
+        .map_err(|e| SessionError::Fatal(Error::Invalid(format!("bad --token: {e}"))))?;
+    let mut client = pb::auth::client(channel, attach);
     let reg = client
         .register(pb::RegisterRequest {
             protocol_version: pb::PROTOCOL_VERSION,
@@ -308,7 +310,7 @@ enum Next {
 }
 
 async fn poll(
-    mut client: pb::CoordinatorClient<tonic::transport::Channel>,
+    mut client: pb::auth::Client,
     worker_id: String,
     batch: usize,
 ) -> Result<Next, SessionError> {
@@ -380,7 +382,7 @@ fn to_wire(r: &ascent::FilterResult) -> Result<pb::FilterResult> {
 /// fetched copy, or a fresh copy streamed from the coordinator.
 async fn weights_for(
     cfg: &WorkerConfig,
-    client: &mut pb::CoordinatorClient<tonic::transport::Channel>,
+    client: &mut pb::auth::Client,
     sha: &str,
 ) -> Result<PathBuf, SessionError> {
     if let Some(p) = &cfg.weights {
