@@ -536,7 +536,7 @@ fn run(cli: Cli) -> Result<()> {
             run,
             mosaic,
         } => runtime()?.block_on(async {
-            require_database(&db)?;
+            vgg_atlas_coordinator::store::require_existing(&db)?;
             let store = vgg_atlas_coordinator::store::connect(&db).await?;
             let run_id = match run {
                 Some(r) => r,
@@ -1112,17 +1112,6 @@ async fn render(a: RenderArgs) -> Result<()> {
     }
 }
 
-/// A SQLite database must exist already for commands that only read it.
-fn require_database(db: &str) -> Result<()> {
-    if let Some(path) = db.strip_prefix("sqlite://") {
-        let path = path.split('?').next().unwrap_or_default();
-        if !Path::new(path).is_file() {
-            bail!("there is no database at {path}; `render` creates it (give the one it used with --db)");
-        }
-    }
-    Ok(())
-}
-
 /// Draws the atlas of `run_id` into `out` from the store, one layer at a time.
 async fn write_atlas(
     store: std::sync::Arc<dyn vgg_atlas_coordinator::store::Store>,
@@ -1138,8 +1127,12 @@ async fn write_atlas(
     let run = atlas::Run {
         run_id: info.run_id.clone(),
         weights_sha256: info.weights_sha256.clone(),
-        settings: serde_json::from_str(&info.settings)
-            .unwrap_or(serde_json::Value::String(info.settings.clone())),
+        settings: serde_json::from_str(&info.settings).with_context(|| {
+            format!(
+                "the stored settings of run {run_id} are not JSON: {:?}",
+                info.settings
+            )
+        })?,
         created_at_ms: info.created_at_ms,
     };
     let started = Instant::now();
@@ -1206,7 +1199,7 @@ fn atlas_filter(r: vgg_atlas_coordinator::store::FilterRecord) -> vgg_atlas_atla
 }
 
 async fn status(db: &str, json: bool) -> Result<()> {
-    require_database(db)?;
+    vgg_atlas_coordinator::store::require_existing(db)?;
     let store = vgg_atlas_coordinator::store::connect(db).await?;
     let mut out = Vec::new();
     for (run_id, _, _) in store.runs().await? {

@@ -105,18 +105,15 @@ impl Progress {
 
     pub fn update(&mut self, progress: &[LayerProgress]) {
         let (finished, total) = counts(progress);
-        let at_start = self
-            .at_start
-            .get_or_insert_with(|| {
-                progress
-                    .iter()
-                    .map(|p| (p.layer.clone(), p.done + p.failed))
-                    .collect()
-            })
-            .clone();
+        let at_start = self.at_start.get_or_insert_with(|| {
+            progress
+                .iter()
+                .map(|p| (p.layer.clone(), p.done + p.failed))
+                .collect()
+        });
         let start_total: i64 = at_start.values().sum();
         let elapsed = self.started.elapsed();
-        let (here, left) = weighted_work(progress, &at_start, &self.costs);
+        let (here, left) = weighted_work(progress, at_start, &self.costs);
         let eta = eta_seconds(here, left, elapsed).map_or("?".to_string(), human);
         let rate = (finished - start_total) as f64 / elapsed.as_secs_f64().max(1e-3);
         let status = format!("{rate:.2}/s, ETA {eta}  {}", active_layers(progress));

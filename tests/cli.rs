@@ -179,7 +179,7 @@ fn bad_input_gets_a_clear_error_and_no_panic() {
             &["query", "--db", &missing_db, "SELECT 1"],
             "no database file",
         ),
-        (&["status", "--db", &missing_db], "no database at"),
+        (&["status", "--db", &missing_db], "no database file"),
         (
             &[
                 "visualize",

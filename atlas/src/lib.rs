@@ -172,42 +172,47 @@ pub fn tile_origin(k: usize, n: usize, tile: u32, margin: u32) -> (u32, u32) {
     (margin + c * (tile + margin), margin + r * (tile + margin))
 }
 
-/// The filter's image at `tile` x `tile`, marked by its status. A stored image that does not
-/// decode is drawn as failed and reported in the `Err` (the caller warns; nothing is dropped).
-pub fn tile_image(f: &Filter, tile: u32) -> std::result::Result<RgbImage, (RgbImage, String)> {
+/// The stored image of a finished filter, decoded (`None` for one without an image by status).
+fn decode(f: &Filter) -> std::result::Result<Option<RgbImage>, String> {
     match (f.status, &f.png) {
-        (Status::Pending, _) => Ok(draw::pending_tile(tile)),
-        (Status::Failed, _) => Ok(draw::failed_tile(tile)),
+        (Status::Pending | Status::Failed, _) => Ok(None),
         (Status::Done | Status::Dead, Some(png)) => {
-            match image::load_from_memory_with_format(png, image::ImageFormat::Png) {
-                Ok(img) => {
-                    let mut t = resized(&img.to_rgb8(), tile);
-                    if f.status == Status::Dead {
-                        draw::frame(
-                            &mut t,
-                            0,
-                            0,
-                            tile,
-                            tile,
-                            draw::dead_frame_width(tile),
-                            draw::DEAD,
-                        );
-                    }
-                    Ok(t)
-                }
-                Err(e) => Err((
-                    draw::failed_tile(tile),
+            image::load_from_memory_with_format(png, image::ImageFormat::Png)
+                .map(|img| Some(img.to_rgb8()))
+                .map_err(|e| {
                     format!(
                         "filter {}: the stored image does not decode ({e})",
                         f.filter
-                    ),
-                )),
-            }
+                    )
+                })
         }
-        (Status::Done | Status::Dead, None) => Err((
-            draw::failed_tile(tile),
-            format!("filter {}: finished but has no image", f.filter),
-        )),
+        (Status::Done | Status::Dead, None) => {
+            Err(format!("filter {}: finished but has no image", f.filter))
+        }
+    }
+}
+
+/// A tile of side `tile`: the image resized and marked by status, or the status's mark alone
+/// (a finished filter without a usable image is drawn as failed).
+fn marked(status: Status, image: Option<&RgbImage>, tile: u32) -> RgbImage {
+    match (status, image) {
+        (Status::Pending, _) => draw::pending_tile(tile),
+        (Status::Done | Status::Dead, Some(img)) => {
+            let mut t = resized(img, tile);
+            if status == Status::Dead {
+                draw::frame(
+                    &mut t,
+                    0,
+                    0,
+                    tile,
+                    tile,
+                    draw::dead_frame_width(tile),
+                    draw::DEAD,
+                );
+            }
+            t
+        }
+        _ => draw::failed_tile(tile),
     }
 }
 
@@ -345,12 +350,13 @@ pub fn write_layer(out: &Path, layer: &Layer, opts: &Options) -> Result<LayerOut
     let mut panel_tiles = Vec::with_capacity(layer.filters.len());
     let mut entries = Vec::with_capacity(layer.filters.len());
     for f in &layer.filters {
-        let t = tile_image(f, opts.tile).unwrap_or_else(|(img, why)| {
+        // Decoded once; both tiles come from the full image, so the small one stays sharp.
+        let decoded = decode(f).unwrap_or_else(|why| {
             warnings.push(format!("{}: {why}", layer.name));
-            img
+            None
         });
-        // The panel tile comes from the full image, not the mosaic tile, to stay sharp.
-        let p = tile_image(f, panel_tile).unwrap_or_else(|(img, _)| img);
+        let t = marked(f.status, decoded.as_ref(), opts.tile);
+        let p = marked(f.status, decoded.as_ref(), panel_tile);
         let mut tile_path = None;
         if let (Status::Done | Status::Dead, Some(png)) = (f.status, &f.png) {
             let rel = format!("tiles/{}/{}.png", layer.name, f.filter);

@@ -279,3 +279,25 @@ fn find(hay: &RgbImage, needle: &RgbImage) -> Option<(u32, u32)> {
     }
     None
 }
+
+#[test]
+fn an_image_that_does_not_decode_is_drawn_failed_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Options {
+        tile: 16,
+        margin: 1,
+        panel: 200,
+    };
+    let mut l = layer("block1_conv1", 0, 4, 16, &[], &[], &[]);
+    l.filters[2].png = Some(b"not a png".to_vec());
+    let out = atlas::write_layer(dir.path(), &l, &opts).unwrap();
+    assert_eq!(out.warnings.len(), 1);
+    assert!(out.warnings[0].contains("filter 2") && out.warnings[0].contains("does not decode"));
+    let m = image::open(dir.path().join("block1_conv1.png"))
+        .unwrap()
+        .to_rgb8();
+    let (x, y) = atlas::tile_origin(2, 4, 16, 1);
+    assert!(crop(&m, x, y, 16) == draw::failed_tile(16));
+    let (x, y) = atlas::tile_origin(1, 4, 16, 1);
+    assert!(crop(&m, x, y, 16) == image_for(1, 16));
+}

@@ -18,7 +18,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
 use sqlx::{Column, Connection, Executor, Row, TypeInfo, ValueRef};
 
-use crate::store::redact;
+use crate::store::{self, redact, Backend};
 use crate::{Error, Result};
 
 /// The rows of a query, with its column names (in order, duplicates kept).
@@ -35,18 +35,10 @@ pub async fn query(url: &str, sql: &str) -> Result<QueryResult> {
     if sql.trim().is_empty() {
         return Err(Error::Query("the statement is empty".into()));
     }
-    if let Some(path) = url
-        .strip_prefix("sqlite://")
-        .or_else(|| url.strip_prefix("sqlite:"))
-    {
-        query_sqlite(url, path, sql).await
-    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        query_postgres(url, sql).await
-    } else {
-        Err(Error::BadUrl {
-            url: url.to_string(),
-            reason: "it names neither sqlite nor postgres".into(),
-        })
+    store::require_existing(url)?;
+    match store::backend(url)? {
+        Backend::Sqlite(path) => query_sqlite(url, path, sql).await,
+        Backend::Postgres => query_postgres(url, sql).await,
     }
 }
 
@@ -72,22 +64,6 @@ fn explain(e: sqlx::Error) -> Error {
 }
 
 async fn query_sqlite(url: &str, path: &str, sql: &str) -> Result<QueryResult> {
-    let path = path.split('?').next().unwrap_or_default();
-    if path.is_empty() {
-        return Err(Error::BadUrl {
-            url: url.to_string(),
-            reason: "it names no file".into(),
-        });
-    }
-    if !std::path::Path::new(path).is_file() {
-        return Err(Error::BadUrl {
-            url: url.to_string(),
-            reason: format!(
-                "there is no database file at {path}; `render` creates it (the default is \
-                 sqlite://atlas/atlas.db)"
-            ),
-        });
-    }
     let options = SqliteConnectOptions::from_str("sqlite:")
         .map_err(|e| Error::Query(e.to_string()))?
         .filename(path)

@@ -504,9 +504,6 @@ fn fill_input(states: &[ImageState], chans: &[(usize, f32, f32); 3], input: &mut
         .par_chunks_mut(n)
         .zip(states.par_iter())
         .for_each(|(inp, st)| {
-            if st.view.len() != n {
-                return; // failed before its first view: its input is never read
-            }
             for (px, rgb) in inp.chunks_exact_mut(3).zip(st.view.chunks_exact(3)) {
                 for (c, &(src, scale, off)) in chans.iter().enumerate() {
                     px[c] = scale * rgb[src] + off;
@@ -518,13 +515,23 @@ fn fill_input(states: &[ImageState], chans: &[(usize, f32, f32); 3], input: &mut
 /// d(objective)/d(pixels) of one image: the network gradient `g_net` (w.r.t. the preprocessed
 /// input) carried back through the preprocessing's transpose, minus the regularizers' gradient.
 pub fn pixel_gradient(g_net: &[f32], reg_grad: &[f64], chans: &[(usize, f32, f32); 3]) -> Vec<f64> {
-    let mut total: Vec<f64> = reg_grad.iter().map(|r| -r).collect();
-    for (t, gn) in total.chunks_exact_mut(3).zip(g_net.chunks_exact(3)) {
+    preprocess_transpose(g_net, chans)
+        .iter()
+        .zip(reg_grad)
+        .map(|(&g, &r)| g as f64 - r)
+        .collect()
+}
+
+/// The network gradient (w.r.t. the preprocessed input) carried back through the
+/// preprocessing's transpose to RGB pixels.
+fn preprocess_transpose(g_net: &[f32], chans: &[(usize, f32, f32); 3]) -> Vec<f32> {
+    let mut out = vec![0.0f32; g_net.len()];
+    for (t, gn) in out.chunks_exact_mut(3).zip(g_net.chunks_exact(3)) {
         for (c, &(src, scale, _)) in chans.iter().enumerate() {
-            t[src] += scale as f64 * gn[c] as f64;
+            t[src] += scale * gn[c];
         }
     }
-    total
+    out
 }
 
 /// One ascent step on one image, from the network gradient `g` (w.r.t. its transformed,
@@ -542,9 +549,7 @@ fn step_image(
 ) {
     // Back through the transform to the image: the network's part only (the regularizers
     // look at the untransformed image).
-    let g_view = pixel_gradient(g, &vec![0.0; g.len()], chans);
-    let g_view: Vec<f32> = g_view.iter().map(|&v| v as f32).collect();
-    let g_image = st.affine.adjoint(&g_view, s.size);
+    let g_image = st.affine.adjoint(&preprocess_transpose(g, chans), s.size);
     let mut total: Vec<f64> = g_image
         .iter()
         .zip(reg_grad)

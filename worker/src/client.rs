@@ -347,7 +347,12 @@ fn prefetched(
             tracing::debug!("prefetch of the next lease failed: {e}");
             None
         }
-        _ => None,
+        Err(e) => {
+            tracing::warn!("the prefetch task of the next lease died: {e}");
+            None
+        }
+        // Finished or nothing to lease yet: the next poll after the compute asks again.
+        Ok(Ok(Next::Finished | Next::Wait(_))) => None,
     }
 }
 

@@ -187,21 +187,57 @@ pub trait Store: Send + Sync {
     async fn result(&self, run_id: &str, layer: &str, filter: i32) -> Result<Option<StoredResult>>;
 }
 
-/// Opens (creating if needed) the store named by `url` and brings its schema up to date:
-/// `sqlite://PATH` (a file; `sqlite:///abs/path` for an absolute one) or `postgres://...`.
-pub async fn connect(url: &str) -> Result<Arc<dyn Store>> {
-    if let Some(path) = url
+/// The kind of database a URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend<'a> {
+    /// The SQLite file's path (`sqlite://PATH`, `sqlite:///abs/path` or `sqlite:PATH`), with any
+    /// `?options` dropped: the store sets its own.
+    Sqlite(&'a str),
+    Postgres,
+}
+
+/// Which database `url` names; an error says what a good URL looks like.
+pub fn backend(url: &str) -> Result<Backend<'_>> {
+    let bad = |reason: &str| Error::BadUrl {
+        url: redact(url),
+        reason: reason.into(),
+    };
+    if let Some(rest) = url
         .strip_prefix("sqlite://")
         .or_else(|| url.strip_prefix("sqlite:"))
     {
-        Ok(Arc::new(sqlite::SqliteStore::open(url, path).await?))
+        match rest.split('?').next().unwrap_or_default() {
+            "" => Err(bad("it names no file")),
+            path => Ok(Backend::Sqlite(path)),
+        }
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(Arc::new(postgres::PostgresStore::connect(url).await?))
+        Ok(Backend::Postgres)
     } else {
-        Err(Error::BadUrl {
+        Err(bad("it names neither sqlite nor postgres"))
+    }
+}
+
+/// Opens (creating if needed) the store named by `url` and brings its schema up to date:
+/// `sqlite://PATH` (a file; `sqlite:///abs/path` for an absolute one) or `postgres://...`.
+pub async fn connect(url: &str) -> Result<Arc<dyn Store>> {
+    Ok(match backend(url)? {
+        Backend::Sqlite(path) => Arc::new(sqlite::SqliteStore::open(url, path).await?),
+        Backend::Postgres => Arc::new(postgres::PostgresStore::connect(url).await?),
+    })
+}
+
+/// For commands that only read: a SQLite file must exist already (opening it would create an
+/// empty one). PostgreSQL URLs pass; the connection says whether the database is there.
+pub fn require_existing(url: &str) -> Result<()> {
+    match backend(url)? {
+        Backend::Sqlite(path) if !std::path::Path::new(path).is_file() => Err(Error::BadUrl {
             url: url.to_string(),
-            reason: "it names neither sqlite nor postgres".into(),
-        })
+            reason: format!(
+                "there is no database file at {path}; `render` creates it (give the --db it used; \
+                 the default is sqlite://atlas/atlas.db)"
+            ),
+        }),
+        _ => Ok(()),
     }
 }
 

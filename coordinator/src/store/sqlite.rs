@@ -31,17 +31,13 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    /// Opens or creates the database file at `path` (`url` is only for messages).
+    /// Opens or creates the database file at `path` (from [`super::backend`]; `url` is only
+    /// for messages).
     pub async fn open(url: &str, path: &str) -> Result<Self> {
         let bad_url = |reason: String| Error::BadUrl {
             url: url.to_string(),
             reason,
         };
-        // Drop URL query options such as `?mode=rwc`: the store sets its own.
-        let path = path.split('?').next().unwrap_or_default();
-        if path.is_empty() {
-            return Err(bad_url("it names no file".into()));
-        }
         if path == ":memory:" {
             return Err(bad_url(
                 "an in-memory database would lose every result at exit; name a file".into(),
