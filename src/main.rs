@@ -70,7 +70,7 @@ enum Command {
     Render(Box<RenderArgs>),
     /// Join a running render: take leases from the coordinator and compute them.
     Worker {
-        /// The coordinator, e.g. http://coordinator:50051.
+        /// The coordinator, e.g. http://coordinator:50051 (https://... when it has TLS).
         #[arg(long)]
         connect: String,
         #[arg(long, default_value_t = 16)]
@@ -84,6 +84,13 @@ enum Command {
         /// The coordinator's token.
         #[arg(long, env = "VGG_ATLAS_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// The CA (PEM) that signed the coordinator's certificate, for an https:// address;
+        /// default: the system's roots.
+        #[arg(long)]
+        tls_ca: Option<PathBuf>,
+        /// The name the coordinator's certificate carries, if not the host in --connect.
+        #[arg(long)]
+        tls_domain: Option<String>,
         #[command(flatten)]
         compute: Compute,
     },
@@ -221,6 +228,12 @@ struct RenderArgs {
     /// Accept workers without a token; only with --listen on a loopback address.
     #[arg(long, conflicts_with = "token")]
     no_token: bool,
+    /// Serve --listen with TLS: this certificate chain (PEM). Workers connect to https://...
+    #[arg(long, requires_all = ["tls_key", "listen"])]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     #[command(flatten)]
     mosaic: MosaicArgs,
     #[command(flatten)]
@@ -467,6 +480,8 @@ fn run(cli: Cli) -> Result<()> {
             name,
             device,
             token,
+            tls_ca,
+            tls_domain,
             compute,
         } => {
             match device.as_str() {
@@ -487,6 +502,8 @@ fn run(cli: Cli) -> Result<()> {
                 threads,
                 weights: compute.weights.clone(),
                 token,
+                tls_ca,
+                tls_domain,
             };
             runtime()?.block_on(vgg_atlas_worker::client::run(cfg))?;
             eprintln!("the run is finished");
@@ -1005,6 +1022,22 @@ async fn render(a: RenderArgs) -> Result<()> {
     };
     let check = vgg_atlas_proto::auth::CheckToken::new(token.as_deref())
         .map_err(|e| anyhow::anyhow!("bad --token: {e}"))?;
+    // TLS is checked here too (files readable, key matching the certificate), before any state.
+    let server = vgg_atlas_proto::tonic::transport::Server::builder();
+    let mut server = match (&a.tls_cert, &a.tls_key) {
+        (Some(cert), Some(key)) => {
+            let tls = vgg_atlas_proto::tls::server(cert, key).map_err(anyhow::Error::msg)?;
+            server.tls_config(tls).map_err(|e| {
+                anyhow::anyhow!(
+                    "--tls-cert {} / --tls-key {} cannot be used: {}",
+                    cert.display(),
+                    key.display(),
+                    vgg_atlas_proto::tls::error_chain(&e)
+                )
+            })?
+        }
+        _ => server,
+    };
     let settings = a.method.settings()?;
     for l in &layers {
         settings.check(l)?;
@@ -1053,28 +1086,48 @@ async fn render(a: RenderArgs) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
+    let tls = a.tls_cert.is_some();
     if a.listen.is_some() {
         eprintln!(
-            "coordinator listening on {addr}; workers join with `vgg-atlas worker --connect http://{addr}`{}",
-            if token.is_some() { " and the same token (--token or VGG_ATLAS_TOKEN)" } else { "" }
+            "coordinator listening on {addr}{}; workers join with `vgg-atlas worker --connect {}://{addr}`{}{}",
+            if tls { " with TLS" } else { "" },
+            if tls { "https" } else { "http" },
+            if token.is_some() { " and the same token (--token or VGG_ATLAS_TOKEN)" } else { "" },
+            if tls { ", giving --tls-ca the CA that signed --tls-cert" } else { "" },
         );
     }
-    let server = service::CoordinatorService::new(store.clone(), ctx).into_server(check);
+    let coordinator = service::CoordinatorService::new(store.clone(), ctx);
+    // The local workers are in this process: with TLS on --listen they use a plain loopback
+    // port of their own (same service, same token) instead of needing the CA.
+    let local_addr = if tls && a.local_workers > 0 {
+        let local = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let local_addr = local.local_addr()?;
+        tokio::spawn(
+            vgg_atlas_proto::tonic::transport::Server::builder()
+                .add_service(coordinator.clone().into_server(check.clone()))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(local)),
+        );
+        local_addr
+    } else {
+        addr
+    };
     tokio::spawn(
-        vgg_atlas_proto::tonic::transport::Server::builder()
-            .add_service(server)
+        server
+            .add_service(coordinator.into_server(check))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
     let threads = a.compute.threads()?;
     let per_worker = (threads / a.local_workers.max(1)).max(1);
     for i in 0..a.local_workers {
         let cfg = vgg_atlas_worker::client::WorkerConfig {
-            connect: format!("http://{addr}"),
+            connect: format!("http://{local_addr}"),
             name: format!("local-{i}"),
             batch: a.batch.max(1),
             threads: per_worker,
             weights: Some(weights_path.clone()),
             token: token.clone(),
+            tls_ca: None,
+            tls_domain: None,
         };
         tokio::spawn(async move {
             if let Err(e) = vgg_atlas_worker::client::run(cfg).await {

@@ -116,7 +116,7 @@ fn bad_input_gets_a_clear_error_and_no_panic() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("o").display().to_string();
     let missing_db = format!("sqlite://{}/none.db", dir.path().display());
-    let cases: [(&[&str], &str); 13] = [
+    let cases: [(&[&str], &str); 14] = [
         (
             &["visualize", "--layer", "block6_conv1", "--out", &out],
             "unknown layer 'block6_conv1'",
@@ -219,6 +219,21 @@ fn bad_input_gets_a_clear_error_and_no_panic() {
                 &out,
             ],
             "unknown layer 'block9_conv9'",
+        ),
+        (
+            &[
+                "render",
+                "--listen",
+                "127.0.0.1:0",
+                "--no-token",
+                "--tls-cert",
+                "/nonexistent/cert.pem",
+                "--tls-key",
+                "/nonexistent/key.pem",
+                "--out",
+                &out,
+            ],
+            "cannot read --tls-cert /nonexistent/cert.pem",
         ),
     ];
     for (args, want) in cases {

@@ -1,97 +1,12 @@
 //! The distributed render with real processes: a coordinator (`render --listen`) and worker
-//! processes talking gRPC on loopback, a SQLite store, kill -9 and resume.
+//! processes talking gRPC on loopback, a SQLite store, kill -9 and resume, who may connect.
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-/// The token of every test coordinator; the workers get it from the environment.
-const TOKEN: &str = "render-test-token-0123456789";
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_vgg-atlas"));
-    c.env("VGG_ATLAS_TOKEN", TOKEN);
-    c
-}
-
-/// Starts `render` as a pure coordinator on a loopback port and returns it with its address.
-fn coordinator(out: &Path, extra: &[&str]) -> (Child, String) {
-    let mut child = bin()
-        .args([
-            "render",
-            "--listen",
-            "127.0.0.1:0",
-            "--local-workers",
-            "0",
-            "--out",
-        ])
-        .arg(out)
-        .args(extra)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("render printed its address").unwrap();
-        if let Some(rest) = line.split("--connect ").nth(1) {
-            break rest.split('`').next().unwrap().to_string();
-        }
-    };
-    // Keep draining stderr so the coordinator never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (child, addr)
-}
-
-fn worker(addr: &str, name: &str) -> Child {
-    bin()
-        .args([
-            "worker",
-            "--connect",
-            addr,
-            "--name",
-            name,
-            "--batch",
-            "8",
-            "--threads",
-            "1",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-fn wait(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
-    let t = Instant::now();
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        assert!(
-            t.elapsed() < limit,
-            "process did not finish within {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn status(db: &str) -> Vec<serde_json::Value> {
-    let o = bin()
-        .args(["status", "--db", db, "--json"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    serde_json::from_slice::<serde_json::Value>(&o.stdout)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone()
-}
-
-fn count(rows: &[serde_json::Value], key: &str) -> i64 {
-    rows.iter().map(|r| r[key].as_i64().unwrap()).sum()
-}
+use common::*;
 
 const SMALL: [&str; 6] = [
     "--layers",
@@ -185,19 +100,6 @@ fn two_worker_processes_finish_every_filter_exactly_once() {
     assert_eq!(count(&status(&db), "done"), 64 + 128);
 }
 
-fn query(db: &str, sql: &str, format: &str) -> String {
-    let o = bin()
-        .args(["query", "--db", db, "--format", format, sql])
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "{sql}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
-}
-
 #[test]
 fn a_killed_worker_s_lease_is_finished_by_another_worker() {
     let dir = tempfile::tempdir().unwrap();
@@ -287,41 +189,6 @@ fn render_resumes_after_kill_9_without_recomputing_finished_filters() {
     }
 }
 
-fn status_or_empty(db: &str) -> Option<Vec<serde_json::Value>> {
-    let o = bin().args(["status", "--db", db, "--json"]).output().ok()?;
-    o.status
-        .success()
-        .then(|| {
-            serde_json::from_slice::<serde_json::Value>(&o.stdout)
-                .ok()?
-                .as_array()
-                .cloned()
-        })
-        .flatten()
-}
-
-/// (layer, filter) -> finished_at_ms of every stored result, read with the sqlite3-compatible
-/// file directly through the project's store.
-fn finished_at(db: &Path) -> std::collections::HashMap<(String, i32), i64> {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let store = vgg_atlas_coordinator::store::connect(&format!("sqlite://{}", db.display()))
-            .await
-            .unwrap();
-        let mut out = std::collections::HashMap::new();
-        for (run_id, _, _) in store.runs().await.unwrap() {
-            for layer in ["block1_conv1", "block1_conv2"] {
-                for f in 0..64 {
-                    if let Some(r) = store.result(&run_id, layer, f).await.unwrap() {
-                        out.insert((layer.to_string(), f), r.finished_at_ms);
-                    }
-                }
-            }
-        }
-        out
-    })
-}
-
 #[test]
 fn a_worker_with_the_wrong_token_is_refused_and_says_why() {
     let dir = tempfile::tempdir().unwrap();
@@ -399,4 +266,74 @@ fn listening_beyond_loopback_needs_a_token() {
         !dir.path().join("atlas.db").exists(),
         "a refused render writes nothing"
     );
+}
+
+/// A CA and a certificate for 127.0.0.1 signed by it, made here: (ca.pem, cert.pem, key.pem).
+fn certificates(dir: &std::path::Path) -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "vgg-atlas test CA");
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let write = |name: &str, text: String| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    (
+        write("ca.pem", ca_pem),
+        write("cert.pem", cert.pem()),
+        write("key.pem", key.serialize_pem()),
+    )
+}
+
+#[test]
+fn a_tls_coordinator_serves_workers_that_trust_its_ca_and_no_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = certificates(dir.path());
+    let mut args = vec!["--tls-cert", &cert, "--tls-key", &key];
+    args.extend(["--layers", "block1_conv1", "--size", "32", "--steps", "3"]);
+    let (mut render, addr) = coordinator(dir.path(), &args);
+    assert!(addr.starts_with("https://"), "{addr}");
+
+    // Without the CA the worker stops at once and says what to give it.
+    let o = bin()
+        .args(["worker", "--connect", &addr, "--threads", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("does not trust") && err.contains("--tls-ca"),
+        "{err}"
+    );
+    // Plain gRPC to the TLS port gets nowhere either (it would retry: it is killed).
+    let plain = addr.replace("https://", "http://");
+    let mut p = worker(&plain, "plain");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        p.try_wait().unwrap().is_none(),
+        "a plain worker keeps retrying"
+    );
+    p.kill().unwrap();
+    p.wait().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("atlas.db").display());
+    assert_eq!(
+        count(&status(&db), "leased") + count(&status(&db), "done"),
+        0
+    );
+
+    // With the CA it renders the run.
+    let mut w = worker_with(&addr, "tls", &["--tls-ca", &ca]);
+    assert!(wait(&mut render, Duration::from_secs(300)).success());
+    assert!(wait(&mut w, Duration::from_secs(30)).success());
+    assert_eq!(count(&status(&db), "done"), 64);
 }

@@ -29,6 +29,7 @@ pub struct RunContext {
     pub lease_ms: i64,
 }
 
+#[derive(Clone)]
 pub struct CoordinatorService {
     store: Arc<dyn Store>,
     run: RunContext,

@@ -7,6 +7,7 @@
 //! the exact versions the code was generated for.
 
 pub mod auth;
+pub mod tls;
 
 pub use prost;
 pub use tonic;

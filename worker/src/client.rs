@@ -25,6 +25,10 @@ pub struct WorkerConfig {
     pub weights: Option<PathBuf>,
     /// The coordinator's shared token, sent with every call.
     pub token: Option<String>,
+    /// TLS for an `https://` address: the CA to trust (PEM; default: the system's roots).
+    pub tls_ca: Option<PathBuf>,
+    /// The name the coordinator's certificate must carry, if not the host of `connect`.
+    pub tls_domain: Option<String>,
 }
 
 /// The run settings on the wire, as the engine's settings.
@@ -119,10 +123,11 @@ enum SessionEnd {
 /// Works for the coordinator until its run is finished. Connection losses are retried with
 /// backoff (up to 5 s between tries); a refusal (another protocol version) is returned.
 pub async fn run(cfg: WorkerConfig) -> Result<()> {
+    let endpoint = endpoint(&cfg)?;
     let mut backoff = Duration::from_millis(200);
     let mut engine: Option<Engine> = None;
     loop {
-        match session(&cfg, &mut engine).await {
+        match session(&cfg, &endpoint, &mut engine).await {
             Ok(SessionEnd::Finished) => return Ok(()),
             Err(SessionError::Retry(why)) => {
                 tracing::warn!(
@@ -173,22 +178,53 @@ struct Engine {
     pool: Arc<rayon::ThreadPool>,
 }
 
+/// The coordinator's address as a tonic endpoint, with TLS for `https://`. Everything wrong
+/// with the address or the TLS files is an error here, before the first connection.
+fn endpoint(cfg: &WorkerConfig) -> Result<tonic::transport::Endpoint> {
+    let bad = |why: String| Error::Invalid(format!("bad --connect '{}': {why}", cfg.connect));
+    let endpoint = tonic::transport::Endpoint::from_shared(cfg.connect.clone())
+        .map_err(|e| bad(format!("{e}; expected e.g. http://host:50051")))?
+        .connect_timeout(Duration::from_secs(5));
+    let https = cfg.connect.starts_with("https://");
+    if !https && !cfg.connect.starts_with("http://") {
+        return Err(bad(
+            "expected http://host:port, or https://host:port for TLS".into(),
+        ));
+    }
+    if !https && (cfg.tls_ca.is_some() || cfg.tls_domain.is_some()) {
+        return Err(bad(
+            "--tls-ca and --tls-domain are for a coordinator with TLS; write its address as https://..."
+                .into(),
+        ));
+    }
+    if !https {
+        return Ok(endpoint);
+    }
+    let tls = pb::tls::client(cfg.tls_ca.as_deref(), cfg.tls_domain.as_deref())
+        .map_err(Error::Invalid)?;
+    endpoint
+        .tls_config(tls)
+        .map_err(|e| bad(pb::tls::error_chain(&e)))
+}
+
 async fn session(
     cfg: &WorkerConfig,
+    endpoint: &tonic::transport::Endpoint,
     engine: &mut Option<Engine>,
 ) -> Result<SessionEnd, SessionError> {
-    let endpoint = tonic::transport::Endpoint::from_shared(cfg.connect.clone())
-        .map_err(|e| {
+    let channel = endpoint.connect().await.map_err(|e| {
+        let why = pb::tls::error_chain(&e);
+        if pb::tls::is_certificate_error(&why) {
             SessionError::Fatal(Error::Invalid(format!(
-                "bad --connect '{}': {e}; expected e.g. http://host:50051",
+                "the coordinator at {} presented a certificate this worker does not trust ({why}); \
+                 give --tls-ca with the CA that signed it (and --tls-domain if the certificate \
+                 names another host)",
                 cfg.connect
             )))
-        })?
-        .connect_timeout(Duration::from_secs(5));
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| SessionError::Retry(e.to_string()))?;
+        } else {
+            SessionError::Retry(why)
+        }
+    })?;
     let attach = pb::auth::AttachToken::new(cfg.token.as_deref())
         .map_err(|e| SessionError::Fatal(Error::Invalid(format!("bad --token: {e}"))))?;
     let mut client = pb::auth::client(channel, attach);

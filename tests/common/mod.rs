@@ -1,0 +1,156 @@
+//! Helpers of the tests with real processes: a coordinator (`render --listen`), worker
+//! processes talking gRPC on loopback, and the CLI reading the SQLite store.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The token of every test coordinator; the workers get it from the environment.
+pub const TOKEN: &str = "render-test-token-0123456789";
+
+pub fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_vgg-atlas"));
+    c.env("VGG_ATLAS_TOKEN", TOKEN);
+    c
+}
+
+/// Starts `render` as a pure coordinator on a loopback port and returns it with its address.
+pub fn coordinator(out: &Path, extra: &[&str]) -> (Child, String) {
+    coordinator_on("127.0.0.1:0", out, extra)
+}
+
+/// `coordinator` on a given address (e.g. the same port again after a restart).
+pub fn coordinator_on(listen: &str, out: &Path, extra: &[&str]) -> (Child, String) {
+    let mut child = bin()
+        .args([
+            "render",
+            "--listen",
+            listen,
+            "--local-workers",
+            "0",
+            "--out",
+        ])
+        .arg(out)
+        .args(extra)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("render printed its address").unwrap();
+        if let Some(rest) = line.split("--connect ").nth(1) {
+            break rest.split('`').next().unwrap().to_string();
+        }
+    };
+    // Keep draining stderr so the coordinator never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, addr)
+}
+
+pub fn worker(addr: &str, name: &str) -> Child {
+    worker_with(addr, name, &[])
+}
+
+/// A worker process with extra arguments, its output dropped.
+pub fn worker_with(addr: &str, name: &str, extra: &[&str]) -> Child {
+    bin()
+        .args([
+            "worker",
+            "--connect",
+            addr,
+            "--name",
+            name,
+            "--batch",
+            "8",
+            "--threads",
+            "1",
+        ])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+pub fn wait(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let t = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(
+            t.elapsed() < limit,
+            "process did not finish within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn status(db: &str) -> Vec<serde_json::Value> {
+    let o = bin()
+        .args(["status", "--db", db, "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice::<serde_json::Value>(&o.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+pub fn count(rows: &[serde_json::Value], key: &str) -> i64 {
+    rows.iter().map(|r| r[key].as_i64().unwrap()).sum()
+}
+
+pub fn query(db: &str, sql: &str, format: &str) -> String {
+    let o = bin()
+        .args(["query", "--db", db, "--format", format, sql])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{sql}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+pub fn status_or_empty(db: &str) -> Option<Vec<serde_json::Value>> {
+    let o = bin().args(["status", "--db", db, "--json"]).output().ok()?;
+    o.status
+        .success()
+        .then(|| {
+            serde_json::from_slice::<serde_json::Value>(&o.stdout)
+                .ok()?
+                .as_array()
+                .cloned()
+        })
+        .flatten()
+}
+
+/// (layer, filter) -> finished_at_ms of every stored result, through `query`.
+pub fn finished_at(db: &Path) -> std::collections::HashMap<(String, i64), i64> {
+    let db = format!("sqlite://{}", db.display());
+    let rows: serde_json::Value = serde_json::from_str(&query(
+        &db,
+        "SELECT layer, filter, finished_at_ms FROM results",
+        "json",
+    ))
+    .unwrap();
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                (
+                    r["layer"].as_str().unwrap().to_string(),
+                    r["filter"].as_i64().unwrap(),
+                ),
+                r["finished_at_ms"].as_i64().unwrap(),
+            )
+        })
+        .collect()
+}
