@@ -208,6 +208,14 @@ impl pb::Coordinator for CoordinatorService {
                             png: r.png,
                         };
                         match self.store.submit(&outcome, now_ms()).await {
+                            Ok(store::SubmitOutcome::NotLeased) => (
+                                pb::SubmitOutcome::NotLeased,
+                                format!(
+                                    "filter {} is not held by worker {} under lease {} (the lease \
+                                     expired and was re-leased, or it is another worker's)",
+                                    r.filter, req.worker_id, req.lease_id
+                                ),
+                            ),
                             Ok(o) => (convert(o), String::new()),
                             Err(e @ crate::Error::NonFinite { .. }) => {
                                 (pb::SubmitOutcome::Rejected, e.to_string())

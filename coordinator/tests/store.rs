@@ -590,6 +590,14 @@ async fn stale_lease_submission_is_not_recorded(db: &TestDb) {
             .unwrap(),
         SubmitOutcome::NotLeased
     );
+    // The current lease id, sent by another worker: refused, nothing written.
+    assert_eq!(
+        s.submit(&outcome(&current, 0, "slow", 9.0), 1100)
+            .await
+            .unwrap(),
+        SubmitOutcome::NotLeased
+    );
+    assert_eq!(s.result("run-1", "block1_conv1", 0).await.unwrap(), None);
     assert_eq!(
         s.submit(&outcome(&current, 0, "fast", 2.0), 1200)
             .await

@@ -318,6 +318,7 @@ enum SubmitPlan {
 fn plan_submit(
     state: &str,
     lease_id: Option<&str>,
+    worker: Option<&str>,
     attempts: i32,
     max_attempts: i32,
     r: &FilterOutcome,
@@ -325,7 +326,12 @@ fn plan_submit(
     if state == "done" {
         return SubmitPlan::Answer(SubmitOutcome::Duplicate);
     }
-    if state != "leased" || lease_id != Some(r.lease_id.as_str()) {
+    // Only the worker the lease was issued to may answer it: a lease id seen by another worker
+    // (in a log, say) does not let that worker write results.
+    if state != "leased"
+        || lease_id != Some(r.lease_id.as_str())
+        || worker != Some(r.worker.as_str())
+    {
         return SubmitPlan::Answer(SubmitOutcome::NotLeased);
     }
     match &r.failed {

@@ -223,8 +223,8 @@ impl Store for PostgresStore {
             check_finite(r)?;
         }
         let mut tx = self.pool.begin().await?;
-        let row: Option<(String, Option<String>, i32, i32)> = sqlx::query_as(
-            "SELECT f.state, f.lease_id, f.attempts, r.max_attempts
+        let row: Option<(String, Option<String>, Option<String>, i32, i32)> = sqlx::query_as(
+            "SELECT f.state, f.lease_id, f.worker, f.attempts, r.max_attempts
              FROM filters f JOIN runs r ON r.run_id = f.run_id
              WHERE f.run_id = $1 AND f.layer = $2 AND f.filter = $3
              FOR UPDATE OF f",
@@ -234,14 +234,21 @@ impl Store for PostgresStore {
         .bind(r.filter)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some((state, lease_id, attempts, max_attempts)) = row else {
+        let Some((state, lease_id, worker, attempts, max_attempts)) = row else {
             return Err(Error::UnknownFilter {
                 run_id: r.run_id.clone(),
                 layer: r.layer.clone(),
                 filter: r.filter,
             });
         };
-        let outcome = match plan_submit(&state, lease_id.as_deref(), attempts, max_attempts, r) {
+        let outcome = match plan_submit(
+            &state,
+            lease_id.as_deref(),
+            worker.as_deref(),
+            attempts,
+            max_attempts,
+            r,
+        ) {
             SubmitPlan::Answer(outcome) => return Ok(outcome), // dropping tx rolls back: nothing written
             SubmitPlan::Retry => {
                 sqlx::query(sql::SUBMIT_RETRY)
