@@ -220,6 +220,7 @@ async fn simulated_worker(
             name,
             device: "bench".into(),
             max_batch: batch as u32,
+            worker_id: String::new(),
         })
         .await
         .map_err(rpc)?

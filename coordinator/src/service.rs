@@ -69,8 +69,18 @@ impl pb::Coordinator for CoordinatorService {
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let req = req.into_inner();
         pb::check_protocol_version(req.protocol_version)?;
-        let worker_id = format!("{}-{}", req.name, &uuid::Uuid::new_v4().to_string()[..8]);
-        tracing::info!(worker = %worker_id, device = %req.device, max_batch = req.max_batch, "worker registered");
+        let worker_id = if req.worker_id.is_empty() {
+            let id = format!("{}-{}", req.name, &uuid::Uuid::new_v4().to_string()[..8]);
+            tracing::info!(worker = %id, device = %req.device, max_batch = req.max_batch, "worker registered");
+            id
+        } else if req.worker_id.len() <= 200 && req.worker_id.bytes().all(|b| b.is_ascii_graphic()) {
+            tracing::info!(worker = %req.worker_id, "worker reconnected");
+            req.worker_id
+        } else {
+            return Err(Status::invalid_argument(
+                "worker_id must be at most 200 printable ASCII characters",
+            ));
+        };
         let progress = self
             .store
             .progress(&self.run.run_id)

@@ -99,6 +99,7 @@ async fn register(c: &mut Client, name: &str) -> String {
         name: name.into(),
         device: "cpu".into(),
         max_batch: 4,
+        worker_id: String::new(),
     })
     .await
     .unwrap()
@@ -325,6 +326,7 @@ async fn another_protocol_version_is_refused_at_registration() {
             name: "future".into(),
             device: "cpu".into(),
             max_batch: 1,
+            worker_id: String::new(),
         })
         .await
         .unwrap_err();
@@ -349,6 +351,7 @@ async fn every_call_without_the_right_token_is_refused() {
                 name: "intruder".into(),
                 device: "cpu".into(),
                 max_batch: 4,
+                worker_id: String::new(),
             })
             .await
             .unwrap_err();

@@ -227,6 +227,7 @@ fn register_request(protocol_version: u32) -> RegisterRequest {
         name: "gpu-node-3".into(),
         device: "cuda:0".into(),
         max_batch: 32,
+        worker_id: String::new(),
     }
 }
 

@@ -120,20 +120,36 @@ enum SessionEnd {
     Finished,
 }
 
+/// What a worker keeps across reconnects, so that a coordinator restart or a network cut costs
+/// no finished work: its id (its leases are issued to it), results computed but not yet
+/// accepted, and a lease fetched ahead.
+#[derive(Default)]
+struct Carry {
+    worker_id: Option<String>,
+    unsent: Option<pb::SubmitRequest>,
+    next: Option<pb::Lease>,
+}
+
 /// Works for the coordinator until its run is finished. Connection losses are retried with
-/// backoff (up to 5 s between tries); a refusal (another protocol version) is returned.
+/// backoff (up to 5 s between tries), keeping what was computed; a refusal (another protocol
+/// version, the wrong token, an untrusted certificate) is returned.
 pub async fn run(cfg: WorkerConfig) -> Result<()> {
     let endpoint = endpoint(&cfg)?;
     let mut backoff = Duration::from_millis(200);
     let mut engine: Option<Engine> = None;
+    let mut carry = Carry::default();
     loop {
-        match session(&cfg, &endpoint, &mut engine).await {
+        match session(&cfg, &endpoint, &mut engine, &mut carry).await {
             Ok(SessionEnd::Finished) => return Ok(()),
             Err(SessionError::Retry(why)) => {
                 tracing::warn!(
-                    "coordinator {} unreachable or lost ({why}); retrying in {:?}",
+                    "coordinator {} unreachable or lost ({why}); retrying in {:?}{}",
                     cfg.connect,
-                    backoff
+                    backoff,
+                    match &carry.unsent {
+                        Some(u) => format!(" with {} results to submit", u.results.len()),
+                        None => String::new(),
+                    }
                 );
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -142,7 +158,6 @@ pub async fn run(cfg: WorkerConfig) -> Result<()> {
         }
     }
 }
-
 enum SessionError {
     Retry(String),
     Fatal(Error),
@@ -184,7 +199,14 @@ fn endpoint(cfg: &WorkerConfig) -> Result<tonic::transport::Endpoint> {
     let bad = |why: String| Error::Invalid(format!("bad --connect '{}': {why}", cfg.connect));
     let endpoint = tonic::transport::Endpoint::from_shared(cfg.connect.clone())
         .map_err(|e| bad(format!("{e}; expected e.g. http://host:50051")))?
-        .connect_timeout(Duration::from_secs(5));
+        .connect_timeout(Duration::from_secs(5))
+        // A call that gets no answer (a half-open connection after a network cut) fails instead
+        // of hanging; the pings notice a dead connection between calls. A weights stream is
+        // only timed until its first message.
+        .timeout(Duration::from_secs(60))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true);
     let https = cfg.connect.starts_with("https://");
     if !https && !cfg.connect.starts_with("http://") {
         return Err(bad(
@@ -211,6 +233,7 @@ async fn session(
     cfg: &WorkerConfig,
     endpoint: &tonic::transport::Endpoint,
     engine: &mut Option<Engine>,
+    carry: &mut Carry,
 ) -> Result<SessionEnd, SessionError> {
     let channel = endpoint.connect().await.map_err(|e| {
         let why = pb::tls::error_chain(&e);
@@ -234,6 +257,7 @@ async fn session(
             name: cfg.name.clone(),
             device: "cpu".into(),
             max_batch: cfg.batch as u32,
+            worker_id: carry.worker_id.clone().unwrap_or_default(),
         })
         .await?
         .into_inner();
@@ -260,12 +284,15 @@ async fn session(
     }
     let engine = engine.clone().expect("set above");
     let heartbeat = Duration::from_millis(reg.heartbeat_interval_ms.max(50) as u64);
-    tracing::info!(worker = %reg.worker_id, run = %run.run_id, "registered");
     let worker_id = reg.worker_id.clone();
-    // A lease fetched while the previous one was computing.
-    let mut next: Option<pb::Lease> = None;
+    carry.worker_id = Some(worker_id.clone());
+    tracing::info!(worker = %worker_id, run = %run.run_id, "registered");
+    // Results of a lease computed before the connection was lost go first.
+    if let Some(unsent) = carry.unsent.take() {
+        submit(&mut client, unsent, carry).await?;
+    }
     loop {
-        let lease = match next.take() {
+        let lease = match carry.next.take() {
             Some(l) => l,
             None => match poll(client.clone(), worker_id.clone(), cfg.batch).await? {
                 Next::Lease(l) => *l,
@@ -295,47 +322,87 @@ async fn session(
         )));
         let mut tick = tokio::time::interval(heartbeat);
         tick.tick().await;
+        // A lost connection does not stop the compute: its results are offered when the
+        // coordinator is back (recorded if nobody else has taken the lease meanwhile).
+        let mut lost: Option<String> = None;
         let results = loop {
             tokio::select! {
                 done = &mut job => break done.map_err(|e| SessionError::Fatal(Error::Invalid(format!("compute task failed: {e}"))))??,
                 got = async { prefetch.as_mut().expect("guarded").await }, if prefetch.is_some() => {
                     prefetch = None;
-                    next = prefetched(got);
+                    carry.next = prefetched(got);
                 }
-                _ = tick.tick() => {
+                _ = tick.tick(), if lost.is_none() && !stall_heartbeats() => {
                     let mut ids = vec![lease.lease_id.clone()];
-                    ids.extend(next.iter().map(|l| l.lease_id.clone()));
-                    let hb = client.heartbeat(pb::HeartbeatRequest { worker_id: worker_id.clone(), lease_ids: ids }).await?.into_inner();
-                    for l in hb.leases.iter().filter(|l| l.state == pb::LeaseState::Revoked as i32) {
-                        if l.lease_id == lease.lease_id {
-                            tracing::warn!(lease = %lease.lease_id, "lease revoked while computing; its results will be offered anyway");
-                        } else if next.as_ref().is_some_and(|n| n.lease_id == l.lease_id) {
-                            tracing::warn!(lease = %l.lease_id, "prefetched lease revoked before it started; dropped");
-                            next = None;
-                        }
+                    ids.extend(carry.next.iter().map(|l| l.lease_id.clone()));
+                    match client.heartbeat(pb::HeartbeatRequest { worker_id: worker_id.clone(), lease_ids: ids }).await {
+                        Ok(hb) => for l in hb.into_inner().leases.iter().filter(|l| l.state == pb::LeaseState::Revoked as i32) {
+                            if l.lease_id == lease.lease_id {
+                                tracing::warn!(lease = %lease.lease_id, "lease revoked while computing; its results will be offered anyway");
+                            } else if carry.next.as_ref().is_some_and(|n| n.lease_id == l.lease_id) {
+                                tracing::warn!(lease = %l.lease_id, "prefetched lease revoked before it started; dropped");
+                                carry.next = None;
+                            }
+                        },
+                        Err(status) => match SessionError::from(status) {
+                            SessionError::Retry(why) => {
+                                tracing::warn!(lease = %lease.lease_id, "heartbeat failed ({why}); computing on, to submit when the coordinator is back");
+                                lost = Some(why);
+                            }
+                            fatal => return Err(fatal),
+                        },
                     }
                 }
             }
         };
         if let Some(p) = prefetch {
             // Still in flight: it is one short RPC, and a lease it brings must not be left to expire.
-            next = prefetched(p.await);
+            carry.next = prefetched(p.await);
         }
         let wire: Vec<pb::FilterResult> = results.iter().map(to_wire).collect::<Result<_>>()?;
-        let outcomes = client
-            .submit(pb::SubmitRequest {
-                worker_id: worker_id.clone(),
-                lease_id: lease.lease_id.clone(),
-                results: wire,
-            })
-            .await?
-            .into_inner();
-        for o in outcomes.outcomes {
-            if o.outcome != pb::SubmitOutcome::Recorded as i32 {
-                tracing::warn!(layer = %lease.layer, filter = o.filter, outcome = o.outcome, message = %o.message, "result not recorded");
+        let request = pb::SubmitRequest {
+            worker_id: worker_id.clone(),
+            lease_id: lease.lease_id.clone(),
+            results: wire,
+        };
+        if let Some(why) = lost {
+            carry.unsent = Some(request);
+            return Err(SessionError::Retry(why));
+        }
+        submit(&mut client, request, carry).await?;
+    }
+}
+
+/// Submits one lease's results; if the coordinator cannot be reached they are kept in `carry`
+/// for the next session.
+async fn submit(
+    client: &mut pb::auth::Client,
+    request: pb::SubmitRequest,
+    carry: &mut Carry,
+) -> Result<(), SessionError> {
+    let lease_id = request.lease_id.clone();
+    let outcomes = match client.submit(request.clone()).await {
+        Ok(r) => r.into_inner(),
+        Err(status) => {
+            let e = SessionError::from(status);
+            if matches!(e, SessionError::Retry(_)) {
+                carry.unsent = Some(request);
             }
+            return Err(e);
+        }
+    };
+    for o in outcomes.outcomes {
+        if o.outcome != pb::SubmitOutcome::Recorded as i32 {
+            tracing::warn!(lease = %lease_id, filter = o.filter, outcome = o.outcome, message = %o.message, "result not recorded");
         }
     }
+    Ok(())
+}
+
+/// Test hook: `VGG_ATLAS_TEST_STALL_HEARTBEATS=1` makes the worker stop heart-beating while it
+/// computes (it stays connected), as a hung or overloaded worker would; its leases then expire.
+fn stall_heartbeats() -> bool {
+    std::env::var_os("VGG_ATLAS_TEST_STALL_HEARTBEATS").is_some_and(|v| v == "1")
 }
 
 /// What a poll for work brought.
