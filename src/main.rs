@@ -401,9 +401,7 @@ impl Method {
                 OptimizerArg::Adam => ascent::Optimizer::Adam,
             };
         }
-        s.inject_nan_filter = std::env::var("VGG_ATLAS_TEST_INJECT_NAN_FILTER")
-            .ok()
-            .and_then(|v| v.parse().ok());
+        s.inject_nan_filter = ascent::test_inject_nan_filter();
         Ok(s)
     }
 }
@@ -445,8 +443,14 @@ enum QueryFormat {
 
 fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        // Warnings (refused submissions, lost connections) show unless RUST_LOG says otherwise.
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::builder()
+                .with_default_directive(tracing::level_filters::LevelFilter::WARN.into())
+                .from_env_lossy(),
+        )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");

@@ -73,7 +73,8 @@ impl pb::Coordinator for CoordinatorService {
             let id = format!("{}-{}", req.name, &uuid::Uuid::new_v4().to_string()[..8]);
             tracing::info!(worker = %id, device = %req.device, max_batch = req.max_batch, "worker registered");
             id
-        } else if req.worker_id.len() <= 200 && req.worker_id.bytes().all(|b| b.is_ascii_graphic()) {
+        } else if req.worker_id.len() <= 200 && req.worker_id.bytes().all(|b| b.is_ascii_graphic())
+        {
             tracing::info!(worker = %req.worker_id, "worker reconnected");
             req.worker_id
         } else {
@@ -236,7 +237,7 @@ impl pb::Coordinator for CoordinatorService {
                 },
             };
             if outcome != pb::SubmitOutcome::Recorded {
-                tracing::warn!(worker = %req.worker_id, lease = %req.lease_id, filter = r.filter, ?outcome, %message, "submission not recorded");
+                tracing::warn!(worker = %req.worker_id, lease = %req.lease_id, layer = layer.as_deref().unwrap_or("?"), filter = r.filter, ?outcome, %message, "submission not recorded");
             }
             outcomes.push(pb::FilterOutcome {
                 filter: r.filter,

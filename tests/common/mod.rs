@@ -5,6 +5,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The token of every test coordinator; the workers get it from the environment.
@@ -23,6 +24,16 @@ pub fn coordinator(out: &Path, extra: &[&str]) -> (Child, String) {
 
 /// `coordinator` on a given address (e.g. the same port again after a restart).
 pub fn coordinator_on(listen: &str, out: &Path, extra: &[&str]) -> (Child, String) {
+    let (child, addr, _) = coordinator_logged(listen, out, extra);
+    (child, addr)
+}
+
+/// `coordinator_on`, also returning everything it writes to stderr (its log) as it comes.
+pub fn coordinator_logged(
+    listen: &str,
+    out: &Path,
+    extra: &[&str],
+) -> (Child, String, Arc<Mutex<Vec<String>>>) {
     let mut child = bin()
         .args([
             "render",
@@ -38,15 +49,54 @@ pub fn coordinator_on(listen: &str, out: &Path, extra: &[&str]) -> (Child, Strin
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let log = Arc::new(Mutex::new(Vec::new()));
     let addr = loop {
         let line = lines.next().expect("render printed its address").unwrap();
+        log.lock().unwrap().push(line.clone());
         if let Some(rest) = line.split("--connect ").nth(1) {
             break rest.split('`').next().unwrap().to_string();
         }
     };
     // Keep draining stderr so the coordinator never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (child, addr)
+    let keep = log.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            keep.lock().unwrap().push(line);
+        }
+    });
+    (child, addr, log)
+}
+
+/// A loopback port free right now (for a coordinator that must come back on the same one).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// How many filter leases were issued beyond one per filter: the filters computed again.
+pub fn recomputed(db: &str) -> i64 {
+    let v: serde_json::Value = serde_json::from_str(&query(
+        db,
+        "SELECT SUM(attempts) - COUNT(*) AS extra FROM filters",
+        "json",
+    ))
+    .unwrap();
+    v[0]["extra"].as_i64().unwrap()
+}
+
+/// Polls `cond` every 50 ms until it holds; fails with `what` after `limit`.
+pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !cond() {
+        assert!(
+            t.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 pub fn worker(addr: &str, name: &str) -> Child {

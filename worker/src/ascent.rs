@@ -165,6 +165,16 @@ pub struct Settings {
     pub inject_nan_filter: Option<usize>,
 }
 
+/// Test hook: `VGG_ATLAS_TEST_INJECT_NAN_FILTER=N` poisons filter N's gradient with NaN (in
+/// `visualize` and in every worker), to show a failing filter is retried, then recorded as
+/// failed, and never stored as a NaN.
+pub fn test_inject_nan_filter() -> Option<usize> {
+    std::env::var("VGG_ATLAS_TEST_INJECT_NAN_FILTER")
+        .ok()?
+        .parse()
+        .ok()
+}
+
 /// The default preset: see README.md for the measurement behind the choice.
 pub const DEFAULT_PRESET: Preset = Preset::Atlas;
 

@@ -303,7 +303,10 @@ async fn session(
                 }
             },
         };
-        let s = settings_from_wire(lease.settings.as_ref().unwrap_or(&settings))?;
+        let s = Settings {
+            inject_nan_filter: ascent::test_inject_nan_filter(),
+            ..settings_from_wire(lease.settings.as_ref().unwrap_or(&settings))?
+        };
         let layer = Layer::by_name(&lease.layer)?;
         let filters: Vec<usize> = lease.filters.iter().map(|f| f.filter as usize).collect();
         // Compute off the async runtime; heartbeat until it is done.
@@ -325,6 +328,7 @@ async fn session(
         // A lost connection does not stop the compute: its results are offered when the
         // coordinator is back (recorded if nobody else has taken the lease meanwhile).
         let mut lost: Option<String> = None;
+        let stall = test_stall();
         let results = loop {
             tokio::select! {
                 done = &mut job => break done.map_err(|e| SessionError::Fatal(Error::Invalid(format!("compute task failed: {e}"))))??,
@@ -332,7 +336,7 @@ async fn session(
                     prefetch = None;
                     carry.next = prefetched(got);
                 }
-                _ = tick.tick(), if lost.is_none() && !stall_heartbeats() => {
+                _ = tick.tick(), if lost.is_none() && stall.is_none() => {
                     let mut ids = vec![lease.lease_id.clone()];
                     ids.extend(carry.next.iter().map(|l| l.lease_id.clone()));
                     match client.heartbeat(pb::HeartbeatRequest { worker_id: worker_id.clone(), lease_ids: ids }).await {
@@ -355,6 +359,9 @@ async fn session(
                 }
             }
         };
+        if let Some(d) = stall {
+            tokio::time::sleep(d).await;
+        }
         if let Some(p) = prefetch {
             // Still in flight: it is one short RPC, and a lease it brings must not be left to expire.
             carry.next = prefetched(p.await);
@@ -399,10 +406,15 @@ async fn submit(
     Ok(())
 }
 
-/// Test hook: `VGG_ATLAS_TEST_STALL_HEARTBEATS=1` makes the worker stop heart-beating while it
-/// computes (it stays connected), as a hung or overloaded worker would; its leases then expire.
-fn stall_heartbeats() -> bool {
-    std::env::var_os("VGG_ATLAS_TEST_STALL_HEARTBEATS").is_some_and(|v| v == "1")
+/// Test hook: `VGG_ATLAS_TEST_STALL_SECONDS=N` makes the worker hang as an overloaded or
+/// swapping node would: no heartbeats while it computes, then N seconds of nothing before it
+/// submits, all on an open connection. Its leases expire meanwhile.
+fn test_stall() -> Option<Duration> {
+    let s: f64 = std::env::var("VGG_ATLAS_TEST_STALL_SECONDS")
+        .ok()?
+        .parse()
+        .ok()?;
+    (s > 0.0).then(|| Duration::from_secs_f64(s))
 }
 
 /// What a poll for work brought.
