@@ -228,7 +228,10 @@ impl pb::Coordinator for CoordinatorService {
                                 ),
                             ),
                             Ok(o) => (convert(o), String::new()),
-                            Err(e @ crate::Error::NonFinite { .. }) => {
+                            Err(
+                                e @ (crate::Error::NonFinite { .. }
+                                | crate::Error::UnknownFilter { .. }),
+                            ) => {
                                 (pb::SubmitOutcome::Rejected, e.to_string())
                             }
                             Err(e) => return Err(internal(e)),

@@ -408,3 +408,184 @@ async fn the_coordinator_benchmark_records_every_filter() {
     // Noise does not compress: the PNG is about the raw image's size.
     assert!(r.png_bytes >= 32 * 32 * 3, "{}", r.png_bytes);
 }
+
+/// Random submissions over the wire: random bytes, damaged PNGs, PNGs of other sizes, scores
+/// that are NaN or infinite, filters outside the lease or the layer. The coordinator answers
+/// each with an outcome (never an error, never a crash), records only a valid PNG of the run's
+/// size with finite scores for a filter of the lease, and never changes a stored result.
+#[test]
+fn random_submissions_are_answered_and_only_valid_ones_stored() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestCaseError, TestRunner};
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (f, coord, c, w, l) = rt.block_on(async {
+        let f = fixture(3_600_000).await;
+        let coord = serve(f.store.clone(), f.ctx.clone()).await;
+        let mut c = client(&coord.url).await;
+        let w = register(&mut c, "fuzz").await;
+        let l = lease(&mut c, &w, 8).await;
+        (f, coord, c, w, l)
+    });
+    let leased = filters(&l);
+    let valid = png(SIZE, 7);
+    let image = prop_oneof![
+        Just(valid.clone()),
+        proptest::collection::vec(any::<u8>(), 0..300),
+        // A valid PNG with bytes overwritten at random places.
+        proptest::collection::vec((0..valid.len(), any::<u8>()), 1..6).prop_map({
+            let valid = valid.clone();
+            move |edits| {
+                let mut p = valid.clone();
+                for (i, b) in edits {
+                    p[i] = b;
+                }
+                p
+            }
+        }),
+        (0..valid.len()).prop_map({
+            let valid = valid.clone();
+            move |n| valid[..n].to_vec()
+        }),
+        (1u32..40).prop_map(|side| png(side, 3)),
+    ];
+    let score = prop_oneof![-10.0f32..10.0, any::<f32>()];
+    let filter = prop_oneof![proptest::sample::select(leased.clone()), 0u32..80];
+    let strategy = (
+        image,
+        score.clone(),
+        score,
+        proptest::collection::vec(-1.0f32..1.0, 0..4),
+        filter,
+    );
+    let mut runner = TestRunner::new(Config {
+        cases: 500,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    runner
+        .run(
+            &strategy,
+            |(png_bytes, activation, objective, curve, filter)| {
+                rt.block_on(async {
+                    let before = f
+                        .store
+                        .result(&f.ctx.run_id, "block1_conv1", filter as i32)
+                        .await
+                        .unwrap();
+                    let r = pb::FilterResult {
+                        filter,
+                        png: png_bytes.clone(),
+                        activation,
+                        objective,
+                        start_activation: 0.5,
+                        curve: curve.clone(),
+                        seconds: 0.1,
+                        dead: false,
+                        failed_reason: None,
+                        retries: 0,
+                    };
+                    let answer = c
+                        .clone()
+                        .submit(pb::SubmitRequest {
+                            worker_id: w.clone(),
+                            lease_id: l.lease_id.clone(),
+                            results: vec![r],
+                        })
+                        .await
+                        .map_err(|s| TestCaseError::fail(format!("submit failed: {s}")))?
+                        .into_inner();
+                    prop_assert_eq!(answer.outcomes.len(), 1);
+                    let outcome = pb::SubmitOutcome::try_from(answer.outcomes[0].outcome).unwrap();
+                    let after = f
+                        .store
+                        .result(&f.ctx.run_id, "block1_conv1", filter as i32)
+                        .await
+                        .unwrap();
+                    if outcome == pb::SubmitOutcome::Recorded {
+                        let img = image::load_from_memory_with_format(
+                            &png_bytes,
+                            image::ImageFormat::Png,
+                        );
+                        prop_assert!(
+                            img.is_ok_and(|i| i.width() == SIZE && i.height() == SIZE),
+                            "recorded an image that is not a {SIZE}x{SIZE} PNG"
+                        );
+                        prop_assert!(activation.is_finite() && objective.is_finite());
+                        prop_assert!(leased.contains(&filter) && before.is_none());
+                        prop_assert!(after.is_some());
+                    } else {
+                        prop_assert!(
+                            !answer.outcomes[0].message.is_empty()
+                                || outcome == pb::SubmitOutcome::Duplicate
+                        );
+                        prop_assert_eq!(
+                            before.map(|b| b.finished_at_ms),
+                            after.map(|a| a.finished_at_ms),
+                            "a refused submission changed what was stored"
+                        );
+                    }
+                    Ok(())
+                })
+            },
+        )
+        .unwrap();
+    coord.server.abort();
+}
+
+/// Random bytes as any request message: prost decodes or refuses them, never panics (the
+/// server decodes every call's body this way before the service sees it).
+#[test]
+fn random_bytes_never_panic_the_message_decoders() {
+    use proptest::prelude::*;
+    use vgg_atlas_proto::prost::Message;
+    proptest!(ProptestConfig::with_cases(2000), |(bytes in proptest::collection::vec(any::<u8>(), 0..512))| {
+        let _ = pb::SubmitRequest::decode(&bytes[..]);
+        let _ = pb::RegisterRequest::decode(&bytes[..]);
+        let _ = pb::PollWorkRequest::decode(&bytes[..]);
+        let _ = pb::HeartbeatRequest::decode(&bytes[..]);
+        let _ = pb::FetchWeightsRequest::decode(&bytes[..]);
+    });
+}
+
+/// A message over the limit is refused by the server (OUT_OF_RANGE, "too large"), and the
+/// coordinator goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversize_message_is_refused_and_the_coordinator_goes_on() {
+    let f = fixture(60_000).await;
+    let coord = serve(f.store.clone(), f.ctx.clone()).await;
+    let mut c = client(&coord.url).await;
+    let w = register(&mut c, "big").await;
+    let l = lease(&mut c, &w, 1).await;
+    let channel = tonic::transport::Endpoint::from_shared(coord.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    // A client without the size limit, to get past its own check.
+    let mut unlimited = pb::CoordinatorClient::with_interceptor(
+        channel,
+        pb::auth::AttachToken::new(Some(TOKEN)).unwrap(),
+    )
+    .max_encoding_message_size(usize::MAX);
+    let big = pb::FilterResult {
+        png: vec![0u8; pb::MAX_MESSAGE_BYTES + 1],
+        ..result(l.filters[0].filter, 1.0)
+    };
+    let err = unlimited
+        .submit(pb::SubmitRequest {
+            worker_id: w.clone(),
+            lease_id: l.lease_id.clone(),
+            results: vec![big],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::OutOfRange, "{err}");
+    assert!(err.message().contains("too large"), "{err}");
+    let good = result(l.filters[0].filter, 1.0);
+    assert_eq!(
+        outcomes(&submit(&mut c, &w, &l, vec![good]).await),
+        [pb::SubmitOutcome::Recorded]
+    );
+    coord.server.abort();
+}
