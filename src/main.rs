@@ -1057,12 +1057,34 @@ async fn render(a: RenderArgs) -> Result<()> {
             weights.source
         );
     }
-    std::fs::create_dir_all(&a.out)
-        .with_context(|| format!("cannot create output folder {}", a.out.display()))?;
     let db =
         a.db.clone()
             .unwrap_or_else(|| format!("sqlite://{}", a.out.join("atlas.db").display()));
-    let store = store::connect(&db).await?;
+    // Nothing is written until every input has been checked: the database URL first, a
+    // database server reached before the output folder is made, the folder proven writable
+    // (the atlas goes there at the end of a long render).
+    let db_server = match store::backend(&db)? {
+        store::Backend::Postgres => Some(store::connect(&db).await?),
+        store::Backend::Sqlite(_) => None,
+    };
+    let made_out = !a.out.exists();
+    let opened = async {
+        writable_folder(&a.out)?;
+        match db_server {
+            Some(s) => Ok(s),
+            None => Ok(store::connect(&db).await?),
+        }
+    }
+    .await;
+    let store = match opened {
+        Ok(s) => s,
+        Err(e) => {
+            if made_out {
+                let _ = std::fs::remove_dir(&a.out); // only if still empty
+            }
+            return Err(e);
+        }
+    };
     let fresh = a.fresh.then(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -1070,6 +1092,9 @@ async fn render(a: RenderArgs) -> Result<()> {
             .unwrap_or(1)
     });
     let spec = plan::plan(&weights.sha256, &layers, &settings, a.max_attempts, fresh);
+    if fresh.is_none() {
+        refuse_other_weights(&*store, &spec.run_id, &weights.sha256, &layers, &settings).await?;
+    }
     let created = store.create_or_resume_run(&spec).await?;
     eprintln!(
         "{} run {} ({} filters) in {db}",
@@ -1167,6 +1192,60 @@ async fn render(a: RenderArgs) -> Result<()> {
         }
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
+}
+
+/// Makes `dir` if needed and proves it writable with a probe file, so that a render never
+/// runs for hours and then fails to write its atlas.
+fn writable_folder(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| {
+        format!(
+            "cannot create output folder {}; choose another --out",
+            dir.display()
+        )
+    })?;
+    let probe = dir.join(format!(".vgg-atlas-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .and_then(|()| std::fs::remove_file(&probe))
+        .with_context(|| {
+            format!(
+                "output folder {} is not writable; choose another --out",
+                dir.display()
+            )
+        })
+}
+
+/// Refuses to start a second run of the same layers and settings next to one made with other
+/// weights: the user most likely meant to resume it, and an atlas of two networks is not one.
+async fn refuse_other_weights(
+    store: &dyn vgg_atlas_coordinator::store::Store,
+    run_id: &str,
+    sha256: &str,
+    layers: &[Layer],
+    settings: &Settings,
+) -> Result<()> {
+    let runs = store.runs().await?;
+    if runs.iter().any(|(id, _, _)| id == run_id) {
+        return Ok(()); // resuming this very run
+    }
+    for (id, _, _) in &runs {
+        let other = store.run_info(id).await?;
+        if other.weights_sha256 == sha256 {
+            continue;
+        }
+        let same_plan =
+            vgg_atlas_coordinator::plan::plan(&other.weights_sha256, layers, settings, 1, None);
+        if same_plan.run_id == *id {
+            bail!(
+                "this database holds run {id} of the same layers and settings, made with weights \
+                 sha256 {}, but these weights are sha256 {sha256}. Resuming it with other weights \
+                 would mix two networks in one atlas. Give the weights it was made with \
+                 (--weights FILE with that sha256), or --fresh to start a new run with these \
+                 weights beside it; nothing was changed",
+                other.weights_sha256
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Draws the atlas of `run_id` into `out` from the store, one layer at a time.

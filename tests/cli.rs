@@ -248,3 +248,97 @@ fn bad_input_gets_a_clear_error_and_no_panic() {
         "query and status on a missing database create nothing"
     );
 }
+
+/// `render` checks everything it is given before it writes anything: each bad input gets its
+/// own message and exit code 1, and the output folder is not even created.
+#[test]
+fn render_refuses_bad_input_before_writing_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "not a folder").unwrap();
+    let under_file = file.join("out").display().to_string();
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["--db", "postgres://atlas:secret@127.0.0.1:1/atlas"],
+            "cannot open the database postgres://atlas:***@127.0.0.1:1/atlas",
+        ),
+        (&["--db", "postgres//atlas"], "neither sqlite nor postgres"),
+        (&["--db", "sqlite://"], "database URL"),
+        (&["--layers", "block5_conv1", "--size", "8"], "too small"),
+        (
+            &["--layers", "block1_conv1,block1_conv1x"],
+            "unknown layer 'block1_conv1x'",
+        ),
+    ];
+    for (i, (args, want)) in cases.iter().enumerate() {
+        let out = dir.path().join(format!("out{i}"));
+        let out_s = out.display().to_string();
+        let mut all = vec!["render", "--steps", "1", "--out", &out_s];
+        if !args.contains(&"--layers") {
+            all.extend(["--layers", "block1_conv1", "--size", "32"]);
+        }
+        all.extend(args.iter());
+        let o = vgg_atlas(&all);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: expected '{want}' in: {err}");
+        assert!(
+            !err.contains("secret"),
+            "the password is never shown: {err}"
+        );
+        assert!(!out.exists(), "{args:?} created {}", out.display());
+    }
+    let o = vgg_atlas(&["render", "--layers", "block1_conv1", "--out", &under_file]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("cannot create output folder"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// A run is resumed only with the weights it was made with; other weights are refused with
+/// both hashes, and `--fresh` starts a run of its own beside it.
+#[test]
+fn resuming_with_other_weights_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("atlas").display().to_string();
+    let db = format!("sqlite://{out}/atlas.db");
+    let render = |extra: &[&str]| {
+        let mut args = vec!["render", "--layers", "block1_conv1", "--size", "32"];
+        args.extend(["--steps", "1", "--threads", "1", "--out", &out]);
+        args.extend(extra);
+        vgg_atlas(&args)
+    };
+    let o = render(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The same network with one weight changed in its last byte: valid, but not the same.
+    let original = vgg_atlas_worker::fetch::default_weights_path().unwrap();
+    let mut bytes = std::fs::read(&original).unwrap();
+    *bytes.last_mut().unwrap() ^= 1;
+    let other = dir.path().join("other.safetensors");
+    std::fs::write(&other, &bytes).unwrap();
+    let other_s = other.display().to_string();
+    let o = render(&["--weights", &other_s]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("made with weights sha256 59c1f2de") && err.contains("--fresh"),
+        "{err}"
+    );
+    let runs = vgg_atlas(&[
+        "query",
+        "--db",
+        &db,
+        "--format",
+        "csv",
+        "SELECT COUNT(*) AS n FROM runs",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&runs.stdout),
+        "n\n1\n",
+        "nothing was added"
+    );
+    let o = render(&["--weights", &other_s, "--fresh"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}

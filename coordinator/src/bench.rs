@@ -79,10 +79,10 @@ pub async fn run(cfg: BenchConfig) -> Result<BenchReport> {
             // a database that may hold a real atlas.
             let admin = sqlx::PgPool::connect(url)
                 .await
-                .map_err(|source| Error::Connect {
+                .map_err(|cause| Error::Connect {
                     url: store::redact(url),
                     hint: "Is the server running, and may this user create a schema?",
-                    source,
+                    cause,
                 })?;
             sqlx::query(&format!("CREATE SCHEMA {schema}"))
                 .execute(&admin)

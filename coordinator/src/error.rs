@@ -11,23 +11,22 @@ pub enum Error {
     )]
     BadUrl { url: String, reason: String },
 
-    #[error("cannot open the database {url}: {source}. {hint}")]
+    // The cause is in the message and not chained as a source, so that `{:#}` prints it once.
+    #[error("cannot open the database {url}: {cause}. {hint}")]
     Connect {
         /// The URL with any password blanked out.
         url: String,
         hint: &'static str,
-        #[source]
-        source: sqlx::Error,
+        cause: sqlx::Error,
     },
 
     #[error(
-        "cannot apply the schema migrations to {url}: {source}. Was this database written by a newer \
+        "cannot apply the schema migrations to {url}: {cause}. Was this database written by a newer \
          vgg-atlas, or edited by hand?"
     )]
     Migrate {
         url: String,
-        #[source]
-        source: sqlx::migrate::MigrateError,
+        cause: sqlx::migrate::MigrateError,
     },
 
     #[error(

@@ -73,10 +73,10 @@ async fn query_sqlite(url: &str, path: &str, sql: &str) -> Result<QueryResult> {
         .pragma("query_only", "ON");
     let mut conn = SqliteConnection::connect_with(&options)
         .await
-        .map_err(|source| Error::Connect {
+        .map_err(|cause| Error::Connect {
             url: url.to_string(),
             hint: "Is the file a SQLite database written by vgg-atlas, and readable?",
-            source,
+            cause,
         })?;
     let rows = conn.fetch_all(sql).await.map_err(explain)?;
     conn.close().await.ok();
@@ -132,10 +132,10 @@ async fn query_postgres(url: &str, sql: &str) -> Result<QueryResult> {
     )
     .await
     .unwrap_or(Err(sqlx::Error::PoolTimedOut))
-    .map_err(|source| Error::Connect {
+    .map_err(|cause| Error::Connect {
         url: shown,
         hint: "Is the server running and reachable, and are the user, password and database right?",
-        source,
+        cause,
     })?;
     let mut tx = conn.begin().await?;
     sqlx::query("SET TRANSACTION READ ONLY")

@@ -33,11 +33,11 @@ impl PostgresStore {
             url: shown.clone(),
             reason: e.to_string(),
         })?;
-        let unreachable = |source| Error::Connect {
+        let unreachable = |cause| Error::Connect {
             url: shown.clone(),
             hint: "Is the server running and reachable at that host and port, and are the user, \
                    password and database right?",
-            source,
+            cause,
         };
         // One plain connection first: the pool would report any failure as "timed out", whereas
         // this says what went wrong (refused, unknown host, bad password, no such database).
@@ -57,7 +57,7 @@ impl PostgresStore {
         sqlx::migrate!("../migrations/postgres")
             .run(&pool)
             .await
-            .map_err(|source| Error::Migrate { url: shown, source })?;
+            .map_err(|cause| Error::Migrate { url: shown, cause })?;
         Ok(Self { pool })
     }
 

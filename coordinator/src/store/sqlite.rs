@@ -68,17 +68,17 @@ impl SqliteStore {
             .max_connections(8)
             .connect_with(options)
             .await
-            .map_err(|source| Error::Connect {
+            .map_err(|cause| Error::Connect {
                 url: url.to_string(),
                 hint: "Is the path writable, and is the file a SQLite database?",
-                source,
+                cause,
             })?;
         sqlx::migrate!("../migrations/sqlite")
             .run(&pool)
             .await
-            .map_err(|source| Error::Migrate {
+            .map_err(|cause| Error::Migrate {
                 url: url.to_string(),
-                source,
+                cause,
             })?;
         Ok(Self { pool })
     }
