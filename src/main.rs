@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use vgg_atlas_worker::ascent::{self, Settings};
-use vgg_atlas_worker::trunk::{CpuTrunk, Objective};
+use vgg_atlas_worker::trunk::{Objective, Trunk};
 use vgg_atlas_worker::vgg::Vgg16;
 use vgg_atlas_worker::{fetch, Layer, Weights};
 
@@ -78,9 +78,6 @@ enum Command {
         /// A name for logs (default: the host name).
         #[arg(long)]
         name: Option<String>,
-        /// Where to compute: `cpu` (this build); `cuda:N` needs a build with CUDA support.
-        #[arg(long, default_value = "cpu")]
-        device: String,
         /// The coordinator's token.
         #[arg(long, env = "VGG_ATLAS_TOKEN", hide_env_values = true)]
         token: Option<String>,
@@ -290,6 +287,9 @@ struct Compute {
     /// Compute threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Where the network runs: `cpu`, or `cuda:N` / `metal:N` in a build with that feature.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Args)]
@@ -407,6 +407,11 @@ impl Method {
 }
 
 impl Compute {
+    /// The network on `--device`, checked before any work starts.
+    fn trunk(&self, weights: &Weights) -> Result<Box<dyn Trunk + Send>> {
+        Ok(vgg_atlas_worker::trunk(weights, &self.device)?)
+    }
+
     fn weights(&self) -> Result<Weights> {
         let path = match &self.weights {
             Some(p) => p.clone(),
@@ -482,20 +487,12 @@ fn run(cli: Cli) -> Result<()> {
             connect,
             batch,
             name,
-            device,
             token,
             tls_ca,
             tls_domain,
             compute,
         } => {
-            match device.as_str() {
-                "cpu" => {}
-                d if d.starts_with("cuda") || d.starts_with("metal") => bail!(
-                    "--device {d}: this vgg-atlas was built without GPU support; it computes on \
-                     the CPU only (--device cpu). GPU workers are not available yet"
-                ),
-                d => bail!("--device {d}: unknown device; use cpu"),
-            }
+            vgg_atlas_worker::device(&compute.device)?; // a GPU build for a GPU device
             let threads = compute.threads()?;
             let name = name
                 .unwrap_or_else(|| std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into()));
@@ -508,6 +505,7 @@ fn run(cli: Cli) -> Result<()> {
                 token,
                 tls_ca,
                 tls_domain,
+                device: compute.device.clone(),
             };
             runtime()?.block_on(vgg_atlas_worker::client::run(cfg))?;
             eprintln!("the run is finished");
@@ -672,7 +670,7 @@ fn probe(image: &Path, layer: &str, top: usize, json: bool, compute: &Compute) -
         .to_rgb8();
     let weights = compute.weights()?;
     let (pool, _) = compute.pool()?;
-    let model = Vgg16::new(&weights, &candle_core_device())?;
+    let model = Vgg16::new(&weights, &vgg_atlas_worker::device(&compute.device)?)?;
     let acts = pool.install(|| model.probe(&img, layer))?;
     if json {
         println!("{}", json!({"layer": layer.name, "activations": acts}));
@@ -694,10 +692,6 @@ fn probe(image: &Path, layer: &str, top: usize, json: bool, compute: &Compute) -
         println!("{:>5} {:>7} {:>12.4}", rank + 1, f, acts[f]);
     }
     Ok(())
-}
-
-fn candle_core_device() -> vgg_atlas_worker::candle::Device {
-    vgg_atlas_worker::candle::Device::Cpu
 }
 
 fn parse_filters(spec: &str, layer: &Layer) -> Result<Range<usize>> {
@@ -761,12 +755,12 @@ fn visualize(
     let (pool, _) = compute.pool()?;
     std::fs::create_dir_all(out)
         .with_context(|| format!("cannot create output folder {}", out.display()))?;
-    let mut trunk = CpuTrunk::new(&weights);
+    let mut trunk = compute.trunk(&weights)?;
     let all: Vec<usize> = filters.collect();
     let mut records = Vec::new();
     for chunk in all.chunks(batch) {
         let results = pool.install(|| {
-            ascent::visualize(&mut trunk, weights.preprocess, layer, chunk, &settings)
+            ascent::visualize(&mut *trunk, weights.preprocess, layer, chunk, &settings)
         })?;
         for r in results {
             let name = format!("{}_{:04}.png", r.layer, r.filter);
@@ -831,7 +825,7 @@ fn bench_presets(
         .collect::<Result<_, _>>()?;
     let weights = compute.weights()?;
     let (pool, threads) = compute.pool()?;
-    let mut trunk = CpuTrunk::new(&weights);
+    let mut trunk = compute.trunk(&weights)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut rows = Vec::new();
     let mut images: Vec<Vec<Option<image::RgbImage>>> = Vec::new();
@@ -847,7 +841,7 @@ fn bench_presets(
             s.check(&layer)?;
             let t = Instant::now();
             let results = pool
-                .install(|| ascent::visualize(&mut trunk, weights.preprocess, layer, &ids, &s))?;
+                .install(|| ascent::visualize(&mut *trunk, weights.preprocess, layer, &ids, &s))?;
             let secs = t.elapsed().as_secs_f64() / ids.len() as f64;
             let mean = |f: &dyn Fn(&ascent::FilterResult) -> f32| {
                 results.iter().map(|r| f(r) as f64).sum::<f64>() / results.len() as f64
@@ -928,11 +922,13 @@ fn bench(
     }
     let weights = compute.weights()?;
     let (pool, threads) = compute.pool()?;
-    let mut trunk = CpuTrunk::new(&weights);
+    let mut trunk = compute.trunk(&weights)?;
     let batches = match batch {
         Some(0) => bail!("--batch must be at least 1"),
         Some(b) => vec![b],
-        None => vec![1, 2, 4, 8, 16],
+        None if compute.device == "cpu" => vec![1, 2, 4, 8, 16],
+        // A GPU wants wide batches; the widest that fits in its memory wins.
+        None => vec![16, 32, 64, 128, 256],
     };
     // Effective FLOPs: 2 per MAC, forward to the layer plus an input-gradient pass of the same
     // size, per step, as the dense method would do them.
@@ -947,10 +943,20 @@ fn bench(
             steps: 1,
             ..settings.clone()
         };
-        pool.install(|| ascent::visualize(&mut trunk, weights.preprocess, layer, &filters, &warm))?;
+        let warmed = pool
+            .install(|| ascent::visualize(&mut *trunk, weights.preprocess, layer, &filters, &warm));
+        match warmed {
+            Ok(_) => {}
+            // A batch that does not fit in the device's memory ends the search.
+            Err(e) if best.is_some() => {
+                eprintln!("{} batch {b}: {e}; stopping here", layer.name);
+                break;
+            }
+            Err(e) => return Err(e.into()),
+        }
         let t = Instant::now();
         pool.install(|| {
-            ascent::visualize(&mut trunk, weights.preprocess, layer, &filters, &settings)
+            ascent::visualize(&mut *trunk, weights.preprocess, layer, &filters, &settings)
         })?;
         let fps = b as f64 / t.elapsed().as_secs_f64();
         if !json {
@@ -963,7 +969,7 @@ fn bench(
     }
     let (b, fps) = best.expect("at least one batch");
     let doc = json!({"layer": layer.name, "batch": b, "filters_per_second": fps, "gflops": fps * flops_per_filter / 1e9,
-        "threads": threads, "size": settings.size, "steps": settings.steps, "tried": tried});
+        "threads": threads, "device": compute.device, "size": settings.size, "steps": settings.steps, "tried": tried});
     if json {
         println!("{doc}");
     } else {
@@ -1046,6 +1052,7 @@ async fn render(a: RenderArgs) -> Result<()> {
     for l in &layers {
         settings.check(l)?;
     }
+    vgg_atlas_worker::device(&a.compute.device)?; // a GPU build for a GPU device
     let weights_path = match &a.compute.weights {
         Some(p) => p.clone(),
         None => fetch::ensure_default(&|m| eprintln!("{m}"))?,
@@ -1157,6 +1164,7 @@ async fn render(a: RenderArgs) -> Result<()> {
             token: token.clone(),
             tls_ca: None,
             tls_domain: None,
+            device: a.compute.device.clone(),
         };
         tokio::spawn(async move {
             if let Err(e) = vgg_atlas_worker::client::run(cfg).await {

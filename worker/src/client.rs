@@ -12,7 +12,7 @@ use vgg_atlas_proto as pb;
 use vgg_atlas_proto::tonic;
 
 use crate::ascent::{self, Optimizer, Parameterization, Preset, Settings};
-use crate::trunk::{CpuTrunk, Objective};
+use crate::trunk::{Objective, Trunk};
 use crate::weights::{hex, Weights};
 use crate::{fetch, Error, Layer, Result};
 
@@ -29,6 +29,8 @@ pub struct WorkerConfig {
     pub tls_ca: Option<PathBuf>,
     /// The name the coordinator's certificate must carry, if not the host of `connect`.
     pub tls_domain: Option<String>,
+    /// Where to compute: `cpu`, `cuda:N` or `metal:N`.
+    pub device: String,
 }
 
 /// The run settings on the wire, as the engine's settings.
@@ -189,7 +191,7 @@ impl From<Error> for SessionError {
 struct Engine {
     sha256: String,
     weights: Arc<Weights>,
-    trunk: Arc<Mutex<CpuTrunk>>,
+    trunk: Arc<Mutex<Box<dyn Trunk + Send>>>,
     pool: Arc<rayon::ThreadPool>,
 }
 
@@ -255,7 +257,7 @@ async fn session(
         .register(pb::RegisterRequest {
             protocol_version: pb::PROTOCOL_VERSION,
             name: cfg.name.clone(),
-            device: "cpu".into(),
+            device: cfg.device.clone(),
             max_batch: cfg.batch as u32,
             worker_id: carry.worker_id.clone().unwrap_or_default(),
         })
@@ -277,7 +279,7 @@ async fn session(
             .map_err(|e| Error::Invalid(format!("cannot start {} threads: {e}", cfg.threads)))?;
         *engine = Some(Engine {
             sha256: sha.clone(),
-            trunk: Arc::new(Mutex::new(CpuTrunk::new(&weights))),
+            trunk: Arc::new(Mutex::new(crate::trunk(&weights, &cfg.device)?)),
             weights: Arc::new(weights),
             pool: Arc::new(pool),
         });
@@ -313,7 +315,7 @@ async fn session(
         let e = engine.clone();
         let mut job = tokio::task::spawn_blocking(move || {
             let mut guard = e.trunk.lock().expect("trunk");
-            let trunk: &mut CpuTrunk = &mut guard;
+            let trunk: &mut (dyn Trunk + Send) = &mut **guard;
             e.pool
                 .install(|| ascent::visualize(trunk, e.weights.preprocess, layer, &filters, &s))
         });

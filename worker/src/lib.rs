@@ -4,6 +4,7 @@
 pub mod ascent;
 pub mod client;
 pub mod conv;
+pub mod device_trunk;
 mod error;
 pub mod fetch;
 pub mod fourier;
@@ -31,21 +32,37 @@ pub fn device(spec: &str) -> Result<candle_core::Device> {
         ),
         None => (spec, 0),
     };
+    let unbuilt = |feature: &str| {
+        Error::Invalid(format!(
+            "--device {spec}: this vgg-atlas was built without GPU support for it; build with \
+             `cargo build --release --features {feature}` (for CUDA: deploy/gpu/build-worker.sh), \
+             or use --device cpu"
+        ))
+    };
     match kind {
         "cpu" => Ok(candle_core::Device::Cpu),
+        "cuda" if !cfg!(feature = "cuda") => Err(unbuilt("cuda")),
+        "metal" if !cfg!(feature = "metal") => Err(unbuilt("metal")),
         "cuda" => Ok(candle_core::Device::new_cuda(ordinal).map_err(|e| {
             Error::Invalid(format!(
-                "device {spec}: {e}; this binary needs the `cuda` feature and an NVIDIA driver"
+                "--device {spec}: {e}; is there an NVIDIA GPU {ordinal} and its driver (libcuda.so.1)?"
             ))
         })?),
-        "metal" => Ok(candle_core::Device::new_metal(ordinal).map_err(|e| {
-            Error::Invalid(format!(
-                "device {spec}: {e}; this binary needs the `metal` feature"
-            ))
-        })?),
+        "metal" => Ok(candle_core::Device::new_metal(ordinal)
+            .map_err(|e| Error::Invalid(format!("--device {spec}: {e}")))?),
         _ => Err(Error::Invalid(format!(
             "unknown device '{spec}'; use cpu, cuda:N or metal:N"
         ))),
     }
 }
+
+/// The trunk for a `--device`: the hand-written CPU trunk for `cpu`, the candle trunk on the
+/// device otherwise.
+pub fn trunk(weights: &Weights, spec: &str) -> Result<Box<dyn trunk::Trunk + Send>> {
+    match device(spec)? {
+        candle_core::Device::Cpu => Ok(Box::new(trunk::CpuTrunk::new(weights))),
+        d => Ok(Box::new(device_trunk::DeviceTrunk::new(weights, &d)?)),
+    }
+}
+
 pub use candle_core as candle;

@@ -64,7 +64,7 @@ impl Vgg16 {
                     h = pre.relu()?;
                     outs.push(pre);
                     if pool_after && layer.index < target.index {
-                        h = h.max_pool2d(2)?;
+                        h = max_pool_2x2(&h)?;
                     }
                 }
                 LayerKind::Dense { relu, .. } => {
@@ -128,4 +128,18 @@ impl Vgg16 {
         };
         Ok(means.to_dtype(DType::F32)?.squeeze(0)?.to_vec1::<f32>()?)
     }
+}
+
+/// 2x2/2 max-pool (odd sides floored, as `max_pool2d(2)`) written as two max-reductions, whose
+/// backward sends the gradient to the maximum. candle 0.11's own `max_pool2d` backward scales
+/// it by 1/4 at every pool (it multiplies by the share of maxima in the window instead of
+/// dividing), which would shrink a block5 gradient 256-fold.
+fn max_pool_2x2(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let (h2, w2) = (h / 2, w / 2);
+    Ok(x.narrow(2, 0, h2 * 2)?
+        .narrow(3, 0, w2 * 2)?
+        .reshape((b, c, h2, 2, w2, 2))?
+        .max(5)?
+        .max(3)?)
 }
