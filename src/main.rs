@@ -225,6 +225,13 @@ struct RenderArgs {
     /// Accept workers without a token; only with --listen on a loopback address.
     #[arg(long, conflicts_with = "token")]
     no_token: bool,
+    /// Serve /healthz and Prometheus /metrics over HTTP on this address (e.g. 0.0.0.0:9090).
+    #[arg(long)]
+    metrics_listen: Option<String>,
+    /// Keep running after the run is finished (serving workers "finished", health and
+    /// metrics) until stopped: for a coordinator under a supervisor such as Kubernetes.
+    #[arg(long)]
+    stay: bool,
     /// Serve --listen with TLS: this certificate chain (PEM). Workers connect to https://...
     #[arg(long, requires_all = ["tls_key", "listen"])]
     tls_cert: Option<PathBuf>,
@@ -1133,6 +1140,22 @@ async fn render(a: RenderArgs) -> Result<()> {
         );
     }
     let coordinator = service::CoordinatorService::new(store.clone(), ctx);
+    if let Some(m) = &a.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(m)
+            .await
+            .with_context(|| format!("cannot listen on --metrics-listen {m}"))?;
+        eprintln!(
+            "health on http://{0}/healthz, Prometheus metrics on http://{0}/metrics",
+            listener.local_addr()?
+        );
+        tokio::spawn(vgg_atlas_coordinator::metrics::serve(
+            listener,
+            store.clone(),
+            spec.run_id.clone(),
+            coordinator.stats(),
+            std::time::Duration::from_secs(2 * a.lease_seconds),
+        ));
+    }
     // The local workers are in this process: with TLS on --listen they use a plain loopback
     // port of their own (same service, same token) instead of needing the CA.
     let local_addr = if tls && a.local_workers > 0 {
@@ -1190,6 +1213,10 @@ async fn render(a: RenderArgs) -> Result<()> {
                 spec.run_id
             );
             write_atlas(store.clone(), &spec.run_id, &a.out, a.mosaic.options()).await?;
+            if a.stay {
+                eprintln!("staying up (--stay): workers that ask are told the run is finished");
+                std::future::pending::<()>().await;
+            }
             if a.listen.is_some() {
                 // Keep answering until every idle remote worker has polled once more and been
                 // told the run is finished, so they exit instead of waiting for us to return.

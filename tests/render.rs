@@ -346,3 +346,83 @@ fn a_tls_coordinator_serves_workers_that_trust_its_ca_and_no_others() {
     assert!(wait(&mut w, Duration::from_secs(30)).success());
     assert_eq!(count(&status(&db), "done"), 64);
 }
+
+/// One HTTP GET on loopback: (status line, body).
+fn http_get(addr: &str, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+#[test]
+fn health_and_prometheus_metrics_report_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--stay",
+        "--layers",
+        "block1_conv1",
+        "--size",
+        "32",
+        "--steps",
+        "2",
+    ];
+    let (mut render, addr, log) = coordinator_logged("127.0.0.1:0", dir.path(), &args);
+    let metrics_addr = || {
+        log.lock()
+            .unwrap()
+            .iter()
+            .find_map(|l| l.split("metrics on http://").nth(1))
+            .map(|rest| rest.trim_end_matches("/metrics").to_string())
+    };
+    wait_until("the metrics address", Duration::from_secs(30), || {
+        metrics_addr().is_some()
+    });
+    let m = metrics_addr().unwrap();
+    let (status_line, body) = http_get(&m, "/healthz");
+    assert!(status_line.contains("200"), "{status_line}");
+    assert_eq!(body.trim(), "ok");
+    let (_, before) = http_get(&m, "/metrics");
+    assert!(
+        before.contains(r#"layer="block1_conv1",state="pending"} 64"#),
+        "{before}"
+    );
+    let mut w = worker(&addr, "measured");
+    assert!(wait(&mut w, Duration::from_secs(120)).success());
+    let (_, after) = http_get(&m, "/metrics");
+    for want in [
+        r#"layer="block1_conv1",state="done"} 64"#,
+        r#"layer="block1_conv1",state="pending"} 0"#,
+        "# TYPE vgg_atlas_results_recorded_total counter",
+        "vgg_atlas_filters_finished{run=",
+    ] {
+        assert!(after.contains(want), "missing {want} in:\n{after}");
+    }
+    let value = |name: &str| -> u64 {
+        after
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}{{")))
+            .and_then(|l| l.rsplit(' ').next())
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(value("vgg_atlas_results_recorded_total"), 64);
+    assert_eq!(value("vgg_atlas_workers"), 1);
+    assert!(value("vgg_atlas_leases_issued_total") >= 64 / 8);
+    assert!(
+        render.try_wait().unwrap().is_none(),
+        "--stay keeps the coordinator up after the run"
+    );
+    render.kill().unwrap();
+    render.wait().unwrap();
+}

@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod error;
+pub mod metrics;
 pub mod plan;
 pub mod query;
 pub mod service;

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio_stream::Stream;
@@ -15,6 +16,7 @@ use vgg_atlas_proto::tonic::{Request, Response, Status};
 pub type Server =
     InterceptedService<pb::CoordinatorServer<CoordinatorService>, pb::auth::CheckToken>;
 
+use crate::metrics::Stats;
 use crate::store::{self, now_ms, Store};
 
 /// What the coordinator serves: one run.
@@ -33,11 +35,21 @@ pub struct RunContext {
 pub struct CoordinatorService {
     store: Arc<dyn Store>,
     run: RunContext,
+    stats: Arc<Stats>,
 }
 
 impl CoordinatorService {
     pub fn new(store: Arc<dyn Store>, run: RunContext) -> CoordinatorService {
-        CoordinatorService { store, run }
+        CoordinatorService {
+            store,
+            run,
+            stats: Arc::default(),
+        }
+    }
+
+    /// The counters `/metrics` reports (see [`crate::metrics`]).
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
     }
 
     /// The service for a tonic server: message limits set, and every call checked for the
@@ -82,6 +94,7 @@ impl pb::Coordinator for CoordinatorService {
                 "worker_id must be at most 200 printable ASCII characters",
             ));
         };
+        self.stats.saw(&worker_id);
         let progress = self
             .store
             .progress(&self.run.run_id)
@@ -106,6 +119,7 @@ impl pb::Coordinator for CoordinatorService {
         req: Request<pb::PollWorkRequest>,
     ) -> Result<Response<pb::PollWorkResponse>, Status> {
         let req = req.into_inner();
+        self.stats.saw(&req.worker_id);
         let slots = req.free_slots.max(1) as usize;
         let lease = self
             .store
@@ -118,6 +132,9 @@ impl pb::Coordinator for CoordinatorService {
             )
             .await
             .map_err(internal)?;
+        if lease.is_some() {
+            self.stats.leases_issued.fetch_add(1, Ordering::Relaxed);
+        }
         let work = match lease {
             Some(l) => pb::poll_work_response::Work::Lease(pb::Lease {
                 lease_id: l.lease_id,
@@ -153,6 +170,7 @@ impl pb::Coordinator for CoordinatorService {
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let req = req.into_inner();
+        self.stats.saw(&req.worker_id);
         let now = now_ms();
         let mut leases = Vec::with_capacity(req.lease_ids.len());
         for lease_id in req.lease_ids {
@@ -183,6 +201,7 @@ impl pb::Coordinator for CoordinatorService {
         req: Request<pb::SubmitRequest>,
     ) -> Result<Response<pb::SubmitResponse>, Status> {
         let req = req.into_inner();
+        self.stats.saw(&req.worker_id);
         // The layer comes from the store, not from memory: a lease issued before a coordinator
         // restart is still honoured.
         let layer = self
@@ -239,6 +258,14 @@ impl pb::Coordinator for CoordinatorService {
                     }
                 },
             };
+            let counter = match outcome {
+                pb::SubmitOutcome::Recorded => &self.stats.results_recorded,
+                pb::SubmitOutcome::Failed | pb::SubmitOutcome::RetryLater => {
+                    &self.stats.failures_reported
+                }
+                _ => &self.stats.results_refused,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
             if outcome != pb::SubmitOutcome::Recorded {
                 tracing::warn!(worker = %req.worker_id, lease = %req.lease_id, layer = layer.as_deref().unwrap_or("?"), filter = r.filter, ?outcome, %message, "submission not recorded");
             }

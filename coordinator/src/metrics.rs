@@ -1,0 +1,177 @@
+//! What an operator watches: `/healthz` (the store answers) and `/metrics` in the Prometheus
+//! text format, served over plain HTTP on a port of its own (`render --metrics-listen`). The
+//! per-layer counts are read from the store at each scrape, so they are right after a restart;
+//! the counters count since this coordinator started.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+
+use crate::store::Store;
+
+/// Counters the gRPC service keeps as it answers.
+#[derive(Default)]
+pub struct Stats {
+    pub results_recorded: AtomicU64,
+    pub results_refused: AtomicU64,
+    /// Filters a worker reported as failed (retried or failed for good).
+    pub failures_reported: AtomicU64,
+    pub leases_issued: AtomicU64,
+    /// Worker id -> when it last called.
+    seen: Mutex<HashMap<String, Instant>>,
+}
+
+impl Stats {
+    pub fn saw(&self, worker_id: &str) {
+        if let Ok(mut seen) = self.seen.lock() {
+            seen.insert(worker_id.to_string(), Instant::now());
+        }
+    }
+
+    /// Workers that called within `window`.
+    pub fn workers(&self, window: Duration) -> usize {
+        self.seen
+            .lock()
+            .map(|s| s.values().filter(|t| t.elapsed() <= window).count())
+            .unwrap_or(0)
+    }
+}
+
+#[derive(Clone)]
+struct Ctx {
+    store: Arc<dyn Store>,
+    run_id: String,
+    stats: Arc<Stats>,
+    /// A worker counts as connected if it called within this window (two lease lengths).
+    window: Duration,
+}
+
+/// Serves `/healthz` and `/metrics` on `listener` until the process ends.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    store: Arc<dyn Store>,
+    run_id: String,
+    stats: Arc<Stats>,
+    window: Duration,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/healthz", get(health))
+        .route("/metrics", get(metrics))
+        .with_state(Ctx {
+            store,
+            run_id,
+            stats,
+            window,
+        });
+    axum::serve(listener, app).await
+}
+
+async fn health(State(c): State<Ctx>) -> (StatusCode, String) {
+    match c.store.progress(&c.run_id).await {
+        Ok(_) => (StatusCode::OK, "ok\n".into()),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the store does not answer: {e}\n"),
+        ),
+    }
+}
+
+async fn metrics(State(c): State<Ctx>) -> (StatusCode, String) {
+    let progress = match c.store.progress(&c.run_id).await {
+        Ok(p) => p,
+        Err(e) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("# the store does not answer: {e}\n"),
+            )
+        }
+    };
+    let mut out = String::new();
+    let run = &c.run_id;
+    let _ = writeln!(
+        out,
+        "# HELP vgg_atlas_filters Filters of the run by layer and state (dead filters are also done).\n# TYPE vgg_atlas_filters gauge"
+    );
+    for p in &progress {
+        for (state, n) in [
+            ("done", p.done),
+            ("pending", p.pending),
+            ("leased", p.leased),
+            ("failed", p.failed),
+            ("dead", p.dead),
+        ] {
+            let _ = writeln!(
+                out,
+                "vgg_atlas_filters{{run=\"{run}\",layer=\"{}\",state=\"{state}\"}} {n}",
+                p.layer
+            );
+        }
+    }
+    let total: i64 = progress.iter().map(|p| p.total).sum();
+    let finished: i64 = progress.iter().map(|p| p.done + p.failed).sum();
+    let leased: i64 = progress.iter().map(|p| p.leased).sum();
+    let s = &c.stats;
+    for (name, kind, help, value) in [
+        (
+            "vgg_atlas_filters_total",
+            "gauge",
+            "Filters planned in the run.",
+            total as u64,
+        ),
+        (
+            "vgg_atlas_filters_finished",
+            "gauge",
+            "Filters done or failed.",
+            finished as u64,
+        ),
+        (
+            "vgg_atlas_filters_leased",
+            "gauge",
+            "Filters under a lease now (leases outstanding, in filters).",
+            leased as u64,
+        ),
+        (
+            "vgg_atlas_workers",
+            "gauge",
+            "Workers that called in the last two lease lengths.",
+            s.workers(c.window) as u64,
+        ),
+        (
+            "vgg_atlas_results_recorded_total",
+            "counter",
+            "Results recorded by this coordinator process; rate() gives results/s.",
+            s.results_recorded.load(Ordering::Relaxed),
+        ),
+        (
+            "vgg_atlas_results_refused_total",
+            "counter",
+            "Submitted results not recorded (rejected, not leased, duplicate).",
+            s.results_refused.load(Ordering::Relaxed),
+        ),
+        (
+            "vgg_atlas_failures_reported_total",
+            "counter",
+            "Filters workers reported as failed (NaN, ...), retried or failed for good.",
+            s.failures_reported.load(Ordering::Relaxed),
+        ),
+        (
+            "vgg_atlas_leases_issued_total",
+            "counter",
+            "Leases issued by this coordinator process.",
+            s.leases_issued.load(Ordering::Relaxed),
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{run=\"{run}\"}} {value}"
+        );
+    }
+    (StatusCode::OK, out)
+}
