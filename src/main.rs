@@ -13,6 +13,7 @@ use vgg_atlas_worker::trunk::{Objective, Trunk};
 use vgg_atlas_worker::vgg::Vgg16;
 use vgg_atlas_worker::{fetch, Layer, Weights};
 
+mod check;
 mod progress;
 
 #[derive(Parser)]
@@ -167,6 +168,17 @@ enum Command {
         /// Where to write presets.png.
         #[arg(long, default_value = "bench-presets")]
         out: PathBuf,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        compute: Compute,
+    },
+    /// Checks the network on --device against the CPU: every conv layer's activations on a
+    /// fixed image and the input gradient (rel. error <= 1e-3); exits 1 if any is off.
+    CheckDevice {
+        /// Side of the test image.
+        #[arg(long, default_value_t = 224)]
+        size: u32,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -610,6 +622,15 @@ fn run(cli: Cli) -> Result<()> {
             method,
             compute,
         } => bench(&layer, batch, json, &method, &compute),
+        Command::CheckDevice {
+            size,
+            json,
+            compute,
+        } => {
+            let weights = compute.weights()?;
+            let (pool, _) = compute.pool()?;
+            pool.install(|| check::check_device(&weights, &compute.device, size, json))
+        }
     }
 }
 
