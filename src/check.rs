@@ -81,7 +81,11 @@ pub fn check_device(weights: &Weights, spec: &str, size: u32, json_out: bool) ->
         )?;
         rows.push(("input gradient", layer.name, rel_l2(&gd, &gc)));
     }
-    let failed: Vec<_> = rows.iter().filter(|r| !(r.2 <= TOLERANCE)).collect();
+    // NaN fails too.
+    let failed: Vec<_> = rows
+        .iter()
+        .filter(|r| r.2.is_nan() || r.2 > TOLERANCE)
+        .collect();
     if json_out {
         let doc = json!({
             "device": spec,
@@ -95,7 +99,11 @@ pub fn check_device(weights: &Weights, spec: &str, size: u32, json_out: bool) ->
         println!("{spec} against the CPU, {size}x{size} test image, tolerance {TOLERANCE:e}");
         println!("{:<15} {:<13} {:>10}", "what", "layer", "rel. err");
         for (what, layer, err) in &rows {
-            let mark = if *err <= TOLERANCE { "" } else { "  FAILED" };
+            let mark = if err.is_nan() || *err > TOLERANCE {
+                "  FAILED"
+            } else {
+                ""
+            };
             println!("{what:<15} {layer:<13} {err:>10.2e}{mark}");
         }
     }

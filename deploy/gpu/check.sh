@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The GPU check, on a machine with an NVIDIA GPU (no internet, no Rust needed), in a few
+# minutes: (1) the network on CUDA against the CPU (every conv layer's activations on a fixed
+# image, and the input gradient; rel. error <= 1e-3 in f32), (2) a small render on the GPU,
+# (3) filters/s per layer at 224 px, 20 steps, best batch, with GFLOP/s. One summary at the end.
+#
+# Usage: deploy/gpu/check.sh [BINARY] [WEIGHTS]
+#   BINARY   the CUDA build (deploy/gpu/build-worker.sh; default target/cuda/vgg-atlas)
+#   WEIGHTS  the weights file (default: the cached default weights, ~/.cache/vgg-atlas)
+# Environment: VGG_ATLAS_DEVICE (default cuda:0), OUT (where results go; default a temp folder),
+#   LAYERS (the layers to measure; default one per block), SIZE and STEPS of the measurement
+#   (default 224 and 20; the test suite runs this script on the CPU with tiny ones),
+#   RENDER_LAYERS (default block1_conv1,block3_conv1,block5_conv3: 832 filters).
+set -euo pipefail
+bin=${1:-target/cuda/vgg-atlas}
+weights=${2:-}
+dev=${VGG_ATLAS_DEVICE:-cuda:0}
+out=${OUT:-$(mktemp -d)}
+layers=${LAYERS:-block1_conv2 block2_conv2 block3_conv3 block4_conv3 block5_conv3}
+render_layers=${RENDER_LAYERS:-block1_conv1,block3_conv1,block5_conv3}
+size=${SIZE:-224}
+steps=${STEPS:-20}
+w=()
+if [ -n "$weights" ]; then w=(--weights "$weights"); fi
+mkdir -p "$out"
+gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -n 1 || true)
+echo "GPU: ${gpu:-unknown (no nvidia-smi)}; device $dev; results in $out"
+
+echo "== 1. $dev against the CPU"
+status=0
+"$bin" check-device --device "$dev" "${w[@]}" --size "$size" | tee "$out/check-device.txt" || status=$?
+
+echo "== 2. a small render on $dev"
+start=$(date +%s)
+"$bin" render --device "$dev" "${w[@]}" --layers "$render_layers" \
+  --size 64 --steps "$steps" --preset quick --batch 64 --out "$out/render" 2>&1 | tail -n 3
+render_s=$(($(date +%s) - start))
+
+echo "== 3. filters/s at $size px, $steps steps (quick preset), best batch"
+for layer in $layers; do
+  "$bin" bench --device "$dev" "${w[@]}" --layer "$layer" --size "$size" --steps "$steps" --preset quick \
+    --json >"$out/bench-$layer.json"
+  cat "$out/bench-$layer.json"
+done
+
+echo
+echo "== summary: ${gpu:-unknown GPU}, $dev"
+if [ "$status" -ne 0 ]; then
+  echo "device check: FAILED (see $out/check-device.txt)"
+else
+  echo "device check: passed, largest rel. error $(tail -n +3 "$out/check-device.txt" | grep -oE '[0-9.]+e-?[0-9]+' | sort -g | tail -n 1)"
+fi
+echo "render of $render_layers (64 px, $steps steps): ${render_s} s"
+# The first "key":value of a bench JSON is the best batch's (the batches tried come last).
+field() { grep -o "\"$1\":[0-9.e+-]*" "$2" | head -n 1 | cut -d: -f2; }
+printf '%-14s %8s %12s %10s  (%s px, %s steps)\n' layer batch filters/s GFLOP/s "$size" "$steps"
+for layer in $layers; do
+  f=$out/bench-$layer.json
+  printf '%-14s %8s %12.2f %10.1f\n' "$layer" "$(field batch "$f")" \
+    "$(field filters_per_second "$f")" "$(field gflops "$f")"
+done
+exit "$status"
