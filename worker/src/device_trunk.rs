@@ -6,8 +6,8 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use crate::layers::{Layer, DENSE_INPUT_SIZE};
-use crate::trunk::{Objective, Scores, Trunk};
+use crate::layers::Layer;
+use crate::trunk::{check_request, Objective, Scores, Trunk};
 use crate::vgg::Vgg16;
 use crate::weights::Weights;
 use crate::{Error, Result};
@@ -40,26 +40,7 @@ impl Trunk for DeviceTrunk {
         objective: Objective,
         grad: Option<&mut [f32]>,
     ) -> Result<Vec<Scores>> {
-        if let Some(&f) = filters.iter().find(|&&f| f >= layer.filters()) {
-            return Err(Error::Invalid(format!(
-                "filter {f} is out of range for {} (0..{})",
-                layer.name,
-                layer.filters()
-            )));
-        }
-        if layer.output_side(h.min(w)) == 0 {
-            return Err(Error::Invalid(format!(
-                "a {h}x{w} image is too small for {}: it has no pixels left after {} pools",
-                layer.name,
-                layer.pools_before()
-            )));
-        }
-        if !layer.is_conv() && (layer.output_side(h) != 7 || layer.output_side(w) != 7) {
-            return Err(Error::Invalid(format!(
-                "{} needs a {DENSE_INPUT_SIZE}x{DENSE_INPUT_SIZE} image (7x7 after the last pool), got {h}x{w}",
-                layer.name
-            )));
-        }
+        check_request(layer, filters, h, w)?;
         let b = filters.len();
         let device = self.net.device().clone();
         let x = Tensor::from_slice(input, (b, h, w, 3), &device)?

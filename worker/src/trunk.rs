@@ -57,6 +57,32 @@ pub trait Trunk {
     ) -> Result<Vec<Scores>>;
 }
 
+/// What every trunk refuses before computing: filters out of range, an image too small for
+/// the layer, a dense layer on an image that does not pool down to 7x7.
+pub fn check_request(layer: Layer, filters: &[usize], h: usize, w: usize) -> Result<()> {
+    if let Some(&f) = filters.iter().find(|&&f| f >= layer.filters()) {
+        return Err(Error::Invalid(format!(
+            "filter {f} is out of range for {} (0..{})",
+            layer.name,
+            layer.filters()
+        )));
+    }
+    if layer.output_side(h.min(w)) == 0 {
+        return Err(Error::Invalid(format!(
+            "a {h}x{w} image is too small for {}: it has no pixels left after {} pools",
+            layer.name,
+            layer.pools_before()
+        )));
+    }
+    if !layer.is_conv() && (layer.output_side(h) != 7 || layer.output_side(w) != 7) {
+        return Err(Error::Invalid(format!(
+            "{} needs a {DENSE_INPUT_SIZE}x{DENSE_INPUT_SIZE} image (7x7 after the last pool), got {h}x{w}",
+            layer.name
+        )));
+    }
+    Ok(())
+}
+
 enum Stage {
     Conv {
         layer: usize,
@@ -200,33 +226,12 @@ impl Trunk for CpuTrunk {
         objective: Objective,
         grad: Option<&mut [f32]>,
     ) -> Result<Vec<Scores>> {
-        if let Some(&f) = filters.iter().find(|&&f| f >= layer.filters()) {
-            return Err(Error::Invalid(format!(
-                "filter {f} is out of range for {} (0..{})",
-                layer.name,
-                layer.filters()
-            )));
-        }
-        if layer.output_side(h.min(w)) == 0 {
-            return Err(Error::Invalid(format!(
-                "a {h}x{w} image is too small for {}: it has no pixels left after {} pools",
-                layer.name,
-                layer.pools_before()
-            )));
-        }
-        if !layer.is_conv() {
-            if self.dense.is_empty() {
-                return Err(Error::NoClassifier {
-                    layer: layer.name.into(),
-                    source_name: self.source.clone(),
-                });
-            }
-            if layer.output_side(h) != 7 || layer.output_side(w) != 7 {
-                return Err(Error::Invalid(format!(
-                    "{} needs a {DENSE_INPUT_SIZE}x{DENSE_INPUT_SIZE} image (7x7 after the last pool), got {h}x{w}",
-                    layer.name
-                )));
-            }
+        check_request(layer, filters, h, w)?;
+        if !layer.is_conv() && self.dense.is_empty() {
+            return Err(Error::NoClassifier {
+                layer: layer.name.into(),
+                source_name: self.source.clone(),
+            });
         }
         let batch = filters.len();
         let (convs, dense) = (&self.convs, &self.dense);
