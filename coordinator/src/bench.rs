@@ -233,6 +233,7 @@ async fn simulated_worker(
             .poll_work(pb::PollWorkRequest {
                 worker_id: worker_id.clone(),
                 free_slots: batch as u32,
+                held_lease_ids: Vec::new(), // every lease is submitted before the next poll
             })
             .await
             .map_err(rpc)?

@@ -121,17 +121,35 @@ impl pb::Coordinator for CoordinatorService {
         let req = req.into_inner();
         self.stats.saw(&req.worker_id);
         let slots = req.free_slots.max(1) as usize;
-        let lease = self
+        let now = now_ms();
+        let reclaimed = self
             .store
-            .lease(
+            .reclaim(
                 &self.run.run_id,
                 &req.worker_id,
-                slots,
-                now_ms(),
+                &req.held_lease_ids,
+                now,
                 self.run.lease_ms,
             )
             .await
             .map_err(internal)?;
+        let lease = match reclaimed {
+            Some(l) => {
+                tracing::info!(worker = %req.worker_id, lease = %l.lease_id, "lease sent again: its first answer was lost");
+                Some(l)
+            }
+            None => self
+                .store
+                .lease(
+                    &self.run.run_id,
+                    &req.worker_id,
+                    slots,
+                    now,
+                    self.run.lease_ms,
+                )
+                .await
+                .map_err(internal)?,
+        };
         if lease.is_some() {
             self.stats.leases_issued.fetch_add(1, Ordering::Relaxed);
         }

@@ -108,10 +108,16 @@ async fn register(c: &mut Client, name: &str) -> String {
 }
 
 async fn lease(c: &mut Client, worker: &str, n: u32) -> pb::Lease {
+    lease_holding(c, worker, n, &[]).await
+}
+
+/// A poll from a worker that knows it holds `held`.
+async fn lease_holding(c: &mut Client, worker: &str, n: u32, held: &[String]) -> pb::Lease {
     match c
         .poll_work(pb::PollWorkRequest {
             worker_id: worker.into(),
             free_slots: n,
+            held_lease_ids: held.to_vec(),
         })
         .await
         .unwrap()
@@ -360,6 +366,7 @@ async fn every_call_without_the_right_token_is_refused() {
             .poll_work(pb::PollWorkRequest {
                 worker_id: "x".into(),
                 free_slots: 4,
+                held_lease_ids: Vec::new(),
             })
             .await
             .unwrap_err();
@@ -587,5 +594,37 @@ async fn an_oversize_message_is_refused_and_the_coordinator_goes_on() {
         outcomes(&submit(&mut c, &w, &l, vec![good]).await),
         [pb::SubmitOutcome::Recorded]
     );
+    coord.server.abort();
+}
+
+/// The answer to a poll lost on the wire: the worker polls again without knowing of the lease,
+/// and gets that same lease back rather than a new one (which would leave the first to expire
+/// and be computed later by someone else).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_whose_answer_was_lost_is_sent_again() {
+    let f = fixture(60_000).await;
+    let coord = serve(f.store.clone(), f.ctx.clone()).await;
+    let mut c = client(&coord.url).await;
+    let w = register(&mut c, "w").await;
+    let lost = lease(&mut c, &w, 4).await;
+    let again = lease(&mut c, &w, 4).await;
+    assert_eq!(again.lease_id, lost.lease_id);
+    assert_eq!(filters(&again), filters(&lost));
+    // Knowing of it, the worker gets a new lease (its prefetch while computing the first).
+    let next = lease_holding(&mut c, &w, 4, &[lost.lease_id.clone()]).await;
+    assert_ne!(next.lease_id, lost.lease_id);
+    assert!(filters(&next).iter().all(|f| !filters(&lost).contains(f)));
+    // Another worker is never given this worker's lease.
+    let other = register(&mut c, "other").await;
+    let theirs = lease(&mut c, &other, 4).await;
+    assert!(![&lost.lease_id, &next.lease_id].contains(&&theirs.lease_id));
+    // Two leases of 4 filters held by the worker, not three.
+    let held_filters = f
+        .store
+        .worker_leases(&f.ctx.run_id, &w)
+        .await
+        .unwrap()
+        .len();
+    assert_eq!(held_filters, 8);
     coord.server.abort();
 }

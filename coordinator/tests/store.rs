@@ -147,6 +147,7 @@ store_tests!(
     lease_layer_follows_the_lease_through_submit_and_expiry,
     query_reads_the_views_and_refuses_every_write,
     layer_filters_and_run_info_feed_the_atlas,
+    a_lease_the_worker_never_heard_of_is_reclaimed,
 );
 
 /// A run over `layers` = `[(name, filter count)]`, layer_index in the order given.
@@ -1219,4 +1220,56 @@ async fn bad_urls_say_what_is_wrong() {
         "{message}"
     );
     assert!(!message.contains("secret"), "password leaked: {message}");
+}
+
+async fn a_lease_the_worker_never_heard_of_is_reclaimed(db: &TestDb) {
+    let s = &db.store;
+    s.create_or_resume_run(&spec("run-1", &[("block1_conv1", 6)], 3))
+        .await
+        .unwrap();
+    let first = s.lease("run-1", "w", 2, 0, 1000).await.unwrap().unwrap();
+    let second = s.lease("run-1", "w", 2, 0, 1000).await.unwrap().unwrap();
+    // Knowing of both: nothing to reclaim.
+    let both = [first.lease_id.clone(), second.lease_id.clone()];
+    assert_eq!(
+        s.reclaim("run-1", "w", &both, 10, 1000).await.unwrap(),
+        None
+    );
+    // Knowing of the second only (the first answer was lost), even after its deadline passed
+    // with nobody else leasing it: the first comes back, same id and filters, renewed.
+    let back = s
+        .reclaim("run-1", "w", &both[1..], 1500, 1000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (back.lease_id.as_str(), back.deadline_ms),
+        (first.lease_id.as_str(), 2500)
+    );
+    assert_eq!(back.filters, first.filters);
+    assert!(
+        s.heartbeat(&first.lease_id, 2000, 1000).await.unwrap(),
+        "renewed, still held"
+    );
+    // Another worker has none of w's leases to reclaim.
+    assert_eq!(
+        s.reclaim("run-1", "v", &[], 1500, 1000).await.unwrap(),
+        None
+    );
+    // Once re-leased to someone else, it is theirs: nothing for w to reclaim.
+    let taken = s.lease("run-1", "v", 4, 5000, 1000).await.unwrap().unwrap();
+    assert!(taken.filters.contains(&first.filters[0]));
+    assert_eq!(
+        s.reclaim("run-1", "w", &[], 5000, 1000).await.unwrap(),
+        None,
+        "{taken:?}"
+    );
+    // Reclaiming issues no new attempt.
+    let attempts = fetch_all!(
+        db,
+        (i32,),
+        "SELECT attempts FROM filters WHERE run_id = $1 AND filter = 0",
+        "run-1"
+    );
+    assert_eq!(attempts, vec![(2,)], "leased to w once and to v once");
 }

@@ -263,6 +263,7 @@ async fn register_with_this_protocol_version_gets_a_worker_id() {
         .poll_work(PollWorkRequest {
             worker_id: response.worker_id.clone(),
             free_slots: 32,
+            held_lease_ids: Vec::new(),
         })
         .await
         .unwrap()

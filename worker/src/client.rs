@@ -296,7 +296,7 @@ async fn session(
     loop {
         let lease = match carry.next.take() {
             Some(l) => l,
-            None => match poll(client.clone(), worker_id.clone(), cfg.batch).await? {
+            None => match poll(client.clone(), worker_id.clone(), cfg.batch, Vec::new()).await? {
                 Next::Lease(l) => *l,
                 Next::Finished => return Ok(SessionEnd::Finished),
                 Next::Wait(d) => {
@@ -324,6 +324,7 @@ async fn session(
             client.clone(),
             worker_id.clone(),
             cfg.batch,
+            vec![lease.lease_id.clone()],
         )));
         let mut tick = tokio::time::interval(heartbeat);
         tick.tick().await;
@@ -426,15 +427,19 @@ enum Next {
     Wait(Duration),
 }
 
+/// Asks for work; `held` are the leases this worker has and knows of (so that one it was
+/// given but never heard of is sent again).
 async fn poll(
     mut client: pb::auth::Client,
     worker_id: String,
     batch: usize,
+    held: Vec<String>,
 ) -> Result<Next, SessionError> {
     let work = client
         .poll_work(pb::PollWorkRequest {
             worker_id,
             free_slots: batch as u32,
+            held_lease_ids: held,
         })
         .await?
         .into_inner()

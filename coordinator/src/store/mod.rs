@@ -156,6 +156,46 @@ pub trait Store: Send + Sync {
         lease_ms: i64,
     ) -> Result<Option<Lease>>;
 
+    /// Filters under lease to `worker`: `(lease_id, layer, filter, seed)`, in plan order.
+    async fn worker_leases(
+        &self,
+        run_id: &str,
+        worker: &str,
+    ) -> Result<Vec<(String, String, i32, i64)>>;
+
+    /// A lease issued to `worker` that is not in `held` (the leases it knows it has): its
+    /// answer was lost on the wire, so the worker never started it. It is handed over again,
+    /// deadline renewed, instead of waiting to expire and being computed by someone later.
+    async fn reclaim(
+        &self,
+        run_id: &str,
+        worker: &str,
+        held: &[String],
+        now_ms: i64,
+        lease_ms: i64,
+    ) -> Result<Option<Lease>> {
+        let rows = self.worker_leases(run_id, worker).await?;
+        let Some(lost) = rows
+            .iter()
+            .map(|r| &r.0)
+            .find(|id| !held.contains(id))
+            .cloned()
+        else {
+            return Ok(None);
+        };
+        if !self.heartbeat(&lost, now_ms, lease_ms).await? {
+            return Ok(None);
+        }
+        let mine: Vec<_> = rows.into_iter().filter(|r| r.0 == lost).collect();
+        Ok(Some(Lease {
+            lease_id: lost,
+            run_id: run_id.to_string(),
+            layer: mine[0].1.clone(),
+            filters: mine.iter().map(|r| (r.2, r.3)).collect(),
+            deadline_ms: now_ms + lease_ms,
+        }))
+    }
+
     /// Moves the deadline of the filters this lease still holds to `now_ms + lease_ms`;
     /// `false` when it holds none (all submitted, or revoked by expiry and re-lease).
     async fn heartbeat(&self, lease_id: &str, now_ms: i64, lease_ms: i64) -> Result<bool>;
@@ -409,6 +449,10 @@ mod sql {
     pub const FAIL_EXPIRED: &str = "UPDATE filters
          SET state = 'failed', failed_reason = $4, lease_id = NULL, lease_deadline_ms = NULL
          WHERE run_id = $1 AND layer = $2 AND filter = $3";
+
+    pub const WORKER_LEASES: &str = "SELECT lease_id, layer, filter, seed FROM filters
+         WHERE run_id = $1 AND worker = $2 AND state = 'leased' AND lease_id IS NOT NULL
+         ORDER BY layer_index, filter";
 
     pub const HEARTBEAT: &str =
         "UPDATE filters SET lease_deadline_ms = $2 WHERE lease_id = $1 AND state = 'leased'";

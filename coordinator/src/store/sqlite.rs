@@ -208,6 +208,18 @@ impl Store for SqliteStore {
         }
     }
 
+    async fn worker_leases(
+        &self,
+        run_id: &str,
+        worker: &str,
+    ) -> Result<Vec<(String, String, i32, i64)>> {
+        Ok(sqlx::query_as(sql::WORKER_LEASES)
+            .bind(run_id)
+            .bind(worker)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
     async fn heartbeat(&self, lease_id: &str, now_ms: i64, lease_ms: i64) -> Result<bool> {
         // A single statement is its own transaction; busy_timeout covers waiting for the lock.
         let held = sqlx::query(sql::HEARTBEAT)
