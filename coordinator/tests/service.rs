@@ -611,7 +611,7 @@ async fn a_lease_whose_answer_was_lost_is_sent_again() {
     assert_eq!(again.lease_id, lost.lease_id);
     assert_eq!(filters(&again), filters(&lost));
     // Knowing of it, the worker gets a new lease (its prefetch while computing the first).
-    let next = lease_holding(&mut c, &w, 4, &[lost.lease_id.clone()]).await;
+    let next = lease_holding(&mut c, &w, 4, std::slice::from_ref(&lost.lease_id)).await;
     assert_ne!(next.lease_id, lost.lease_id);
     assert!(filters(&next).iter().all(|f| !filters(&lost).contains(f)));
     // Another worker is never given this worker's lease.
