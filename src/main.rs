@@ -1092,6 +1092,19 @@ async fn render(a: RenderArgs) -> Result<()> {
             weights.source
         );
     }
+    // The ports are taken before anything is written: one in use is an error that changes nothing.
+    let listen = a.listen.clone().unwrap_or_else(|| "127.0.0.1:0".into());
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}; is another coordinator there?"))?;
+    let metrics_listener = match &a.metrics_listen {
+        Some(m) => Some(
+            tokio::net::TcpListener::bind(m)
+                .await
+                .with_context(|| format!("cannot listen on --metrics-listen {m}"))?,
+        ),
+        None => None,
+    };
     let db =
         a.db.clone()
             .unwrap_or_else(|| format!("sqlite://{}", a.out.join("atlas.db").display()));
@@ -1145,10 +1158,6 @@ async fn render(a: RenderArgs) -> Result<()> {
         weights_path: weights_path.clone(),
         lease_ms: (a.lease_seconds * 1000) as i64,
     };
-    let listen = a.listen.clone().unwrap_or_else(|| "127.0.0.1:0".into());
-    let listener = tokio::net::TcpListener::bind(&listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     let tls = a.tls_cert.is_some();
     if a.listen.is_some() {
@@ -1161,10 +1170,7 @@ async fn render(a: RenderArgs) -> Result<()> {
         );
     }
     let coordinator = service::CoordinatorService::new(store.clone(), ctx);
-    if let Some(m) = &a.metrics_listen {
-        let listener = tokio::net::TcpListener::bind(m)
-            .await
-            .with_context(|| format!("cannot listen on --metrics-listen {m}"))?;
+    if let Some(listener) = metrics_listener {
         eprintln!(
             "health on http://{0}/healthz, Prometheus metrics on http://{0}/metrics",
             listener.local_addr()?

@@ -288,6 +288,36 @@ fn render_refuses_bad_input_before_writing_anything() {
         );
         assert!(!out.exists(), "{args:?} created {}", out.display());
     }
+    // A port in use, for the workers or for the metrics.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().to_string();
+    for (listen, metrics) in [
+        (port.as_str(), "127.0.0.1:0"),
+        ("127.0.0.1:0", port.as_str()),
+    ] {
+        let out = dir.path().join("out-port");
+        let out_s = out.display().to_string();
+        let o = vgg_atlas(&[
+            "render",
+            "--layers",
+            "block1_conv1",
+            "--no-token",
+            "--listen",
+            listen,
+            "--metrics-listen",
+            metrics,
+            "--out",
+            &out_s,
+        ]);
+        let flag = if metrics == port {
+            "--metrics-listen"
+        } else {
+            "--listen"
+        };
+        assert_eq!(o.status.code(), Some(1), "{flag}: {}", stderr(&o));
+        assert!(stderr(&o).contains("cannot listen on"), "{}", stderr(&o));
+        assert!(!out.exists(), "{flag}: a refused render created its folder");
+    }
     let o = vgg_atlas(&["render", "--layers", "block1_conv1", "--out", &under_file]);
     assert_eq!(o.status.code(), Some(1));
     assert!(

@@ -12,10 +12,11 @@
 #                           80 A100, 86 A10/3090, 89 L4/L40/4090, 100 B200, 120 RTX 50xx)
 #   VGG_ATLAS_CUDA_PREFIX   where the toolkit is kept (default ~/.cache/vgg-atlas/cuda-13.0)
 #
-# The binary (~40 MB) needs on the GPU machine: the NVIDIA driver (libcuda.so.1, 580 or newer)
-# and the CUDA 13 libraries libcublas, libcublasLt, libcurand, libnvrtc on LD_LIBRARY_PATH
-# (the CUDA 13 runtime image has them; so do PyTorch's CUDA 13 wheels). `deploy/gpu/check.sh`
-# then checks it against the CPU and measures it. A cold build takes 15-25 min on 2 cores.
+# The binary (~70 MB) needs on the GPU machine: the NVIDIA driver (libcuda.so.1, 580 or newer)
+# and the CUDA 13 libraries libcudart, libcublas, libcublasLt, libcurand, libnvrtc on
+# LD_LIBRARY_PATH (the CUDA 13 runtime image has them; so do PyTorch's CUDA 13 wheels, and so
+# does $VGG_ATLAS_CUDA_PREFIX/root/lib, minus the driver). `deploy/gpu/check.sh` then checks it
+# against the CPU and measures it. A cold build took 33 min on 2 busy cores.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -73,6 +74,7 @@ export PATH=$root/bin:$PATH
 export LIBRARY_PATH=$root/lib${LIBRARY_PATH:+:$LIBRARY_PATH}
 cargo build --release --locked --features cuda --target-dir target/cuda-build
 mkdir -p "$(dirname "$out")"
-cp target/cuda-build/release/vgg-atlas "$out"
+# Without the line tables of the release profile: 70 MB instead of 190.
+strip --strip-debug -o "$out" target/cuda-build/release/vgg-atlas
 say "built $out ($(du -h "$out" | cut -f1)); it needs libcuda.so.1 (the driver) and the CUDA 13"
-say "libraries (cublas, cublasLt, curand, nvrtc) at run time; check it with deploy/gpu/check.sh"
+say "libraries (cudart, cublas, cublasLt, curand, nvrtc) at run time; check it with deploy/gpu/check.sh"
