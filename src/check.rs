@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use serde_json::json;
 use vgg_atlas_worker::candle::Device;
 use vgg_atlas_worker::device_trunk::DeviceTrunk;
-use vgg_atlas_worker::trunk::{CpuTrunk, Objective, Trunk};
+use vgg_atlas_worker::trunk::{relative_error as rel_l2, CpuTrunk, Objective, Trunk};
 use vgg_atlas_worker::vgg::Vgg16;
 use vgg_atlas_worker::{Layer, Weights, LAYERS};
 
@@ -28,12 +28,6 @@ fn test_image(size: u32) -> image::RgbImage {
     })
 }
 
-fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
-}
-
 pub fn check_device(weights: &Weights, spec: &str, size: u32, json_out: bool) -> Result<()> {
     let device = vgg_atlas_worker::device(spec)?;
     let img = test_image(size);
@@ -47,11 +41,7 @@ pub fn check_device(weights: &Weights, spec: &str, size: u32, json_out: bool) ->
     }
     let mut dev = DeviceTrunk::new(weights, &device)?;
     let mut cpu = CpuTrunk::new(weights);
-    let chans = weights.preprocess.channels();
-    let one: Vec<f32> = img
-        .pixels()
-        .flat_map(|p| chans.map(|(src, scale, off)| scale * p.0[src] as f32 + off))
-        .collect();
+    let one = weights.preprocess.nhwc(&img);
     let s = size as usize;
     for (name, filters) in [
         ("block1_conv2", [0usize, 31]),

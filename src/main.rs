@@ -1060,7 +1060,8 @@ async fn render(a: RenderArgs) -> Result<()> {
     };
     let check = vgg_atlas_proto::auth::CheckToken::new(token.as_deref())
         .map_err(|e| anyhow::anyhow!("bad --token: {e}"))?;
-    // TLS is checked here too (files readable, key matching the certificate), before any state.
+    // TLS is checked here too (files readable, PEM of the right kind, accepted by rustls),
+    // before any state.
     let server = vgg_atlas_proto::tonic::transport::Server::builder();
     let mut server = match (&a.tls_cert, &a.tls_key) {
         (Some(cert), Some(key)) => {

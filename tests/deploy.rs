@@ -6,6 +6,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use serde::Deserialize as _;
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -182,7 +184,6 @@ fn every_command_line_in_deploy_uses_real_subcommands_and_flags() {
     );
 }
 
-use serde::Deserialize as _;
 
 #[test]
 fn the_scripts_pass_bash_n_and_shellcheck() {

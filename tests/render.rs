@@ -231,46 +231,26 @@ fn a_worker_with_the_wrong_token_is_refused_and_says_why() {
 fn listening_beyond_loopback_needs_a_token() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().display().to_string();
-    let o = bin()
-        .env_remove("VGG_ATLAS_TOKEN")
-        .args([
-            "render",
-            "--listen",
-            "0.0.0.0:0",
-            "--local-workers",
-            "0",
-            "--out",
-            &out,
-        ])
-        .args(SMALL)
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("needs a token"));
-    let o = bin()
-        .env_remove("VGG_ATLAS_TOKEN")
-        .args([
-            "render",
-            "--listen",
-            "0.0.0.0:0",
-            "--no-token",
-            "--local-workers",
-            "0",
-            "--out",
-            &out,
-        ])
-        .args(SMALL)
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("only for loopback"));
-    let o = bin()
-        .args(["render", "--token", "short", "--out", &out])
-        .args(SMALL)
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("at least 16"));
+    let cases: [(&[&str], &str); 3] = [
+        (&["--listen", "0.0.0.0:0"], "needs a token"),
+        (
+            &["--listen", "0.0.0.0:0", "--no-token"],
+            "only for loopback",
+        ),
+        (&["--token", "short"], "at least 16"),
+    ];
+    for (args, want) in cases {
+        let o = bin()
+            .env_remove("VGG_ATLAS_TOKEN")
+            .args(["render", "--local-workers", "0", "--out", &out])
+            .args(args)
+            .args(SMALL)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
     assert!(
         !dir.path().join("atlas.db").exists(),
         "a refused render writes nothing"

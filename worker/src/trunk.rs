@@ -57,6 +57,13 @@ pub trait Trunk {
     ) -> Result<Vec<Scores>>;
 }
 
+/// `||a - b|| / ||b||` (L2, in f64): how far a trunk's output is from a reference's.
+pub fn relative_error(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
 /// What every trunk refuses before computing: filters out of range, an image too small for
 /// the layer, a dense layer on an image that does not pool down to 7x7.
 pub fn check_request(layer: Layer, filters: &[usize], h: usize, w: usize) -> Result<()> {

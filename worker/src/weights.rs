@@ -36,6 +36,14 @@ impl Preprocess {
         }
     }
 
+    /// An RGB image as one network input, NHWC `[h, w, 3]`, preprocessed.
+    pub fn nhwc(&self, img: &image::RgbImage) -> Vec<f32> {
+        let chans = self.channels();
+        img.pixels()
+            .flat_map(|p| chans.map(|(src, scale, off)| scale * p.0[src] as f32 + off))
+            .collect()
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Preprocess::Caffe => "caffe",

@@ -8,14 +8,8 @@ use common::*;
 use vgg_atlas_worker::ascent::{self, Preset, Settings};
 use vgg_atlas_worker::candle::Device;
 use vgg_atlas_worker::device_trunk::DeviceTrunk;
-use vgg_atlas_worker::trunk::{CpuTrunk, Objective, Trunk};
+use vgg_atlas_worker::trunk::{relative_error as rel_l2, CpuTrunk, Objective, Trunk};
 use vgg_atlas_worker::Layer;
-
-fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
-}
 
 #[test]
 fn device_trunk_scores_and_gradient_equal_the_cpu_trunk() {

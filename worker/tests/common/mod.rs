@@ -36,12 +36,7 @@ pub fn chelsea() -> image::RgbImage {
 
 /// An RGB image as the network's NHWC input, repeated `copies` times.
 pub fn net_input(img: &image::RgbImage, pre: Preprocess, copies: usize) -> Vec<f32> {
-    let chans = pre.channels();
-    let one: Vec<f32> = img
-        .pixels()
-        .flat_map(|p| chans.map(|(src, scale, off)| scale * p.0[src] as f32 + off))
-        .collect();
-    one.repeat(copies)
+    pre.nhwc(img).repeat(copies)
 }
 
 pub fn pool() -> rayon::ThreadPool {
