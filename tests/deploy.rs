@@ -184,7 +184,6 @@ fn every_command_line_in_deploy_uses_real_subcommands_and_flags() {
     );
 }
 
-
 #[test]
 fn the_scripts_pass_bash_n_and_shellcheck() {
     let mut scripts: Vec<PathBuf> = deploy_files()
