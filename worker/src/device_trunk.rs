@@ -1,32 +1,227 @@
 //! The trunk on any candle device (CUDA, Metal, or the CPU for checking): the forward pass of
-//! [`Vgg16`] and the input gradient by candle's autograd, whose conv backward runs on the
-//! device's own kernels (cuBLAS/cuDNN on CUDA). The ascent around it (parameterisation,
-//! transforms, regularisers, the optimiser) stays on the CPU: per step, one batch of images goes
-//! to the device and one batch of gradients comes back.
+//! VGG16 and a hand-written input gradient, both in candle's own ops, so on CUDA every conv of
+//! both directions is candle's conv2d (cuDNN or cuBLAS). As in the CPU trunk, no weight
+//! gradient is computed: a conv's input gradient is the conv of its output gradient with the
+//! kernel turned 180° and its in and out channels swapped (kept on the device beside the
+//! forward kernel); ReLU and max-pool backward are masks. (candle's autograd would also compute
+//! every kernel's gradient: a third pass as large as the other two.)
+//!
+//! [`crate::device_ascent`] keeps the whole ascent on the device around this trunk; through
+//! [`Trunk::run`] it serves the host-side ascent instead (one batch of images up and one of
+//! gradients back per step).
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 
-use crate::layers::Layer;
+use crate::layers::{Layer, LayerKind, DENSE_INPUT_SIZE, LAYERS};
 use crate::trunk::{check_request, Objective, Scores, Trunk};
-use crate::vgg::Vgg16;
+use crate::vgg::{max_pool_2x2, Vgg16};
 use crate::weights::Weights;
 use crate::{Error, Result};
 
 pub struct DeviceTrunk {
     net: Vgg16,
+    /// Per conv layer, the kernel of its input gradient, `[cin, cout, 3, 3]`.
+    back: Vec<Tensor>,
+    /// Whether [`crate::ascent::visualize`] keeps the ascent on the device (the default) or
+    /// steps the images on the host between passes.
+    resident: bool,
+}
+
+/// One batch through the trunk: each image's target filter's spatial means before and after
+/// its ReLU (`[B]` each), and if asked, d(objective_b)/d(input_b), `[B, 3, H, W]`.
+pub struct Pass {
+    pub pre: Tensor,
+    pub post: Tensor,
+    pub grad: Option<Tensor>,
 }
 
 impl DeviceTrunk {
-    /// Uploads the weights to `device`.
+    /// Uploads the weights (and the backward kernels) to `device`.
     pub fn new(weights: &Weights, device: &Device) -> Result<DeviceTrunk> {
+        let back = weights
+            .convs
+            .iter()
+            .map(|c| {
+                // back[i][o][y][x] = w[o][i][2 - y][2 - x]
+                let mut k = vec![0.0f32; c.weight.len()];
+                for o in 0..c.cout {
+                    for i in 0..c.cin {
+                        for t in 0..9 {
+                            k[(i * c.cout + o) * 9 + t] = c.weight[(o * c.cin + i) * 9 + 8 - t];
+                        }
+                    }
+                }
+                Ok(Tensor::from_vec(k, (c.cin, c.cout, 3, 3), device)?)
+            })
+            .collect::<Result<_>>()?;
         Ok(DeviceTrunk {
             net: Vgg16::new(weights, device)?,
+            back,
+            resident: true,
         })
     }
 
     pub fn device(&self) -> &Device {
         self.net.device()
     }
+
+    /// Steps the images on the host between passes instead of on the device (for comparison).
+    pub fn set_resident(&mut self, resident: bool) {
+        self.resident = resident;
+    }
+
+    pub fn resident(&self) -> bool {
+        self.resident
+    }
+
+    /// `x`: `[B, 3, H, W]`, preprocessed; image b is scored on `filters[b]` of `layer`.
+    pub fn pass(
+        &self,
+        x: &Tensor,
+        layer: Layer,
+        filters: &[usize],
+        objective: Objective,
+        want_grad: bool,
+    ) -> Result<Pass> {
+        let b = filters.len();
+        let device = self.device().clone();
+        // Forward, keeping each layer's pre-ReLU output and each pool's input and output.
+        let mut pre: Vec<Tensor> = Vec::with_capacity(layer.index + 1);
+        let mut pools: Vec<Option<(Tensor, Tensor)>> = vec![None; layer.index + 1];
+        let mut h = x.clone();
+        for l in &LAYERS[..=layer.index] {
+            let out = match l.kind {
+                LayerKind::Conv { pool_after, .. } => {
+                    let (w, bias) = self.net.conv(l.index);
+                    let out = h.conv2d(w, 1, 1, 1, 1)?.broadcast_add(bias)?;
+                    h = out.relu()?;
+                    if pool_after && l.index < layer.index {
+                        let pooled = max_pool_2x2(&h)?;
+                        pools[l.index] = Some((h, pooled.clone()));
+                        h = pooled;
+                    }
+                    out
+                }
+                LayerKind::Dense { relu, .. } => {
+                    let (w, bias) = self.net.dense(l.index - 13, l)?;
+                    if l.index == 13 {
+                        let (_, _, fh, fw) = h.dims4()?;
+                        if (fh, fw) != (7, 7) {
+                            return Err(Error::Invalid(format!("{} needs a {DENSE_INPUT_SIZE}x{DENSE_INPUT_SIZE} input (7x7 after the last pool), got a {fh}x{fw} feature map", l.name)));
+                        }
+                        h = h.flatten_from(1)?;
+                    }
+                    let out = h.matmul(&w.t()?)?.broadcast_add(bias)?;
+                    h = if relu { out.relu()? } else { out.clone() };
+                    out
+                }
+            };
+            pre.push(out);
+        }
+        let top = pre.last().expect("at least one layer");
+        // Each image's own filter: a one-hot mask over the channels.
+        let channels = layer.filters();
+        let mut onehot = vec![0.0f32; b * channels];
+        for (i, &f) in filters.iter().enumerate() {
+            onehot[i * channels + f] = 1.0;
+        }
+        let (mask, pixels) = if layer.is_conv() {
+            let (_, _, th, tw) = top.dims4()?;
+            (
+                Tensor::from_vec(onehot, (b, channels, 1, 1), &device)?,
+                th * tw,
+            )
+        } else {
+            (Tensor::from_vec(onehot, (b, channels), &device)?, 1)
+        };
+        let selected = top.broadcast_mul(&mask)?.sum(1)?.reshape((b, pixels))?;
+        let pre_mean = selected.mean(1)?;
+        let post_mean = selected.relu()?.mean(1)?;
+        let grad = if want_grad {
+            // d(mean)/d(top) is the mask over the pixels; after the ReLU, where it is open.
+            let mut g = mask
+                .broadcast_as(top.shape())?
+                .affine(1.0 / pixels as f64, 0.0)?;
+            if objective == Objective::PostRelu {
+                g = g.mul(&open(top)?)?;
+            }
+            Some(self.backward(g, &pre, &pools, layer, b)?)
+        } else {
+            None
+        };
+        Ok(Pass {
+            pre: pre_mean,
+            post: post_mean,
+            grad,
+        })
+    }
+
+    /// From `g`, the gradient w.r.t. the target layer's pre-ReLU output, down to the input.
+    fn backward(
+        &self,
+        mut g: Tensor,
+        pre: &[Tensor],
+        pools: &[Option<(Tensor, Tensor)>],
+        layer: Layer,
+        b: usize,
+    ) -> Result<Tensor> {
+        for l in (0..=layer.index).rev() {
+            let here = &LAYERS[l];
+            // To the input of layer l.
+            let mut g_in = match here.kind {
+                LayerKind::Conv { .. } => g.conv2d(&self.back[l], 1, 1, 1, 1)?,
+                LayerKind::Dense { .. } => g.matmul(&self.net.dense(l - 13, here)?.0)?,
+            };
+            if l == 0 {
+                return Ok(g_in);
+            }
+            // That input is the (pooled, flattened) output of layer l - 1 after its ReLU.
+            if l == 13 {
+                g_in = g_in.reshape((b, 512, 7, 7))?;
+            }
+            if let Some((input, output)) = &pools[l - 1] {
+                g_in = unpool(&g_in, input, output)?;
+            }
+            let relu = match LAYERS[l - 1].kind {
+                LayerKind::Conv { .. } => true,
+                LayerKind::Dense { relu, .. } => relu,
+            };
+            g = if relu {
+                g_in.mul(&open(&pre[l - 1])?)?
+            } else {
+                g_in
+            };
+        }
+        unreachable!("layer 0 returns")
+    }
+}
+
+/// Where a ReLU lets the gradient through: 1 where `pre > 0`, else 0.
+fn open(pre: &Tensor) -> Result<Tensor> {
+    Ok(pre.gt(0.0f32)?.to_dtype(pre.dtype())?)
+}
+
+/// The backward of [`max_pool_2x2`]: each window's gradient goes to its maximum (to each of
+/// tied maxima; they are zeros after a ReLU, where the ReLU below closes the gradient anyway).
+fn unpool(g: &Tensor, input: &Tensor, output: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = input.dims4()?;
+    let (h2, w2) = (h / 2, w / 2);
+    let up = |t: &Tensor| -> Result<Tensor> {
+        Ok(t.reshape((b, c, h2, 1, w2, 1))?
+            .broadcast_as((b, c, h2, 2, w2, 2))?
+            .reshape((b, c, 2 * h2, 2 * w2))?)
+    };
+    let x = input.narrow(2, 0, 2 * h2)?.narrow(3, 0, 2 * w2)?;
+    let at_max = x.eq(&up(output)?)?.to_dtype(g.dtype())?;
+    let mut g = up(g)?.mul(&at_max)?;
+    // Odd sides: the last row or column was never pooled.
+    if h % 2 == 1 {
+        g = g.pad_with_zeros(2, 0, 1)?;
+    }
+    if w % 2 == 1 {
+        g = g.pad_with_zeros(3, 0, 1)?;
+    }
+    Ok(g)
 }
 
 impl Trunk for DeviceTrunk {
@@ -41,54 +236,28 @@ impl Trunk for DeviceTrunk {
         grad: Option<&mut [f32]>,
     ) -> Result<Vec<Scores>> {
         check_request(layer, filters, h, w)?;
-        let b = filters.len();
-        let device = self.net.device().clone();
-        let x = Tensor::from_slice(input, (b, h, w, 3), &device)?
+        let x = Tensor::from_slice(input, (filters.len(), h, w, 3), self.device())?
             .permute((0, 3, 1, 2))?
             .contiguous()?;
-        let x = Var::from_tensor(&x)?;
-        let out = self
-            .net
-            .forward(x.as_tensor(), layer)?
-            .pop()
-            .expect("at least one layer");
-        // Each image's own filter: a one-hot mask over the channels, summed away.
-        let channels = layer.filters();
-        let mut onehot = vec![0.0f32; b * channels];
-        for (i, &f) in filters.iter().enumerate() {
-            onehot[i * channels + f] = 1.0;
-        }
-        let selected = if layer.is_conv() {
-            let mask = Tensor::from_vec(onehot, (b, channels, 1, 1), &device)?;
-            out.broadcast_mul(&mask)?.sum(1)?.flatten_from(1)? // [B, h*w]
-        } else {
-            let mask = Tensor::from_vec(onehot, (b, channels), &device)?;
-            out.mul(&mask)?.sum_keepdim(1)? // [B, 1]
-        };
-        let pre = selected.mean(1)?;
-        let post = selected.relu()?.mean(1)?;
-        if let Some(grad) = grad {
-            let target = match objective {
-                Objective::PreRelu => &pre,
-                Objective::PostRelu => &post,
-            };
-            // The images are independent, so the gradient of the sum is each image's own.
-            let grads = target.sum_all()?.backward()?;
-            let g = grads
-                .get(x.as_tensor())
-                .ok_or_else(|| Error::Invalid("no gradient reached the input".into()))?
+        let pass = self.pass(&x, layer, filters, objective, grad.is_some())?;
+        if let (Some(grad), Some(g)) = (grad, pass.grad) {
+            let g = g
                 .permute((0, 2, 3, 1))?
                 .flatten_all()?
                 .to_dtype(DType::F32)?
                 .to_vec1::<f32>()?;
             grad.copy_from_slice(&g);
         }
-        let pre = pre.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-        let post = post.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let pre = pass.pre.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let post = pass.post.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         Ok(pre
             .into_iter()
             .zip(post)
             .map(|(pre, post)| Scores { pre, post })
             .collect())
+    }
+
+    fn device_trunk(&mut self) -> Option<&mut DeviceTrunk> {
+        self.resident.then_some(self)
     }
 }

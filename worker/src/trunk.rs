@@ -55,6 +55,11 @@ pub trait Trunk {
         objective: Objective,
         grad: Option<&mut [f32]>,
     ) -> Result<Vec<Scores>>;
+
+    /// A trunk on a candle device that runs the whole ascent there ([`crate::device_ascent`]).
+    fn device_trunk(&mut self) -> Option<&mut crate::device_trunk::DeviceTrunk> {
+        None
+    }
 }
 
 /// `||a - b|| / ||b||` (L2, in f64): how far a trunk's output is from a reference's.

@@ -51,6 +51,19 @@ impl Vgg16 {
         &self.device
     }
 
+    /// Conv layer `i`'s kernel `[cout, cin, 3, 3]` and bias `[1, cout, 1, 1]`.
+    pub(crate) fn conv(&self, i: usize) -> &(Tensor, Tensor) {
+        &self.convs[i]
+    }
+
+    /// Dense layer `i` (0 = fc1): weight `[outputs, inputs]` and bias `[1, outputs]`.
+    pub(crate) fn dense(&self, i: usize, layer: &Layer) -> Result<&(Tensor, Tensor)> {
+        self.dense.get(i).ok_or_else(|| Error::NoClassifier {
+            layer: layer.name.into(),
+            source_name: self.source.clone(),
+        })
+    }
+
     /// `x`: `[B, 3, H, W]`, preprocessed. Returns the output of every layer up to `target`
     /// (inclusive), before its ReLU: `[B, C, h, w]` for convs, `[B, units]` for dense layers.
     pub fn forward(&self, x: &Tensor, target: Layer) -> Result<Vec<Tensor>> {
@@ -68,13 +81,7 @@ impl Vgg16 {
                     }
                 }
                 LayerKind::Dense { relu, .. } => {
-                    let (w, b) =
-                        self.dense
-                            .get(layer.index - 13)
-                            .ok_or_else(|| Error::NoClassifier {
-                                layer: layer.name.into(),
-                                source_name: self.source.clone(),
-                            })?;
+                    let (w, b) = self.dense(layer.index - 13, layer)?;
                     if layer.index == 13 {
                         let dims = h.dims().to_vec();
                         if dims[2] != 7 || dims[3] != 7 {
@@ -134,7 +141,7 @@ impl Vgg16 {
 /// backward sends the gradient to the maximum. candle 0.11's own `max_pool2d` backward scales
 /// it by 1/4 at every pool (it multiplies by the share of maxima in the window instead of
 /// dividing), which would shrink a block5 gradient 256-fold.
-fn max_pool_2x2(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn max_pool_2x2(x: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     let (h2, w2) = (h / 2, w / 2);
     Ok(x.narrow(2, 0, h2 * 2)?
