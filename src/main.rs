@@ -74,8 +74,10 @@ enum Command {
         /// The coordinator, e.g. http://coordinator:50051 (https://... when it has TLS).
         #[arg(long)]
         connect: String,
-        #[arg(long, default_value_t = 16)]
-        batch: usize,
+        /// Filters per lease, computed together [16 on the CPU, 64 on a GPU; on a GPU, split
+        /// further if its free memory holds fewer].
+        #[arg(long)]
+        batch: Option<usize>,
         /// A name for logs (default: the host name).
         #[arg(long)]
         name: Option<String>,
@@ -191,6 +193,11 @@ enum Command {
         /// Batch size; if omitted, tries 1, 2, 4, 8 and 16 and reports the best.
         #[arg(long)]
         batch: Option<usize>,
+        /// On a GPU, step the images on the CPU between network passes (a batch of images up and
+        /// of gradients back per step) instead of keeping the whole ascent on the device: the
+        /// comparison that shows what keeping it there buys.
+        #[arg(long)]
+        host_ascent: bool,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -218,9 +225,9 @@ struct RenderArgs {
     /// Address to accept workers on (default: a loopback port for the local workers only).
     #[arg(long)]
     listen: Option<String>,
-    /// Filters per lease and per batch of the local workers.
-    #[arg(long, default_value_t = 16)]
-    batch: usize,
+    /// Filters per lease and per batch of the local workers [16 on the CPU, 64 on a GPU].
+    #[arg(long)]
+    batch: Option<usize>,
     /// Start a new run even if this configuration was rendered before.
     #[arg(long)]
     fresh: bool,
@@ -309,6 +316,10 @@ struct Compute {
     /// Where the network runs: `cpu`, or `cuda:N` / `metal:N` in a build with that feature.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// On CUDA, let f32 matrix products (the convs) use TF32 tensor cores: faster, with
+    /// about 1e-3 relative error per product (`check-device --tf32` measures it).
+    #[arg(long)]
+    tf32: bool,
 }
 
 #[derive(Args)]
@@ -428,7 +439,29 @@ impl Method {
 impl Compute {
     /// The network on `--device`, checked before any work starts.
     fn trunk(&self, weights: &Weights) -> Result<Box<dyn Trunk + Send>> {
+        self.precision()?;
         Ok(vgg_atlas_worker::trunk(weights, &self.device)?)
+    }
+
+    /// Applies `--tf32` (process-wide: candle keeps it in a global).
+    fn precision(&self) -> Result<()> {
+        if self.tf32 && !self.device.starts_with("cuda") {
+            bail!(
+                "--tf32 is for CUDA devices; --device {} computes in f32",
+                self.device
+            );
+        }
+        vgg_atlas_worker::candle::cuda::set_gemm_reduced_precision_f32(self.tf32);
+        Ok(())
+    }
+
+    /// Filters computed together when `--batch` is not given: a GPU wants wide batches.
+    fn default_batch(&self) -> usize {
+        if self.device == "cpu" {
+            16
+        } else {
+            64
+        }
     }
 
     fn weights(&self) -> Result<Weights> {
@@ -512,13 +545,14 @@ fn run(cli: Cli) -> Result<()> {
             compute,
         } => {
             vgg_atlas_worker::device(&compute.device)?; // a GPU build for a GPU device
+            compute.precision()?;
             let threads = compute.threads()?;
             let name = name
                 .unwrap_or_else(|| std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into()));
             let cfg = vgg_atlas_worker::client::WorkerConfig {
                 connect,
                 name,
-                batch: batch.max(1),
+                batch: batch.unwrap_or(compute.default_batch()).max(1),
                 threads,
                 weights: compute.weights.clone(),
                 token,
@@ -618,10 +652,11 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench {
             layer,
             batch,
+            host_ascent,
             json,
             method,
             compute,
-        } => bench(&layer, batch, json, &method, &compute),
+        } => bench(&layer, batch, host_ascent, json, &method, &compute),
         Command::CheckDevice {
             size,
             json,
@@ -629,7 +664,10 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let weights = compute.weights()?;
             let (pool, _) = compute.pool()?;
-            pool.install(|| check::check_device(&weights, &compute.device, size, json))
+            compute.precision()?;
+            pool.install(|| {
+                check::check_device(&weights, &compute.device, size, compute.tf32, json)
+            })
         }
     }
 }
@@ -935,6 +973,7 @@ fn bench_presets(
 fn bench(
     layer: &str,
     batch: Option<usize>,
+    host_ascent: bool,
     json: bool,
     method: &Method,
     compute: &Compute,
@@ -951,6 +990,22 @@ fn bench(
     let weights = compute.weights()?;
     let (pool, threads) = compute.pool()?;
     let mut trunk = compute.trunk(&weights)?;
+    if host_ascent {
+        match trunk.device_trunk() {
+            Some(d) => d.set_resident(false),
+            None => bail!("--host-ascent is for GPU devices; on --device cpu the ascent always steps the images on the CPU"),
+        }
+    }
+    let fits = match trunk.device_trunk() {
+        Some(d) => d.fit_batch(layer, settings.size)?,
+        None => None,
+    };
+    if let (Some(n), false) = (fits, json) {
+        eprintln!(
+            "{}: the device's free memory holds {n} images at {} px; wider batches are split",
+            layer.name, settings.size
+        );
+    }
     let batches = match batch {
         Some(0) => bail!("--batch must be at least 1"),
         Some(b) => vec![b],
@@ -997,7 +1052,8 @@ fn bench(
     }
     let (b, fps) = best.expect("at least one batch");
     let doc = json!({"layer": layer.name, "batch": b, "filters_per_second": fps, "gflops": fps * flops_per_filter / 1e9,
-        "threads": threads, "device": compute.device, "size": settings.size, "steps": settings.steps, "tried": tried});
+        "threads": threads, "device": compute.device, "tf32": compute.tf32, "ascent": if host_ascent { "host" } else { "device" },
+        "fits_in_memory": fits, "size": settings.size, "steps": settings.steps, "tried": tried});
     if json {
         println!("{doc}");
     } else {
@@ -1082,6 +1138,7 @@ async fn render(a: RenderArgs) -> Result<()> {
         settings.check(l)?;
     }
     vgg_atlas_worker::device(&a.compute.device)?; // a GPU build for a GPU device
+    a.compute.precision()?;
     let weights_path = match &a.compute.weights {
         Some(p) => p.clone(),
         None => fetch::ensure_default(&|m| eprintln!("{m}"))?,
@@ -1209,7 +1266,7 @@ async fn render(a: RenderArgs) -> Result<()> {
         let cfg = vgg_atlas_worker::client::WorkerConfig {
             connect: format!("http://{local_addr}"),
             name: format!("local-{i}"),
-            batch: a.batch.max(1),
+            batch: a.batch.unwrap_or(a.compute.default_batch()).max(1),
             threads: per_worker,
             weights: Some(weights_path.clone()),
             token: token.clone(),

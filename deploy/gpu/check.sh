@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check, on a machine with an NVIDIA GPU (no internet, no Rust needed), in a few
 # minutes: (1) the network on CUDA against the CPU (every conv layer's activations on a fixed
-# image, and the input gradient; rel. error <= 1e-3 in f32), (2) a small render on the GPU,
-# (3) filters/s per layer at 224 px, 20 steps, best batch, with GFLOP/s. One summary at the end.
+# image, the input gradient, and a short ascent; rel. error <= 1e-3 in f32, 1e-2 for the
+# ascent), and the same with TF32 products; (2) a small render on the GPU; (3) filters/s per
+# layer at 224 px, 20 steps, best batch, with GFLOP/s, in f32 and TF32, and one layer with the
+# images stepped on the CPU instead of on the GPU. One summary at the end.
 #
 # Usage: deploy/gpu/check.sh [BINARY] [WEIGHTS]
 #   BINARY   the CUDA build (deploy/gpu/build-worker.sh; default target/cuda/vgg-atlas)
@@ -10,7 +12,8 @@
 # Environment: VGG_ATLAS_DEVICE (default cuda:0), OUT (where results go; default a temp folder),
 #   LAYERS (the layers to measure; default one per block), SIZE and STEPS of the measurement
 #   (default 224 and 20; the test suite runs this script on the CPU with tiny ones),
-#   RENDER_LAYERS (default block1_conv1,block3_conv1,block5_conv3: 832 filters).
+#   RENDER_LAYERS (default block1_conv1,block3_conv1,block5_conv3: 832 filters), TF32 (1: also
+#   check and measure TF32; default 1 on CUDA, 0 elsewhere).
 set -euo pipefail
 bin=${1:-target/cuda/vgg-atlas}
 weights=${2:-}
@@ -20,6 +23,7 @@ layers=${LAYERS:-block1_conv2 block2_conv2 block3_conv3 block4_conv3 block5_conv
 render_layers=${RENDER_LAYERS:-block1_conv1,block3_conv1,block5_conv3}
 size=${SIZE:-224}
 steps=${STEPS:-20}
+case $dev in cuda*) tf32=${TF32:-1} ;; *) tf32=0 ;; esac
 w=()
 if [ -n "$weights" ]; then w=(--weights "$weights"); fi
 mkdir -p "$out"
@@ -29,6 +33,11 @@ echo "GPU: ${gpu:-unknown (no nvidia-smi)}; device $dev; results in $out"
 echo "== 1. $dev against the CPU"
 status=0
 "$bin" check-device --device "$dev" "${w[@]}" --size "$size" | tee "$out/check-device.txt" || status=$?
+tf32_status=0
+if [ "$tf32" = 1 ]; then
+  "$bin" check-device --device "$dev" --tf32 "${w[@]}" --size "$size" | tee "$out/check-device-tf32.txt" ||
+    tf32_status=$?
+fi
 
 echo "== 2. a small render on $dev"
 start=$(date +%s)
@@ -37,26 +46,44 @@ start=$(date +%s)
 render_s=$(($(date +%s) - start))
 
 echo "== 3. filters/s at $size px, $steps steps (quick preset), best batch"
+bench() {
+  local name=$1
+  shift
+  "$bin" bench --device "$dev" "${w[@]}" --size "$size" --steps "$steps" --preset quick --json "$@" \
+    >"$out/bench-$name.json"
+  cat "$out/bench-$name.json"
+}
 for layer in $layers; do
-  "$bin" bench --device "$dev" "${w[@]}" --layer "$layer" --size "$size" --steps "$steps" --preset quick \
-    --json >"$out/bench-$layer.json"
-  cat "$out/bench-$layer.json"
+  bench "$layer" --layer "$layer"
+  if [ "$tf32" = 1 ]; then bench "$layer-tf32" --layer "$layer" --tf32; fi
 done
+# What keeping the ascent on the device buys: one layer with the images stepped on the CPU.
+host_layer=$(echo "$layers" | awk '{print $NF}')
+case $dev in cpu) ;; *) bench "$host_layer-host" --layer "$host_layer" --host-ascent ;; esac
 
 echo
 echo "== summary: ${gpu:-unknown GPU}, $dev"
+# The largest rel. error of a check-device table (the column before the tolerance).
+largest() { awk 'NR > 2 { n = ($NF == "FAILED") ? NF - 2 : NF - 1; print $n }' "$1" | sort -g | tail -n 1; }
 if [ "$status" -ne 0 ]; then
   echo "device check: FAILED (see $out/check-device.txt)"
 else
-  echo "device check: passed, largest rel. error $(tail -n +3 "$out/check-device.txt" | grep -oE '[0-9.]+e-?[0-9]+' | sort -g | tail -n 1)"
+  echo "device check: passed, largest rel. error $(largest "$out/check-device.txt")"
+fi
+if [ "$tf32" = 1 ]; then
+  if [ "$tf32_status" -ne 0 ]; then
+    echo "TF32 check: FAILED, largest rel. error $(largest "$out/check-device-tf32.txt"): render in f32"
+  else
+    echo "TF32 check: passed, largest rel. error $(largest "$out/check-device-tf32.txt")"
+  fi
 fi
 echo "render of $render_layers (64 px, $steps steps): ${render_s} s"
 # The first "key":value of a bench JSON is the best batch's (the batches tried come last).
 field() { grep -o "\"$1\":[0-9.e+-]*" "$2" | head -n 1 | cut -d: -f2; }
-printf '%-14s %8s %12s %10s  (%s px, %s steps)\n' layer batch filters/s GFLOP/s "$size" "$steps"
-for layer in $layers; do
-  f=$out/bench-$layer.json
-  printf '%-14s %8s %12.2f %10.1f\n' "$layer" "$(field batch "$f")" \
+printf '%-19s %8s %12s %10s  (%s px, %s steps)\n' layer batch filters/s GFLOP/s "$size" "$steps"
+for f in "$out"/bench-*.json; do
+  name=$(basename "$f" .json)
+  printf '%-19s %8s %12.2f %10.1f\n' "${name#bench-}" "$(field batch "$f")" \
     "$(field filters_per_second "$f")" "$(field gflops "$f")"
 done
 exit "$status"

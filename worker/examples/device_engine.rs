@@ -51,5 +51,30 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         layer.name,
         pass * 1e3 / batch as f64
     );
+    // The ascent (the default preset, at SIZE), images stepped on the host, then on the device.
+    let s = Settings {
+        size,
+        steps: 10,
+        ..Preset::Atlas.settings()
+    };
+    let mut per_filter = Vec::new();
+    for resident in [false, true] {
+        trunk.set_resident(resident);
+        let t = Instant::now();
+        ascent::visualize(&mut trunk, weights.preprocess, layer, &filters, &s)?;
+        per_filter.push(t.elapsed().as_secs_f64() / batch as f64);
+        println!(
+            "ascent, {} preset, {} steps, images stepped {}: {:.3} s per filter",
+            s.preset.name(),
+            s.steps,
+            if resident {
+                "on the device"
+            } else {
+                "on the host"
+            },
+            per_filter[per_filter.len() - 1]
+        );
+    }
+    println!("device / host time: {:.2}", per_filter[1] / per_filter[0]);
     Ok(())
 }

@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use crate::fourier::{Adam, Fourier};
 use crate::layers::Layer;
 use crate::transform::Affine;
-use crate::trunk::{Objective, Trunk};
+use crate::trunk::{Objective, Scores, Trunk};
 use crate::weights::Preprocess;
 use crate::{Error, Result};
 
@@ -264,7 +264,80 @@ pub struct FilterResult {
 
 /// How many times one image may retry a step that produced NaN/Inf before it is failed.
 const MAX_RETRIES: u32 = 4;
-const EPS: f64 = 1e-7;
+pub(crate) const EPS: f64 = 1e-7;
+
+/// What is recorded of one image's ascent, wherever it runs.
+#[derive(Default)]
+pub(crate) struct Record {
+    pub start: f32,
+    pub curve: Vec<f32>,
+    pub failed: Option<String>,
+    pub retries: u32,
+    /// The objective at the last finite scoring: the target minus the regularizers.
+    pub objective: f32,
+}
+
+impl Record {
+    /// Records a step's scores and returns the objective's target, or None if they are not
+    /// finite (the step must be retried).
+    pub fn score(&mut self, step: usize, sc: &Scores, s: &Settings) -> Option<f32> {
+        let target = s.objective.target(sc);
+        if !sc.post.is_finite() || !target.is_finite() {
+            return None;
+        }
+        if step == 0 {
+            self.start = sc.post;
+        } else {
+            self.curve.push(sc.post);
+        }
+        Some(target)
+    }
+
+    /// Counts a retry of `step` (the caller restores the image and halves its step size); fails
+    /// the filter after [`MAX_RETRIES`].
+    pub fn retry(&mut self, step: usize, what: &str) {
+        self.retries += 1;
+        if self.retries > MAX_RETRIES {
+            self.failed = Some(format!("{what} at step {step}; still non-finite after {MAX_RETRIES} retries with smaller steps"));
+        }
+    }
+
+    /// The filter's result, from its record and its final image `x` (0..255 RGB, HWC).
+    pub fn finish(
+        self,
+        layer: &Layer,
+        filter: usize,
+        s: &Settings,
+        x: &[f32],
+        seconds: f32,
+    ) -> FilterResult {
+        let activation = self.curve.last().copied().unwrap_or(self.start);
+        let dead =
+            self.failed.is_none() && self.start == 0.0 && self.curve.iter().all(|&a| a == 0.0);
+        let image = self.failed.is_none().then(|| match s.parameterization {
+            Parameterization::Pixels => deprocess(x, s.size),
+            // Already in the valid range: shown as it is.
+            Parameterization::Fourier => to_rgb8(x, s.size),
+        });
+        FilterResult {
+            layer: layer.name.to_string(),
+            filter,
+            activation,
+            objective: if self.objective.is_finite() {
+                self.objective
+            } else {
+                0.0
+            },
+            start_activation: self.start,
+            curve: self.curve,
+            dead,
+            failed: self.failed,
+            retries: self.retries,
+            seconds,
+            image,
+        }
+    }
+}
 
 /// The start image of one filter: `(uniform(0,1) - 0.5) * 20 + 128`, RGB, seeded per
 /// (run seed, layer, filter).
@@ -323,11 +396,7 @@ struct ImageState {
     affine: Affine,
     seed: u64,
     lr: f32,
-    retries: u32,
-    failed: Option<String>,
-    curve: Vec<f32>,
-    start: f32,
-    objective: f32,
+    record: Record,
 }
 
 impl ImageState {
@@ -347,11 +416,10 @@ impl ImageState {
             affine: Affine::IDENTITY,
             seed,
             lr: s.learning_rate,
-            retries: 0,
-            failed: None,
-            curve: Vec::with_capacity(s.steps),
-            start: 0.0,
-            objective: 0.0,
+            record: Record {
+                curve: Vec::with_capacity(s.steps),
+                ..Record::default()
+            },
         }
     }
 
@@ -378,16 +446,13 @@ impl ImageState {
 
     /// Restores the last finite parameters and halves the step, or fails the filter.
     fn retry(&mut self, step: usize, what: &str) {
-        self.retries += 1;
+        self.record.retry(step, what);
         self.params.copy_from_slice(&self.last_good);
         self.opt = match &self.opt {
             OptState::Rmsprop(_) => OptState::Rmsprop(vec![0.0; self.params.len()]),
             OptState::Adam(_) => OptState::Adam(Adam::new(self.params.len())),
         };
         self.lr *= 0.5;
-        if self.retries > MAX_RETRIES {
-            self.failed = Some(format!("{what} at step {step}; still non-finite after {MAX_RETRIES} retries with smaller steps"));
-        }
     }
 }
 
@@ -410,6 +475,17 @@ pub fn visualize(
         )));
     }
     s.check(&layer)?;
+    if let Some(device) = trunk.device_trunk() {
+        // As many at once as the device's memory holds.
+        let fit = device.fit_batch(layer, s.size)?.unwrap_or(filters.len());
+        let mut results = Vec::with_capacity(filters.len());
+        for part in filters.chunks(fit.max(1)) {
+            results.extend(crate::device_ascent::visualize(
+                device, preprocess, layer, part, s,
+            )?);
+        }
+        return Ok(results);
+    }
     let started = Instant::now();
     let n = s.size * s.size * 3;
     let fourier = (s.parameterization == Parameterization::Fourier)
@@ -424,7 +500,7 @@ pub fn visualize(
     for step in 0..=s.steps {
         states
             .par_iter_mut()
-            .filter(|st| st.failed.is_none())
+            .filter(|st| st.record.failed.is_none())
             .for_each(|st| st.prepare(s, fourier.as_ref(), step));
         fill_input(&states, &chans, &mut input, n);
         let want_grad = step < s.steps;
@@ -443,22 +519,16 @@ pub fn visualize(
             .zip(scores.par_iter())
             .zip(filters.par_iter())
             .for_each(|(((st, g), sc), &f)| {
-                if st.failed.is_some() {
+                if st.record.failed.is_some() {
                     return;
                 }
-                let target = s.objective.target(sc);
-                if !sc.post.is_finite() || !target.is_finite() {
+                let Some(target) = st.record.score(step, sc, s) else {
                     st.retry(step, "non-finite activation");
                     return;
-                }
-                if step == 0 {
-                    st.start = sc.post;
-                } else {
-                    st.curve.push(sc.post);
-                }
+                };
                 st.last_good.copy_from_slice(&st.params);
                 let (reg, reg_grad) = regularizers(&st.x, s.size, s);
-                st.objective = (target as f64 - reg) as f32;
+                st.record.objective = (target as f64 - reg) as f32;
                 if !want_grad {
                     return;
                 }
@@ -479,32 +549,7 @@ pub fn visualize(
     Ok(states
         .into_iter()
         .zip(filters)
-        .map(|(st, &f)| {
-            let activation = st.curve.last().copied().unwrap_or(st.start);
-            let dead = st.failed.is_none() && st.start == 0.0 && st.curve.iter().all(|&a| a == 0.0);
-            let image = st.failed.is_none().then(|| match s.parameterization {
-                Parameterization::Pixels => deprocess(&st.x, s.size),
-                // Already in the valid range: shown as it is.
-                Parameterization::Fourier => to_rgb8(&st.x, s.size),
-            });
-            FilterResult {
-                layer: layer.name.to_string(),
-                filter: f,
-                activation,
-                objective: if st.objective.is_finite() {
-                    st.objective
-                } else {
-                    0.0
-                },
-                start_activation: st.start,
-                curve: st.curve,
-                dead,
-                failed: st.failed,
-                retries: st.retries,
-                seconds,
-                image,
-            }
-        })
+        .map(|(st, &f)| st.record.finish(&layer, f, s, &st.x, seconds))
         .collect())
 }
 

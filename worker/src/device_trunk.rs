@@ -74,6 +74,16 @@ impl DeviceTrunk {
         self.resident
     }
 
+    /// The widest batch of `layer` at `size` px that fits in the device's free memory, with a
+    /// fifth of it spare; None where free memory cannot be asked (the CPU, Metal).
+    pub fn fit_batch(&self, layer: Layer, size: usize) -> Result<Option<usize>> {
+        let Some(free) = free_memory(self.device())? else {
+            return Ok(None);
+        };
+        let each = bytes_per_image(layer, size) as f64;
+        Ok(Some(((free as f64 * 0.8 / each).floor() as usize).max(1)))
+    }
+
     /// `x`: `[B, 3, H, W]`, preprocessed; image b is scored on `filters[b]` of `layer`.
     pub fn pass(
         &self,
@@ -196,6 +206,61 @@ impl DeviceTrunk {
     }
 }
 
+/// Device memory one image of a batch needs for an ascent step at `layer` and `size` px
+/// (f32): what the forward keeps for the backward (each layer's output before its ReLU, the
+/// ReLU output and result of each pool), the largest transient of the backward (the gradient,
+/// its mask and the next gradient at the widest layer), the column buffer of the widest conv
+/// (candle lowers a conv to im2col and a matrix product; the backward conv of the first layer
+/// has 64 x 9 columns per pixel, so this is the largest single buffer at any layer), and the
+/// image's own tensors (parameters, optimiser state, views and their gradients).
+pub fn bytes_per_image(layer: Layer, size: usize) -> u64 {
+    let (mut kept, mut widest, mut columns) = (0u64, 0u64, 0u64);
+    for l in &LAYERS[..=layer.index] {
+        let (out, cols) = match l.kind {
+            LayerKind::Conv {
+                cin,
+                cout,
+                pool_after,
+            } => {
+                let px = (l.output_side(size) as u64).pow(2);
+                let pooled = if pool_after && l.index < layer.index {
+                    px / 4
+                } else {
+                    0
+                };
+                kept += px * cout as u64 * 2 + pooled * cout as u64;
+                (px * cout as u64, px * 9 * cin.max(cout) as u64)
+            }
+            LayerKind::Dense { outputs, .. } => {
+                kept += outputs as u64 * 2;
+                (outputs as u64, 0)
+            }
+        };
+        widest = widest.max(out);
+        columns = columns.max(cols);
+    }
+    let image = 3 * (size as u64).pow(2);
+    4 * (kept + 3 * widest + columns + 16 * image)
+}
+
+#[cfg(feature = "cuda")]
+fn free_memory(device: &Device) -> Result<Option<usize>> {
+    match device {
+        Device::Cuda(d) => {
+            let (free, _total) = d.cuda_stream().context().mem_get_info().map_err(|e| {
+                Error::Invalid(format!("cannot ask the GPU for its free memory: {e}"))
+            })?;
+            Ok(Some(free))
+        }
+        _ => Ok(None),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn free_memory(_device: &Device) -> Result<Option<usize>> {
+    Ok(None)
+}
+
 /// Where a ReLU lets the gradient through: 1 where `pre > 0`, else 0.
 fn open(pre: &Tensor) -> Result<Tensor> {
     Ok(pre.gt(0.0f32)?.to_dtype(pre.dtype())?)
@@ -259,5 +324,40 @@ impl Trunk for DeviceTrunk {
 
     fn device_trunk(&mut self) -> Option<&mut DeviceTrunk> {
         self.resident.then_some(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_per_image_follows_the_network() {
+        let mb = |name: &str, size: usize| {
+            bytes_per_image(Layer::by_name(name).unwrap(), size) as f64 / (1 << 20) as f64
+        };
+        // By hand for block1_conv1 at 224 px: 64 x 224^2 outputs kept twice, three transients
+        // of that size, the first layer's backward columns (64 x 9 per pixel), the image's 16
+        // tensors of 3 x 224^2: (2 + 3 + 9) x 64 x 224^2 + 48 x 224^2 floats.
+        let by_hand = (14.0 * 64.0 + 48.0) * 224.0 * 224.0 * 4.0 / (1 << 20) as f64;
+        assert!(
+            (mb("block1_conv1", 224) - by_hand).abs() < 1e-6,
+            "{}",
+            mb("block1_conv1", 224)
+        );
+        // Deeper layers keep more; every size's memory is about quadratic in the side.
+        let mut last = 0.0;
+        for l in crate::LAYERS.iter().filter(|l| l.is_conv()) {
+            let m = mb(l.name, 224);
+            assert!(m > last, "{}: {m} MB", l.name);
+            last = m;
+            let r = m / mb(l.name, 112);
+            assert!((3.7..4.3).contains(&r), "{}: 224 px / 112 px = {r}", l.name);
+        }
+        // An 80 GB GPU holds a few hundred block5 images at 224 px: candle's transients are
+        // big, but not a batch of one.
+        let fits =
+            0.8 * 80e9 / bytes_per_image(Layer::by_name("block5_conv3").unwrap(), 224) as f64;
+        assert!((100.0..1000.0).contains(&fits), "{fits}");
     }
 }

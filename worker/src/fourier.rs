@@ -33,14 +33,14 @@ pub struct Fourier {
     /// Frequencies along the last axis kept by a real DFT: size / 2 + 1.
     pub k: usize,
     /// Per-frequency scale, `[ky][kx]`.
-    scale: Vec<f32>,
+    pub(crate) scale: Vec<f32>,
     /// Inverse DFT along rows (complex): `[h][ky]`, cos and sin, divided by size.
-    ch: Vec<f32>,
-    sh: Vec<f32>,
+    pub(crate) ch: Vec<f32>,
+    pub(crate) sh: Vec<f32>,
     /// Inverse real DFT along columns: `[kx][w]`.
-    cw: Vec<f32>,
-    sw: Vec<f32>,
-    color: [[f32; 3]; 3],
+    pub(crate) cw: Vec<f32>,
+    pub(crate) sw: Vec<f32>,
+    pub(crate) color: [[f32; 3]; 3],
 }
 
 /// The spectrum of one image: real and imaginary parts, `[channel][ky][kx]`.

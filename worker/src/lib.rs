@@ -4,6 +4,7 @@
 pub mod ascent;
 pub mod client;
 pub mod conv;
+pub mod device_ascent;
 pub mod device_trunk;
 mod error;
 pub mod fetch;

@@ -68,37 +68,117 @@ fn device_trunk_scores_and_gradient_equal_the_cpu_trunk() {
     }
 }
 
-#[test]
-fn the_ascent_on_the_device_trunk_follows_the_cpu_one() {
+/// Mean absolute difference of two 8-bit images, in grey levels.
+fn image_difference(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
+    a.as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(&x, &y)| (x as f64 - y as f64).abs())
+        .sum::<f64>()
+        / a.as_raw().len() as f64
+}
+
+/// The ascent three ways: on the CPU trunk, on the device with the images stepped on the host,
+/// and kept on the device. All three must find the same activations and the same images.
+fn three_ways_agree(layer: &str, filters: &[usize], s: &Settings) {
     let w = weights();
-    let layer = Layer::by_name("block2_conv1").unwrap();
+    let layer = Layer::by_name(layer).unwrap();
+    let mut cpu = CpuTrunk::new(w);
+    let mut host = DeviceTrunk::new(w, &Device::Cpu).unwrap();
+    host.set_resident(false);
+    let mut resident = DeviceTrunk::new(w, &Device::Cpu).unwrap();
+    assert!(resident.resident(), "the device ascent is the default");
+    let a = ascent::visualize(&mut cpu, w.preprocess, layer, filters, s).unwrap();
+    let b = ascent::visualize(&mut host, w.preprocess, layer, filters, s).unwrap();
+    let c = ascent::visualize(&mut resident, w.preprocess, layer, filters, s).unwrap();
+    for (way, other) in [("host-stepped", &b), ("resident", &c)] {
+        for (x, y) in other.iter().zip(&a) {
+            assert_eq!(x.filter, y.filter);
+            assert!(x.failed.is_none() && y.failed.is_none(), "{x:?}");
+            assert_eq!(x.curve.len(), y.curve.len());
+            for (p, q) in [
+                (x.start_activation, y.start_activation),
+                (x.activation, y.activation),
+            ] {
+                assert!(
+                    (p - q).abs() <= 1e-2 * q.abs().max(1.0),
+                    "{} filter {}, {way}: {p} vs cpu {q}",
+                    layer.name,
+                    x.filter
+                );
+            }
+            let (i, j) = (x.image.as_ref().unwrap(), y.image.as_ref().unwrap());
+            let d = image_difference(i, j);
+            assert!(
+                d < 1.0,
+                "{} filter {}, {way}: images differ by {d} grey levels on average",
+                layer.name,
+                x.filter
+            );
+        }
+    }
+    assert!(
+        c.iter()
+            .filter(|x| x.activation > x.start_activation + 0.1)
+            .count()
+            >= filters.len() - 1,
+        "the ascent raised the activations: {:?}",
+        c.iter()
+            .map(|x| (x.start_activation, x.activation))
+            .collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn the_ascent_on_the_device_follows_the_cpu_one_with_pixels_and_rmsprop() {
+    // The Keras blog's method: pixels, Lp and TV regularizers, RMSprop, no transforms.
     let s = Settings {
         size: 32,
         steps: 5,
         ..Preset::Quick.settings()
     };
-    let filters = [0usize, 9, 77];
-    let mut cpu = CpuTrunk::new(w);
+    three_ways_agree("block2_conv1", &[0, 9, 77], &s);
+    // keras-vis: jitter and rotation; TV with beta 1.5 (a power, not a square).
+    let s = Settings {
+        size: 32,
+        steps: 4,
+        tv_beta: 1.5,
+        ..Preset::KerasVis.settings()
+    };
+    three_ways_agree("block1_conv2", &[3, 40], &s);
+}
+
+#[test]
+fn the_ascent_on_the_device_follows_the_cpu_one_with_lucids_method() {
+    // lucid: Fourier parameterisation, decorrelated colour, jitter, rotation and scale, Adam.
+    let s = Settings {
+        size: 36,
+        steps: 6,
+        ..Preset::Lucid.settings()
+    };
+    three_ways_agree("block3_conv1", &[1, 100, 255], &s);
+}
+
+#[test]
+fn a_filter_that_fails_on_the_device_is_retried_then_failed_alone() {
+    let w = weights();
+    let layer = Layer::by_name("block1_conv2").unwrap();
+    let s = Settings {
+        size: 16,
+        steps: 8,
+        inject_nan_filter: Some(7),
+        ..Preset::Atlas.settings()
+    };
     let mut dev = DeviceTrunk::new(w, &Device::Cpu).unwrap();
-    let a = ascent::visualize(&mut cpu, w.preprocess, layer, &filters, &s).unwrap();
-    let b = ascent::visualize(&mut dev, w.preprocess, layer, &filters, &s).unwrap();
-    for (x, y) in b.iter().zip(&a) {
+    let r = ascent::visualize(&mut dev, w.preprocess, layer, &[2, 7, 9], &s).unwrap();
+    let failed = r[1].failed.as_deref().expect("filter 7 fails");
+    assert!(failed.contains("non-finite gradient"), "{failed}");
+    assert!(r[1].image.is_none() && r[1].retries == 5, "{:?}", r[1]);
+    for ok in [&r[0], &r[2]] {
         assert!(
-            (x.activation - y.activation).abs() <= 1e-2 * y.activation.abs().max(1.0),
-            "filter {}: device {} vs cpu {}",
-            x.filter,
-            x.activation,
-            y.activation
+            ok.failed.is_none() && ok.retries == 0 && ok.image.is_some(),
+            "{ok:?}"
         );
+        assert!(ok.activation.is_finite() && ok.curve.len() == s.steps);
     }
-    assert!(
-        b.iter()
-            .filter(|x| x.activation > x.start_activation + 0.1)
-            .count()
-            >= 2,
-        "the ascent raised the activations: {:?}",
-        b.iter()
-            .map(|x| (x.start_activation, x.activation))
-            .collect::<Vec<_>>()
-    );
 }
