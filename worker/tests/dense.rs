@@ -207,3 +207,44 @@ fn classifier_targets_need_224_pixels_and_a_full_checkpoint() {
         .unwrap_err();
     assert!(e.to_string().contains("224"), "{e}");
 }
+
+/// The device trunk (candle, what GPU workers run; here on the CPU device) on the classifier
+/// targets: the same scores and input gradient as the CPU trunk.
+#[test]
+fn the_device_trunk_matches_the_cpu_trunk_on_classifier_targets() {
+    let w = full_checkpoint();
+    let size = 224;
+    let img = image::imageops::resize(&chelsea(), 224, 224, image::imageops::FilterType::Triangle);
+    let input = net_input(&img, w.preprocess, 2);
+    let mut cpu = CpuTrunk::new(&w);
+    let mut dev = vgg_atlas_worker::device_trunk::DeviceTrunk::new(&w, &Device::Cpu).unwrap();
+    pool().install(|| {
+        for (name, units) in [("fc1", [7usize, 4000]), ("predictions", [281, 999])] {
+            let layer = Layer::by_name(name).unwrap();
+            for objective in [Objective::PreRelu, Objective::PostRelu] {
+                let (mut gc, mut gd) = (vec![0.0f32; input.len()], vec![0.0f32; input.len()]);
+                let sc = cpu
+                    .run(layer, &units, size, size, &input, objective, Some(&mut gc))
+                    .unwrap();
+                let sd = dev
+                    .run(layer, &units, size, size, &input, objective, Some(&mut gd))
+                    .unwrap();
+                for (a, b) in sd.iter().zip(&sc) {
+                    assert!(
+                        (a.pre - b.pre).abs() <= 1e-3 * b.pre.abs().max(1.0),
+                        "{name} {objective:?}: device {a:?} vs cpu {b:?}"
+                    );
+                }
+                let e = vgg_atlas_worker::trunk::relative_error(&gd, &gc);
+                assert!(e < 1e-3, "{name} {objective:?}: gradient rel. error {e}");
+                // (After the ReLU a silent unit has none.)
+                if objective == Objective::PreRelu {
+                    assert!(
+                        gc.iter().any(|v| *v != 0.0),
+                        "{name}: a zero gradient proves nothing"
+                    );
+                }
+            }
+        }
+    });
+}
