@@ -18,6 +18,9 @@ use crate::vgg::{max_pool_2x2, Vgg16};
 use crate::weights::Weights;
 use crate::{Error, Result};
 
+/// The gradient w.r.t. the target's selected output taken back to the target's input.
+type Backward = Box<dyn Fn(&Tensor) -> Result<Tensor>>;
+
 /// Target convs with at least this many filters compute only each image's own.
 const TARGET_ONLY_FROM: usize = 256;
 
@@ -134,7 +137,7 @@ impl DeviceTrunk {
         let ids = Tensor::from_vec(ids, b, &device)?;
         // The target: [B, pixels] of each image's own filter before its ReLU, and how to take
         // a gradient w.r.t. it back to the target's input.
-        let (selected, back): (Tensor, Box<dyn Fn(&Tensor) -> Result<Tensor>>) = match layer.kind {
+        let (selected, back): (Tensor, Backward) = match layer.kind {
             LayerKind::Conv { cout, .. } if cout < TARGET_ONLY_FROM => {
                 let (_, _, th, tw) = h.dims4()?;
                 let (w, bias) = self.net.conv(layer.index);
