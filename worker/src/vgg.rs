@@ -137,10 +137,11 @@ impl Vgg16 {
     }
 }
 
-/// 2x2/2 max-pool (odd sides floored, as `max_pool2d(2)`) written as two max-reductions, whose
-/// backward sends the gradient to the maximum. candle 0.11's own `max_pool2d` backward scales
-/// it by 1/4 at every pool (it multiplies by the share of maxima in the window instead of
-/// dividing), which would shrink a block5 gradient 256-fold.
+/// 2x2/2 max-pool (odd sides floored, as `max_pool2d(2)`) written as two max-reductions, so
+/// that autograd through it is right: candle 0.11's own `max_pool2d` backward scales the
+/// gradient by 1/4 at every pool (it multiplies by the share of maxima in the window instead
+/// of dividing), which would shrink a block5 gradient 256-fold. The device trunk's backward
+/// does not use autograd: its pool backward is `device_trunk::unpool`.
 pub(crate) fn max_pool_2x2(x: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     let (h2, w2) = (h / 2, w / 2);
