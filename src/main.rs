@@ -996,6 +996,7 @@ fn bench(
             None => bail!("--host-ascent is for GPU devices; on --device cpu the ascent always steps the images on the CPU"),
         }
     }
+    let resident = trunk.device_trunk().is_some();
     let fits = match trunk.device_trunk() {
         Some(d) => d.fit_batch(layer, settings.size)?,
         None => None,
@@ -1052,7 +1053,7 @@ fn bench(
     }
     let (b, fps) = best.expect("at least one batch");
     let doc = json!({"layer": layer.name, "batch": b, "filters_per_second": fps, "gflops": fps * flops_per_filter / 1e9,
-        "threads": threads, "device": compute.device, "tf32": compute.tf32, "ascent": if host_ascent { "host" } else { "device" },
+        "threads": threads, "device": compute.device, "tf32": compute.tf32, "ascent": if resident { "device" } else { "host" },
         "fits_in_memory": fits, "size": settings.size, "steps": settings.steps, "tried": tried});
     if json {
         println!("{doc}");

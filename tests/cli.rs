@@ -108,6 +108,15 @@ fn bench_prints_its_json_contract() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["layer"], "block1_conv2");
     assert_eq!(v["batch"], 2);
+    assert_eq!(
+        v["ascent"], "host",
+        "on the CPU the images are stepped on the host"
+    );
+    assert_eq!(v["tf32"], false);
+    assert!(
+        v["fits_in_memory"].is_null(),
+        "no device memory to ask on the CPU"
+    );
     assert!(v["filters_per_second"].as_f64().unwrap() > 0.0 && v["gflops"].as_f64().unwrap() > 0.0);
 }
 
@@ -116,7 +125,22 @@ fn bad_input_gets_a_clear_error_and_no_panic() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("o").display().to_string();
     let missing_db = format!("sqlite://{}/none.db", dir.path().display());
-    let cases: [(&[&str], &str); 14] = [
+    let cases: [(&[&str], &str); 16] = [
+        (
+            &["bench", "--layer", "block1_conv1", "--host-ascent"],
+            "--host-ascent is for GPU devices",
+        ),
+        (
+            &[
+                "visualize",
+                "--layer",
+                "block1_conv1",
+                "--tf32",
+                "--out",
+                &out,
+            ],
+            "--tf32 is for CUDA devices",
+        ),
         (
             &["visualize", "--layer", "block6_conv1", "--out", &out],
             "unknown layer 'block6_conv1'",
