@@ -24,17 +24,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let input = vec![10.0f32; batch * size * size * 3];
     let mut grad = vec![0.0f32; input.len()];
     let reps = 3;
-    trunk.run(
-        layer,
-        &filters,
-        size,
-        size,
-        &input,
-        Objective::PreRelu,
-        Some(&mut grad),
-    )?;
-    let t = Instant::now();
-    for _ in 0..reps {
+    let mut pass = || {
         trunk.run(
             layer,
             &filters,
@@ -43,7 +33,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &input,
             Objective::PreRelu,
             Some(&mut grad),
-        )?;
+        )
+    };
+    pass()?; // warm-up
+    let t = Instant::now();
+    for _ in 0..reps {
+        pass()?;
     }
     let pass = t.elapsed().as_secs_f64() / reps as f64;
     println!(

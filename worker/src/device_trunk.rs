@@ -168,7 +168,12 @@ impl DeviceTrunk {
                 let out = rows.matmul(&cols)?.broadcast_add(&bias)?;
                 let back = move |g: &Tensor| -> Result<Tensor> {
                     let g = g.reshape((b, 1, th * tw))?;
-                    fold(&rows.transpose(1, 2)?.contiguous()?.matmul(&g)?, cin, th, tw)
+                    fold(
+                        &rows.transpose(1, 2)?.contiguous()?.matmul(&g)?,
+                        cin,
+                        th,
+                        tw,
+                    )
                 };
                 (out.reshape((b, th * tw))?, Box::new(back))
             }
