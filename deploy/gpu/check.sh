@@ -27,6 +27,14 @@ case $dev in cuda*) tf32=${TF32:-1} ;; *) tf32=0 ;; esac
 w=()
 if [ -n "$weights" ]; then w=(--weights "$weights"); fi
 mkdir -p "$out"
+# The CUDA 13 libraries: where the system has none, PyTorch's CUDA 13 wheels carry them.
+if ldd "$bin" 2>/dev/null | grep -E '^\s*lib(cu|nvrtc).* not found' | grep -vq libcuda.so; then
+  wheels=$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null || true)
+  if [ -n "$wheels" ] && [ -d "$wheels" ]; then
+    export LD_LIBRARY_PATH=$wheels${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    echo "CUDA libraries: $wheels"
+  fi
+fi
 gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -n 1 || true)
 echo "GPU: ${gpu:-unknown (no nvidia-smi)}; device $dev; results in $out"
 
