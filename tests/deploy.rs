@@ -191,6 +191,8 @@ fn the_scripts_pass_bash_n_and_shellcheck() {
         .filter(|p| matches!(ext(p), "sh" | "sbatch"))
         .collect();
     scripts.push(root().join(".ci/run"));
+    scripts.push(root().join("bench/compare.sh"));
+    scripts.push(root().join("bench/gpu-bundle.sh"));
     assert!(scripts.len() >= 5);
     let shellcheck = Command::new("shellcheck").arg("--version").output().is_ok();
     assert!(
