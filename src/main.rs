@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use vgg_atlas_worker::ascent::{self, Settings};
+use vgg_atlas_worker::device_trunk::Precision;
 use vgg_atlas_worker::trunk::{Objective, Trunk};
 use vgg_atlas_worker::vgg::Vgg16;
 use vgg_atlas_worker::{fetch, Layer, Weights};
@@ -316,10 +317,11 @@ struct Compute {
     /// Where the network runs: `cpu`, or `cuda:N` / `metal:N` in a build with that feature.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// On CUDA, let f32 matrix products (the convs) use TF32 tensor cores: faster, with
-    /// about 1e-3 relative error per product (`check-device --tf32` measures it).
-    #[arg(long)]
-    tf32: bool,
+    /// On a GPU: f32 (the default), tf32 (CUDA: f32 tensors, the convs' products on TF32
+    /// tensor cores) or bf16 (the network in bfloat16); `check-device --precision P` measures
+    /// the error against the CPU's f32.
+    #[arg(long, default_value = "f32")]
+    precision: String,
 }
 
 #[derive(Args)]
@@ -439,20 +441,29 @@ impl Method {
 impl Compute {
     /// The network on `--device`, checked before any work starts.
     fn trunk(&self, weights: &Weights) -> Result<Box<dyn Trunk + Send>> {
-        self.precision()?;
-        Ok(vgg_atlas_worker::trunk(weights, &self.device)?)
+        Ok(vgg_atlas_worker::trunk(
+            weights,
+            &self.device,
+            self.precision()?,
+        )?)
     }
 
-    /// Applies `--tf32` (process-wide: candle keeps it in a global).
-    fn precision(&self) -> Result<()> {
-        if self.tf32 && !self.device.starts_with("cuda") {
-            bail!(
-                "--tf32 is for CUDA devices; --device {} computes in f32",
+    /// `--precision`, checked against `--device`.
+    fn precision(&self) -> Result<Precision> {
+        let p = Precision::by_name(&self.precision)?;
+        match p {
+            Precision::F32 => {}
+            _ if self.device == "cpu" => bail!(
+                "--precision {} is for GPU devices; on --device cpu the network computes in f32",
+                p.name()
+            ),
+            Precision::Tf32 if !self.device.starts_with("cuda") => bail!(
+                "--precision tf32 is for CUDA devices; use f32 or bf16 on --device {}",
                 self.device
-            );
+            ),
+            _ => {}
         }
-        vgg_atlas_worker::candle::cuda::set_gemm_reduced_precision_f32(self.tf32);
-        Ok(())
+        Ok(p)
     }
 
     /// Filters computed together when `--batch` is not given: a GPU wants wide batches.
@@ -545,7 +556,7 @@ fn run(cli: Cli) -> Result<()> {
             compute,
         } => {
             vgg_atlas_worker::device(&compute.device)?; // a GPU build for a GPU device
-            compute.precision()?;
+            let precision = compute.precision()?;
             let threads = compute.threads()?;
             let name = name
                 .unwrap_or_else(|| std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into()));
@@ -559,6 +570,7 @@ fn run(cli: Cli) -> Result<()> {
                 tls_ca,
                 tls_domain,
                 device: compute.device.clone(),
+                precision,
             };
             runtime()?.block_on(vgg_atlas_worker::client::run(cfg))?;
             eprintln!("the run is finished");
@@ -664,10 +676,8 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let weights = compute.weights()?;
             let (pool, _) = compute.pool()?;
-            compute.precision()?;
-            pool.install(|| {
-                check::check_device(&weights, &compute.device, size, compute.tf32, json)
-            })
+            let precision = compute.precision()?;
+            pool.install(|| check::check_device(&weights, &compute.device, size, precision, json))
         }
     }
 }
@@ -1053,7 +1063,7 @@ fn bench(
     }
     let (b, fps) = best.expect("at least one batch");
     let doc = json!({"layer": layer.name, "batch": b, "filters_per_second": fps, "gflops": fps * flops_per_filter / 1e9,
-        "threads": threads, "device": compute.device, "tf32": compute.tf32, "ascent": if resident { "device" } else { "host" },
+        "threads": threads, "device": compute.device, "precision": compute.precision, "ascent": if resident { "device" } else { "host" },
         "fits_in_memory": fits, "size": settings.size, "steps": settings.steps, "tried": tried});
     if json {
         println!("{doc}");
@@ -1139,7 +1149,7 @@ async fn render(a: RenderArgs) -> Result<()> {
         settings.check(l)?;
     }
     vgg_atlas_worker::device(&a.compute.device)?; // a GPU build for a GPU device
-    a.compute.precision()?;
+    let precision = a.compute.precision()?;
     let weights_path = match &a.compute.weights {
         Some(p) => p.clone(),
         None => fetch::ensure_default(&|m| eprintln!("{m}"))?,
@@ -1274,6 +1284,7 @@ async fn render(a: RenderArgs) -> Result<()> {
             tls_ca: None,
             tls_domain: None,
             device: a.compute.device.clone(),
+            precision,
         };
         tokio::spawn(async move {
             if let Err(e) = vgg_atlas_worker::client::run(cfg).await {

@@ -112,7 +112,7 @@ fn bench_prints_its_json_contract() {
         v["ascent"], "host",
         "on the CPU the images are stepped on the host"
     );
-    assert_eq!(v["tf32"], false);
+    assert_eq!(v["precision"], "f32");
     assert!(
         v["fits_in_memory"].is_null(),
         "no device memory to ask on the CPU"
@@ -125,7 +125,11 @@ fn bad_input_gets_a_clear_error_and_no_panic() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("o").display().to_string();
     let missing_db = format!("sqlite://{}/none.db", dir.path().display());
-    let cases: [(&[&str], &str); 16] = [
+    let cases: [(&[&str], &str); 17] = [
+        (
+            &["bench", "--layer", "block1_conv1", "--precision", "fp8"],
+            "unknown precision 'fp8'; use f32, tf32 or bf16",
+        ),
         (
             &["bench", "--layer", "block1_conv1", "--host-ascent"],
             "--host-ascent is for GPU devices",
@@ -135,11 +139,12 @@ fn bad_input_gets_a_clear_error_and_no_panic() {
                 "visualize",
                 "--layer",
                 "block1_conv1",
-                "--tf32",
+                "--precision",
+                "bf16",
                 "--out",
                 &out,
             ],
-            "--tf32 is for CUDA devices",
+            "--precision bf16 is for GPU devices",
         ),
         (
             &["visualize", "--layer", "block6_conv1", "--out", &out],

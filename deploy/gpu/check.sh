@@ -2,9 +2,10 @@
 # The GPU check, on a machine with an NVIDIA GPU (no internet, no Rust needed), in a few
 # minutes: (1) the network on CUDA against the CPU (every conv layer's activations on a fixed
 # image, the input gradient, and a short ascent; rel. error <= 1e-3 in f32, 1e-2 for the
-# ascent), and the same with TF32 products; (2) a small render on the GPU; (3) filters/s per
-# layer at 224 px, 20 steps, best batch, with GFLOP/s, in f32 and TF32, and one layer with the
-# images stepped on the CPU instead of on the GPU. One summary at the end.
+# ascent), and the same in the reduced precisions (TF32 products, bfloat16); (2) a small render
+# on the GPU; (3) filters/s per layer at 224 px, 20 steps, best batch, with GFLOP/s, in each
+# precision, and one layer with the images stepped on the CPU instead of on the GPU. One
+# summary at the end.
 #
 # Usage: deploy/gpu/check.sh [BINARY] [WEIGHTS]
 #   BINARY   the CUDA build (deploy/gpu/build-worker.sh; default target/cuda/vgg-atlas)
@@ -12,8 +13,9 @@
 # Environment: VGG_ATLAS_DEVICE (default cuda:0), OUT (where results go; default a temp folder),
 #   LAYERS (the layers to measure; default one per block), SIZE and STEPS of the measurement
 #   (default 224 and 20; the test suite runs this script on the CPU with tiny ones),
-#   RENDER_LAYERS (default block1_conv1,block3_conv1,block5_conv3: 832 filters), TF32 (1: also
-#   check and measure TF32; default 1 on CUDA, 0 elsewhere).
+#   RENDER_LAYERS (default block1_conv1,block3_conv1,block5_conv3: 832 filters), PRECISIONS
+#   (the reduced precisions to check and measure besides f32; default "tf32 bf16" on CUDA,
+#   none elsewhere).
 set -euo pipefail
 bin=${1:-target/cuda/vgg-atlas}
 weights=${2:-}
@@ -23,7 +25,7 @@ layers=${LAYERS:-block1_conv2 block2_conv2 block3_conv3 block4_conv3 block5_conv
 render_layers=${RENDER_LAYERS:-block1_conv1,block3_conv1,block5_conv3}
 size=${SIZE:-224}
 steps=${STEPS:-20}
-case $dev in cuda*) tf32=${TF32:-1} ;; *) tf32=0 ;; esac
+case $dev in cuda*) precisions=${PRECISIONS-tf32 bf16} ;; *) precisions=${PRECISIONS-} ;; esac
 w=()
 if [ -n "$weights" ]; then w=(--weights "$weights"); fi
 mkdir -p "$out"
@@ -41,11 +43,12 @@ echo "GPU: ${gpu:-unknown (no nvidia-smi)}; device $dev; results in $out"
 echo "== 1. $dev against the CPU"
 status=0
 "$bin" check-device --device "$dev" "${w[@]}" --size "$size" | tee "$out/check-device.txt" || status=$?
-tf32_status=0
-if [ "$tf32" = 1 ]; then
-  "$bin" check-device --device "$dev" --tf32 "${w[@]}" --size "$size" | tee "$out/check-device-tf32.txt" ||
-    tf32_status=$?
-fi
+declare -A reduced_status
+for p in $precisions; do
+  reduced_status[$p]=0
+  "$bin" check-device --device "$dev" --precision "$p" "${w[@]}" --size "$size" |
+    tee "$out/check-device-$p.txt" || reduced_status[$p]=$?
+done
 
 echo "== 2. a small render on $dev"
 start=$(date +%s)
@@ -63,7 +66,7 @@ bench() {
 }
 for layer in $layers; do
   bench "$layer" --layer "$layer"
-  if [ "$tf32" = 1 ]; then bench "$layer-tf32" --layer "$layer" --tf32; fi
+  for p in $precisions; do bench "$layer-$p" --layer "$layer" --precision "$p"; done
 done
 # What keeping the ascent on the device buys: one layer with the images stepped on the CPU.
 host_layer=$(echo "$layers" | awk '{print $NF}')
@@ -78,13 +81,13 @@ if [ "$status" -ne 0 ]; then
 else
   echo "device check: passed, largest rel. error $(largest "$out/check-device.txt")"
 fi
-if [ "$tf32" = 1 ]; then
-  if [ "$tf32_status" -ne 0 ]; then
-    echo "TF32 check: FAILED, largest rel. error $(largest "$out/check-device-tf32.txt"): render in f32"
+for p in $precisions; do
+  if [ "${reduced_status[$p]}" -ne 0 ]; then
+    echo "$p check: FAILED, largest rel. error $(largest "$out/check-device-$p.txt"): render in f32"
   else
-    echo "TF32 check: passed, largest rel. error $(largest "$out/check-device-tf32.txt")"
+    echo "$p check: passed, largest rel. error $(largest "$out/check-device-$p.txt")"
   fi
-fi
+done
 echo "render of $render_layers (64 px, $steps steps): ${render_s} s"
 # The first "key":value of a bench JSON is the best batch's (the batches tried come last).
 field() { grep -o "\"$1\":[0-9.e+-]*" "$2" | head -n 1 | cut -d: -f2; }

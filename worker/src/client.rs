@@ -31,6 +31,8 @@ pub struct WorkerConfig {
     pub tls_domain: Option<String>,
     /// Where to compute: `cpu`, `cuda:N` or `metal:N`.
     pub device: String,
+    /// The device trunk's arithmetic (f32 on the CPU).
+    pub precision: crate::device_trunk::Precision,
 }
 
 /// The run settings on the wire, as the engine's settings.
@@ -279,7 +281,11 @@ async fn session(
             .map_err(|e| Error::Invalid(format!("cannot start {} threads: {e}", cfg.threads)))?;
         *engine = Some(Engine {
             sha256: sha.clone(),
-            trunk: Arc::new(Mutex::new(crate::trunk(&weights, &cfg.device)?)),
+            trunk: Arc::new(Mutex::new(crate::trunk(
+                &weights,
+                &cfg.device,
+                cfg.precision,
+            )?)),
             weights: Arc::new(weights),
             pool: Arc::new(pool),
         });

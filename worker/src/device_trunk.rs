@@ -18,6 +18,48 @@ use crate::vgg::{max_pool_2x2, Vgg16};
 use crate::weights::Weights;
 use crate::{Error, Result};
 
+/// The arithmetic of the device trunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 throughout.
+    F32,
+    /// f32 tensors; on CUDA the matrix products (the convs) may use TF32 tensor cores (10-bit
+    /// mantissas, f32 accumulation).
+    Tf32,
+    /// The network's weights and activations in bfloat16 (8-bit mantissas); scores, gradients
+    /// and the image side of the ascent stay f32.
+    Bf16,
+}
+
+impl Precision {
+    pub const ALL: [Precision; 3] = [Precision::F32, Precision::Tf32, Precision::Bf16];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Tf32 => "tf32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
+    pub fn by_name(name: &str) -> Result<Precision> {
+        Precision::ALL
+            .into_iter()
+            .find(|p| p.name() == name)
+            .ok_or_else(|| {
+                Error::Invalid(format!("unknown precision '{name}'; use f32, tf32 or bf16"))
+            })
+    }
+
+    /// The dtype the network's tensors have.
+    pub fn dtype(&self) -> DType {
+        match self {
+            Precision::Bf16 => DType::BF16,
+            _ => DType::F32,
+        }
+    }
+}
+
 /// The gradient w.r.t. the target's selected output taken back to the target's input.
 type Backward = Box<dyn Fn(&Tensor) -> Result<Tensor>>;
 
@@ -26,6 +68,9 @@ const TARGET_ONLY_FROM: usize = 256;
 
 pub struct DeviceTrunk {
     net: Vgg16,
+    precision: Precision,
+    /// The network's dtype: f32, or bf16 (f16 in tests).
+    dtype: DType,
     /// Per conv layer, the kernel of its input gradient, `[cin, cout, 3, 3]`.
     back: Vec<Tensor>,
     /// Whether [`crate::ascent::visualize`] keeps the ascent on the device (the default) or
@@ -42,8 +87,31 @@ pub struct Pass {
 }
 
 impl DeviceTrunk {
-    /// Uploads the weights (and the backward kernels) to `device`.
+    /// Uploads the weights (and the backward kernels) to `device`, in f32.
     pub fn new(weights: &Weights, device: &Device) -> Result<DeviceTrunk> {
+        DeviceTrunk::with_precision(weights, device, Precision::F32)
+    }
+
+    /// ... in `precision`. TF32 is candle's process-wide switch for CUDA's f32 products: it is
+    /// set here, for every trunk of the process.
+    pub fn with_precision(
+        weights: &Weights,
+        device: &Device,
+        precision: Precision,
+    ) -> Result<DeviceTrunk> {
+        candle_core::cuda::set_gemm_reduced_precision_f32(precision == Precision::Tf32);
+        DeviceTrunk::with_dtype(weights, device, precision, precision.dtype())
+    }
+
+    /// The network in `dtype` (for tests: candle's CPU device has no bfloat16 matrix product,
+    /// so the tests run the reduced-precision path in f16 there).
+    #[doc(hidden)]
+    pub fn with_dtype(
+        weights: &Weights,
+        device: &Device,
+        precision: Precision,
+        dtype: DType,
+    ) -> Result<DeviceTrunk> {
         let back = weights
             .convs
             .iter()
@@ -57,11 +125,13 @@ impl DeviceTrunk {
                         }
                     }
                 }
-                Ok(Tensor::from_vec(k, (c.cin, c.cout, 3, 3), device)?)
+                Ok(Tensor::from_vec(k, (c.cin, c.cout, 3, 3), device)?.to_dtype(dtype)?)
             })
             .collect::<Result<_>>()?;
         Ok(DeviceTrunk {
-            net: Vgg16::new(weights, device)?,
+            net: Vgg16::new(weights, device)?.to_dtype(dtype)?,
+            precision,
+            dtype,
             back,
             resident: true,
         })
@@ -78,6 +148,10 @@ impl DeviceTrunk {
 
     pub fn resident(&self) -> bool {
         self.resident
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// The widest batch of `layer` at `size` px that fits in the device's free memory, with a
@@ -106,11 +180,12 @@ impl DeviceTrunk {
     ) -> Result<Pass> {
         let b = filters.len();
         let device = self.device().clone();
+        let dtype = self.dtype;
         // Forward to the target's input, keeping each layer's pre-ReLU output and each pool's
         // input and output.
         let mut pre: Vec<Tensor> = Vec::with_capacity(layer.index);
         let mut pools: Vec<Option<(Tensor, Tensor)>> = vec![None; layer.index];
-        let mut h = x.clone();
+        let mut h = x.to_dtype(dtype)?;
         for l in &LAYERS[..layer.index] {
             let out = match l.kind {
                 LayerKind::Conv { pool_after, .. } => {
@@ -146,7 +221,7 @@ impl DeviceTrunk {
                 for (i, &f) in filters.iter().enumerate() {
                     onehot[i * cout + f] = 1.0;
                 }
-                let mask = Tensor::from_vec(onehot, (b, cout, 1, 1), &device)?;
+                let mask = Tensor::from_vec(onehot, (b, cout, 1, 1), &device)?.to_dtype(dtype)?;
                 let selected = out.broadcast_mul(&mask)?.sum(1)?.reshape((b, th * tw))?;
                 let kernel = self.back[layer.index].clone();
                 let back = move |g: &Tensor| -> Result<Tensor> {
@@ -186,6 +261,8 @@ impl DeviceTrunk {
                 (out, Box::new(back))
             }
         };
+        // Scores and their gradient in f32, whatever the network ran in.
+        let selected = selected.to_dtype(DType::F32)?;
         let pixels = selected.dim(1)?;
         // The logits (`predictions`) have no ReLU: their "post" is the logit itself.
         let relu = !matches!(layer.kind, LayerKind::Dense { relu: false, .. });
@@ -201,7 +278,8 @@ impl DeviceTrunk {
             if objective == Objective::PostRelu && relu {
                 g = g.mul(&open(&selected)?)?;
             }
-            Some(self.backward(back(&g)?, &pre, &pools, layer.index, b)?)
+            let g = self.backward(back(&g.to_dtype(dtype)?)?, &pre, &pools, layer.index, b)?;
+            Some(g.to_dtype(DType::F32)?)
         } else {
             None
         };

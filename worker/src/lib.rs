@@ -57,12 +57,18 @@ pub fn device(spec: &str) -> Result<candle_core::Device> {
     }
 }
 
-/// The trunk for a `--device`: the hand-written CPU trunk for `cpu`, the candle trunk on the
-/// device otherwise.
-pub fn trunk(weights: &Weights, spec: &str) -> Result<Box<dyn trunk::Trunk + Send>> {
+/// The trunk for a `--device`: the hand-written CPU trunk for `cpu` (always f32), the candle
+/// trunk on the device in `precision` otherwise.
+pub fn trunk(
+    weights: &Weights,
+    spec: &str,
+    precision: device_trunk::Precision,
+) -> Result<Box<dyn trunk::Trunk + Send>> {
     match device(spec)? {
         candle_core::Device::Cpu => Ok(Box::new(trunk::CpuTrunk::new(weights))),
-        d => Ok(Box::new(device_trunk::DeviceTrunk::new(weights, &d)?)),
+        d => Ok(Box::new(device_trunk::DeviceTrunk::with_precision(
+            weights, &d, precision,
+        )?)),
     }
 }
 

@@ -51,6 +51,20 @@ impl Vgg16 {
         &self.device
     }
 
+    /// The same network with its weights in `dtype`.
+    pub fn to_dtype(self, dtype: DType) -> Result<Vgg16> {
+        let cast = |v: Vec<(Tensor, Tensor)>| -> Result<Vec<(Tensor, Tensor)>> {
+            v.into_iter()
+                .map(|(w, b)| Ok((w.to_dtype(dtype)?, b.to_dtype(dtype)?)))
+                .collect()
+        };
+        Ok(Vgg16 {
+            convs: cast(self.convs)?,
+            dense: cast(self.dense)?,
+            ..self
+        })
+    }
+
     /// Conv layer `i`'s kernel `[cout, cin, 3, 3]` and bias `[1, cout, 1, 1]`.
     pub(crate) fn conv(&self, i: usize) -> &(Tensor, Tensor) {
         &self.convs[i]
@@ -108,7 +122,10 @@ impl Vgg16 {
                 data[c * h * w + i] = scale * px.0[src] as f32 + off;
             }
         }
-        Ok(Tensor::from_vec(data, (1, 3, h, w), &self.device)?)
+        Ok(
+            Tensor::from_vec(data, (1, 3, h, w), &self.device)?
+                .to_dtype(self.convs[0].0.dtype())?,
+        )
     }
 
     /// Per-filter mean activation after the ReLU of `layer` on one image.

@@ -182,3 +182,75 @@ fn a_filter_that_fails_on_the_device_is_retried_then_failed_alone() {
         assert!(ok.activation.is_finite() && ok.curve.len() == s.steps);
     }
 }
+
+#[test]
+fn half_precision_stays_close_to_f32_on_the_same_filters() {
+    // The network in 16-bit floats against the f32 CPU trunk: the scores, the input gradient,
+    // and a short ascent of the default method. candle's CPU device has no bfloat16 matrix
+    // product, so this runs the same path in f16 (10-bit mantissas to bfloat16's 8);
+    // `check-device --precision bf16` checks bfloat16 itself on a GPU.
+    let w = weights();
+    let mut cpu = CpuTrunk::new(w);
+    let mut bf16 = DeviceTrunk::with_dtype(
+        w,
+        &Device::Cpu,
+        vgg_atlas_worker::device_trunk::Precision::Bf16,
+        vgg_atlas_worker::candle::DType::F16,
+    )
+    .unwrap();
+    let img = chelsea();
+    let size = img.width() as usize;
+    for (name, filters) in [
+        ("block1_conv2", vec![0usize, 5]),
+        ("block4_conv3", vec![7, 300]),
+    ] {
+        let layer = Layer::by_name(name).unwrap();
+        let input = net_input(&img, w.preprocess, filters.len());
+        let (mut g_cpu, mut g_bf) = (vec![0.0f32; input.len()], vec![0.0f32; input.len()]);
+        let s_cpu = cpu
+            .run(
+                layer,
+                &filters,
+                size,
+                size,
+                &input,
+                Objective::PreRelu,
+                Some(&mut g_cpu),
+            )
+            .unwrap();
+        let s_bf = bf16
+            .run(
+                layer,
+                &filters,
+                size,
+                size,
+                &input,
+                Objective::PreRelu,
+                Some(&mut g_bf),
+            )
+            .unwrap();
+        let pre =
+            |s: &[vgg_atlas_worker::trunk::Scores]| s.iter().map(|s| s.pre).collect::<Vec<_>>();
+        let (e_scores, e_grad) = (rel_l2(&pre(&s_bf), &pre(&s_cpu)), rel_l2(&g_bf, &g_cpu));
+        eprintln!("f16 {name}: scores rel. error {e_scores:.2e}, gradient {e_grad:.2e}");
+        assert!(
+            e_scores < 3e-2 && e_grad < 1e-1,
+            "{name}: {e_scores} {e_grad}"
+        );
+        assert!(
+            e_scores > 0.0,
+            "f16 was not used: the scores are exactly f32's"
+        );
+        let s = Settings {
+            size: 32,
+            steps: 6,
+            ..Preset::Atlas.settings()
+        };
+        let a = ascent::visualize(&mut cpu, w.preprocess, layer, &filters, &s).unwrap();
+        let b = ascent::visualize(&mut bf16, w.preprocess, layer, &filters, &s).unwrap();
+        let act = |r: &[ascent::FilterResult]| r.iter().map(|r| r.activation).collect::<Vec<_>>();
+        let e = rel_l2(&act(&b), &act(&a));
+        eprintln!("f16 {name}: ascent final activations rel. error {e:.2e}");
+        assert!(e < 2e-1, "{name}: {e}");
+    }
+}
