@@ -9,6 +9,7 @@
 #   bench/gpu-bundle.sh pack BINARY DIR      here: writes DIR/vgg-atlas.xz and DIR/weights.planes.xz
 #   bench/gpu-bundle.sh unpack DIR OUTDIR    there (python3 with numpy): OUTDIR/vgg-atlas and
 #                                            OUTDIR/weights.safetensors, checked against the pin
+# Then, there: deploy/gpu/check.sh OUTDIR/vgg-atlas OUTDIR/weights.safetensors
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -50,7 +51,9 @@ case ${1:-} in
   unpack)
     [ $# -eq 3 ] || { echo "usage: $0 unpack DIR OUTDIR" >&2; exit 2; }
     mkdir -p "$3"
-    xz -dc "$2/vgg-atlas.xz" >"$3/vgg-atlas"
+    # Python's lzma rather than xz, which a bare image may lack.
+    python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+      "$2/vgg-atlas.xz" "$3/vgg-atlas"
     chmod +x "$3/vgg-atlas"
     planes unpack "$2/weights.planes.xz" "$3/weights.safetensors"
     pin=$(grep -o 'WEIGHTS_SHA256: &str = "[0-9a-f]*"' worker/src/fetch.rs | grep -o '[0-9a-f]\{64\}')
