@@ -239,7 +239,7 @@ fn a_stalled_worker_loses_its_lease_and_its_late_results_do_not_overwrite() {
     let log = log.lock().unwrap().join("\n");
     let refused = log
         .lines()
-        .filter(|l| l.contains("submission not recorded") && l.contains("worker=stalled-"))
+        .filter(|l| l.contains("submission not recorded") && l.contains("worker=stalled@cpu-"))
         .count();
     assert!(refused > 0, "no late submission was refused:\n{log}");
     eprintln!(

@@ -69,6 +69,20 @@ pub fn retry_after_ms(lease_ms: i64) -> u32 {
     (lease_ms / 4).clamp(100, 5_000) as u32
 }
 
+/// A part of a worker id: printable ASCII (what a reconnect may send back), at most 80 bytes.
+fn id_part(s: &str) -> String {
+    let part: String = s
+        .chars()
+        .map(|c| if c.is_ascii_graphic() { c } else { '_' })
+        .take(80)
+        .collect();
+    if part.is_empty() {
+        "worker".into()
+    } else {
+        part
+    }
+}
+
 fn internal(e: crate::Error) -> Status {
     Status::internal(e.to_string())
 }
@@ -82,7 +96,14 @@ impl pb::Coordinator for CoordinatorService {
         let req = req.into_inner();
         pb::check_protocol_version(req.protocol_version)?;
         let worker_id = if req.worker_id.is_empty() {
-            let id = format!("{}-{}", req.name, &uuid::Uuid::new_v4().to_string()[..8]);
+            // NAME@DEVICE-xxxxxxxx: stored with every result, so SQL can tell which device
+            // (and precision, e.g. cuda:0/bf16) made an image.
+            let id = format!(
+                "{}@{}-{}",
+                id_part(&req.name),
+                id_part(&req.device),
+                &uuid::Uuid::new_v4().to_string()[..8]
+            );
             tracing::info!(worker = %id, device = %req.device, max_batch = req.max_batch, "worker registered");
             id
         } else if req.worker_id.len() <= 200 && req.worker_id.bytes().all(|b| b.is_ascii_graphic())

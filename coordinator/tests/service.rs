@@ -322,6 +322,41 @@ async fn bad_results_are_rejected_and_nothing_is_stored() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_id_names_its_device_and_survives_a_reconnect() {
+    let f = fixture(60_000).await;
+    let coord = serve(f.store.clone(), f.ctx.clone()).await;
+    let mut c = client(&coord.url).await;
+    let id = c
+        .register(pb::RegisterRequest {
+            protocol_version: pb::PROTOCOL_VERSION,
+            name: "lab node\t7".into(),
+            device: "cuda:1/bf16".into(),
+            max_batch: 4,
+            worker_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .worker_id;
+    assert!(id.starts_with("lab_node_7@cuda:1/bf16-"), "{id}");
+    // A reconnect sends the id back: it must be accepted as it was given.
+    let again = c
+        .register(pb::RegisterRequest {
+            protocol_version: pb::PROTOCOL_VERSION,
+            name: "lab node\t7".into(),
+            device: "cuda:1/bf16".into(),
+            max_batch: 4,
+            worker_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .worker_id;
+    assert_eq!(again, id);
+    coord.server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_protocol_version_is_refused_at_registration() {
     let f = fixture(60_000).await;
     let coord = serve(f.store.clone(), f.ctx.clone()).await;

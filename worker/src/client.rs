@@ -259,7 +259,10 @@ async fn session(
         .register(pb::RegisterRequest {
             protocol_version: pb::PROTOCOL_VERSION,
             name: cfg.name.clone(),
-            device: cfg.device.clone(),
+            device: match cfg.precision {
+                crate::device_trunk::Precision::F32 => cfg.device.clone(),
+                p => format!("{}/{}", cfg.device, p.name()),
+            },
             max_batch: cfg.batch as u32,
             worker_id: carry.worker_id.clone().unwrap_or_default(),
         })
