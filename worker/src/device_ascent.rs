@@ -96,9 +96,6 @@ pub fn visualize(
         let input = input_map.apply(&view)?;
         let pass = trunk.pass(&input.detach(), layer, filters, s.objective, want_grad)?;
         let reg = regularizers(&x, s)?;
-        let pre = to_host(&pass.pre)?;
-        let post = to_host(&pass.post)?;
-        let reg_values = reg.as_ref().map(to_host).transpose()?;
         let grad = match pass.grad {
             Some(g_net) => {
                 let mut surrogate = input.mul(&g_net)?.sum_all()?;
@@ -117,8 +114,21 @@ pub fn visualize(
             }
             None => None,
         };
-        let grad_finite = match &grad {
-            Some(g) => per_image_finite(g)?,
+        // What the host decides on, in one download: the scores, the regularizers, and
+        // whether each image's gradient is finite.
+        let mut parts = vec![pass.pre, pass.post];
+        parts.extend(reg.clone());
+        if let Some(g) = &grad {
+            parts.push(g.abs()?.flatten_from(1)?.sum(1)?);
+        }
+        let host = to_host(&Tensor::cat(&parts, 0)?)?;
+        let (pre, post) = (&host[..b], &host[b..2 * b]);
+        let reg_values = reg.is_some().then(|| &host[2 * b..3 * b]);
+        let grad_finite: Vec<bool> = match &grad {
+            Some(_) => host[host.len() - b..]
+                .iter()
+                .map(|v| v.is_finite())
+                .collect(),
             None => vec![true; b],
         };
         // Per image: scored (its parameters are the last good ones), restored, or stepped.
@@ -142,7 +152,7 @@ pub fn visualize(
                 continue;
             };
             scored[i] = true;
-            let reg = reg_values.as_ref().map_or(0.0, |v| v[i] as f64);
+            let reg = reg_values.map_or(0.0, |v| v[i] as f64);
             r.objective = (target as f64 - reg) as f32;
             if !want_grad {
                 continue;
