@@ -76,6 +76,8 @@ pub struct DeviceTrunk {
     /// Whether [`crate::ascent::visualize`] keeps the ascent on the device (the default) or
     /// steps the images on the host between passes.
     resident: bool,
+    /// Free device memory to assume instead of asking the driver (tests).
+    free_memory: Option<usize>,
 }
 
 /// One batch through the trunk: each image's target filter's spatial means before and after
@@ -132,6 +134,7 @@ impl DeviceTrunk {
             net: Vgg16::new(weights, device)?.to_dtype(dtype)?,
             precision,
             dtype,
+            free_memory: None,
             back,
             resident: true,
         })
@@ -154,10 +157,21 @@ impl DeviceTrunk {
         self.precision
     }
 
+    /// Assumes `bytes` of free device memory instead of asking the driver, so that the tests
+    /// can make batches split on any device.
+    #[doc(hidden)]
+    pub fn assume_free_memory(&mut self, bytes: usize) {
+        self.free_memory = Some(bytes);
+    }
+
     /// The widest batch of `layer` at `size` px that fits in the device's free memory, with a
     /// fifth of it spare; None where free memory cannot be asked (the CPU, Metal).
     pub fn fit_batch(&self, layer: Layer, size: usize) -> Result<Option<usize>> {
-        let Some(free) = free_memory(self.device())? else {
+        let free = match self.free_memory {
+            Some(bytes) => Some(bytes),
+            None => free_memory(self.device())?,
+        };
+        let Some(free) = free else {
             return Ok(None);
         };
         let each = bytes_per_image(layer, size) as f64;

@@ -254,3 +254,40 @@ fn half_precision_stays_close_to_f32_on_the_same_filters() {
         assert!(e < 2e-1, "{name}: {e}");
     }
 }
+
+#[test]
+fn a_batch_wider_than_the_device_memory_is_split_with_the_same_results() {
+    // Memory for two images: five filters go as 2 + 2 + 1, and each filter's result must be
+    // what it is in one batch of five (a filter's result never depends on its batch).
+    let w = weights();
+    let layer = Layer::by_name("block2_conv2").unwrap();
+    let s = Settings {
+        size: 32,
+        steps: 4,
+        ..Preset::Atlas.settings()
+    };
+    let filters = [3usize, 50, 7, 99, 120];
+    let mut whole = DeviceTrunk::new(w, &Device::Cpu).unwrap();
+    let mut split = DeviceTrunk::new(w, &Device::Cpu).unwrap();
+    let each = vgg_atlas_worker::device_trunk::bytes_per_image(layer, s.size) as usize;
+    split.assume_free_memory(each * 5 / 2 * 5 / 4); // 0.8 of it is 2.5 images
+    assert_eq!(split.fit_batch(layer, s.size).unwrap(), Some(2));
+    let a = ascent::visualize(&mut whole, w.preprocess, layer, &filters, &s).unwrap();
+    let b = ascent::visualize(&mut split, w.preprocess, layer, &filters, &s).unwrap();
+    assert_eq!(b.len(), filters.len());
+    for ((x, y), &f) in b.iter().zip(&a).zip(&filters) {
+        assert_eq!(
+            (x.filter, y.filter),
+            (f, f),
+            "results in the order of the filters"
+        );
+        assert!(
+            (x.activation - y.activation).abs() <= 1e-4 * y.activation.abs().max(1.0),
+            "filter {f}: split {} vs whole {}",
+            x.activation,
+            y.activation
+        );
+        let d = image_difference(x.image.as_ref().unwrap(), y.image.as_ref().unwrap());
+        assert!(d < 0.05, "filter {f}: images differ by {d}");
+    }
+}
