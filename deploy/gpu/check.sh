@@ -4,8 +4,9 @@
 # image, the input gradient, and a short ascent; rel. error <= 1e-3 in f32, 1e-2 for the
 # ascent), and the same in the reduced precisions (TF32 products, bfloat16); (2) a small render
 # on the GPU; (3) filters/s per layer at 224 px, 20 steps, best batch, with GFLOP/s, in each
-# precision, and one layer with the images stepped on the CPU instead of on the GPU. One
-# summary at the end.
+# precision, and one layer with the images stepped on the CPU instead of on the GPU; (4) where
+# python3 has PyTorch with CUDA, the same method in PyTorch (bench/pytorch_ref.py) on the same
+# GPU, layers, precisions and batches, for the ratio. One summary at the end.
 #
 # Usage: deploy/gpu/check.sh [BINARY] [WEIGHTS]
 #   BINARY   the CUDA build (deploy/gpu/build-worker.sh; default target/cuda/vgg-atlas)
@@ -72,6 +73,25 @@ done
 host_layer=$(echo "$layers" | awk '{print $NF}')
 case $dev in cpu) ;; *) bench "$host_layer-host" --layer "$host_layer" --host-ascent ;; esac
 
+# The first "key":value of a bench JSON is the best batch's (the batches tried come last).
+# (vgg-atlas writes "key":value, Python "key": value.)
+field() { grep -o "\"$1\": *[0-9.e+-]*" "$2" | head -n 1 | sed 's/.*: *//'; }
+torch_ref=$(dirname "$0")/../../bench/pytorch_ref.py
+if [[ $dev == cuda* ]] && [ -f "$torch_ref" ] &&
+  python3 -c 'import sys, torch, safetensors; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  echo "== 4. the same method in PyTorch on the same GPU"
+  w_file=${weights:-${VGG_ATLAS_CACHE:-$HOME/.cache/vgg-atlas}/vgg16-keras-imagenet-conv.safetensors}
+  for layer in $layers; do
+    for p in f32 $precisions; do
+      name=$layer; [ "$p" = f32 ] || name=$layer-$p
+      python3 "$torch_ref" --device "cuda:${dev#cuda:}" --precision "$p" --safetensors "$w_file" \
+        --layers "$layer" --size "$size" --steps "$steps" --batch "$(field batch "$out/bench-$name.json")" \
+        2>/dev/null | head -n 1 >"$out/torch-$name.json" || rm -f "$out/torch-$name.json"
+      [ -s "$out/torch-$name.json" ] || rm -f "$out/torch-$name.json"
+    done
+  done
+fi
+
 echo
 echo "== summary: ${gpu:-unknown GPU}, $dev"
 # The largest rel. error of a check-device table (the column before the tolerance).
@@ -89,12 +109,19 @@ for p in $precisions; do
   fi
 done
 echo "render of $render_layers (64 px, $steps steps): ${render_s} s"
-# The first "key":value of a bench JSON is the best batch's (the batches tried come last).
-field() { grep -o "\"$1\":[0-9.e+-]*" "$2" | head -n 1 | cut -d: -f2; }
-printf '%-19s %8s %12s %10s  (%s px, %s steps)\n' layer batch filters/s GFLOP/s "$size" "$steps"
+printf '%-19s %8s %12s %10s %12s %8s  (%s px, %s steps)\n' layer batch filters/s GFLOP/s \
+  "torch f/s" ratio "$size" "$steps"
 for f in "$out"/bench-*.json; do
   name=$(basename "$f" .json)
-  printf '%-19s %8s %12.2f %10.1f\n' "${name#bench-}" "$(field batch "$f")" \
-    "$(field filters_per_second "$f")" "$(field gflops "$f")"
+  name=${name#bench-}
+  ours=$(field filters_per_second "$f")
+  torch=-
+  ratio=-
+  if [ -f "$out/torch-$name.json" ]; then
+    torch=$(field filters_per_second "$out/torch-$name.json")
+    ratio=$(awk -v a="$ours" -v b="$torch" 'BEGIN { printf "%.2fx", a / b }')
+  fi
+  printf '%-19s %8s %12.2f %10.1f %12s %8s\n' "$name" "$(field batch "$f")" "$ours" \
+    "$(field gflops "$f")" "$torch" "$ratio"
 done
 exit "$status"
