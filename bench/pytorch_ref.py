@@ -129,11 +129,11 @@ def step(x, cache, weights, layer, filters, lr=1.0):
     return act
 
 
-def run_layer(args, weights, layer):
+def run_layer(args, weights, layer, batch):
     nf = weights[layer][0].shape[0]
-    filters = torch.arange(args.batch, device=DEVICE) % nf
+    filters = torch.arange(batch, device=DEVICE) % nf
     s = args.size
-    start = ((torch.rand(args.batch, 3, s, s) - 0.5) * 20 + 128).to(DEVICE)
+    start = ((torch.rand(batch, 3, s, s) - 0.5) * 20 + 128).to(DEVICE)
     sync = torch.cuda.synchronize if DEVICE.type == "cuda" else (lambda: None)
 
     # Warm-up step on a throwaway copy, then time `steps` steps from the start image
@@ -156,10 +156,10 @@ def run_layer(args, weights, layer):
           f"({'OK, far above start' if ok else 'WARNING: rose little'}); "
           f"x range [{x.min().item():.1f}, {x.max().item():.1f}]", file=sys.stderr)
     return {
-        "layer": layer, "batch": args.batch, "size": s, "steps": args.steps,
+        "layer": layer, "batch": batch, "size": s, "steps": args.steps,
         "threads": args.threads, "seconds": round(secs, 4),
-        "filters_per_second": round(args.batch / secs, 4),
-        "cpu_seconds_per_filter": round(secs * args.threads / args.batch, 4),
+        "filters_per_second": round(batch / secs, 4),
+        "cpu_seconds_per_filter": round(secs * args.threads / batch, 4),
         "torch": torch.__version__, "device": str(DEVICE), "precision": args.precision,
         "malloc_tuned": "MALLOC_MMAP_THRESHOLD_" in os.environ,
         "final_activation_mean": final_mean, "start_activation_mean": start_mean,
@@ -171,7 +171,8 @@ def main():
     p.add_argument("--layers", default="block1_conv1,block3_conv1,block5_conv3")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--size", type=int, default=128)
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", default="16",
+                   help="images per batch; or one per layer, comma-separated")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--onnx", help="ONNX file with the Keras VGG16 initializers")
@@ -195,8 +196,14 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     weights = {l: (w.to(DEVICE), b.to(DEVICE)) for l, (w, b) in load_weights(args).items()}
-    for layer in args.layers.split(","):
-        print(json.dumps(run_layer(args, weights, layer)), flush=True)
+    layers = args.layers.split(",")
+    batches = [int(b) for b in args.batch.split(",")]
+    if len(batches) == 1:
+        batches *= len(layers)
+    if len(batches) != len(layers):
+        p.error("--batch needs one size, or one per layer")
+    for layer, batch in zip(layers, batches):
+        print(json.dumps(run_layer(args, weights, layer, batch)), flush=True)
 
 
 if __name__ == "__main__":

@@ -81,14 +81,17 @@ if [[ $dev == cuda* ]] && [ -f "$torch_ref" ] &&
   python3 -c 'import sys, torch, safetensors; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
   echo "== 4. the same method in PyTorch on the same GPU"
   w_file=${weights:-${VGG_ATLAS_CACHE:-$HOME/.cache/vgg-atlas}/vgg16-keras-imagenet-conv.safetensors}
-  for layer in $layers; do
-    for p in f32 $precisions; do
-      name=$layer; [ "$p" = f32 ] || name=$layer-$p
-      python3 "$torch_ref" --device "cuda:${dev#cuda:}" --precision "$p" --safetensors "$w_file" \
-        --layers "$layer" --size "$size" --steps "$steps" --batch "$(field batch "$out/bench-$name.json")" \
-        2>/dev/null | head -n 1 >"$out/torch-$name.json" || rm -f "$out/torch-$name.json"
-      [ -s "$out/torch-$name.json" ] || rm -f "$out/torch-$name.json"
-    done
+  for p in f32 $precisions; do
+    # One process per precision (importing torch takes seconds), each layer at our best batch.
+    suffix=; [ "$p" = f32 ] || suffix=-$p
+    batches=$(for layer in $layers; do field batch "$out/bench-$layer$suffix.json"; done | paste -sd,)
+    python3 "$torch_ref" --device "cuda:${dev#cuda:}" --precision "$p" --safetensors "$w_file" \
+      --layers "$(echo "$layers" | tr ' ' ',')" --batch "$batches" --size "$size" --steps "$steps" \
+      2>"$out/torch-$p.log" >"$out/torch-$p.jsonl" || echo "PyTorch ($p) failed: see $out/torch-$p.log"
+    while read -r line; do
+      layer=$(echo "$line" | grep -o '"layer": "[a-z0-9_]*"' | cut -d'"' -f4)
+      echo "$line" >"$out/torch-$layer$suffix.json"
+    done <"$out/torch-$p.jsonl"
   done
 fi
 
