@@ -1,6 +1,7 @@
 //! The trunk on any candle device (CUDA, Metal, or the CPU for checking): the forward pass of
 //! VGG16 and a hand-written input gradient, both in candle's own ops, so on CUDA every conv of
-//! both directions is candle's conv2d (cuDNN or cuBLAS). As in the CPU trunk, no weight
+//! both directions is candle's conv2d (im2col and a cuBLAS product; this project does not turn
+//! on candle's cuDNN feature). As in the CPU trunk, no weight
 //! gradient is computed: a conv's input gradient is the conv of its output gradient with the
 //! kernel turned 180° and its in and out channels swapped (kept on the device beside the
 //! forward kernel); ReLU and max-pool backward are masks. (candle's autograd would also compute
