@@ -219,10 +219,10 @@ struct RenderArgs {
     /// sqlite://PATH or postgres://...; default sqlite://<out>/atlas.db.
     #[arg(long)]
     db: Option<String>,
-    /// Workers started in this process (each talks gRPC to the coordinator like a remote one);
-    /// 0 makes this a pure coordinator.
-    #[arg(long, default_value_t = 1)]
-    local_workers: usize,
+    /// Workers started in this process (each talks gRPC to the coordinator like a remote one),
+    /// taking the `--device`s in turn [one per device]; 0 makes this a pure coordinator.
+    #[arg(long)]
+    local_workers: Option<usize>,
     /// Address to accept workers on (default: a loopback port for the local workers only).
     #[arg(long)]
     listen: Option<String>,
@@ -315,6 +315,7 @@ struct Compute {
     #[arg(long)]
     threads: Option<usize>,
     /// Where the network runs: `cpu`, or `cuda:N` / `metal:N` in a build with that feature.
+    /// `render` takes a list (cuda:0,cuda:1,...): one local worker per device.
     #[arg(long, default_value = "cpu")]
     device: String,
     /// On a GPU: f32 (the default), tf32 (CUDA: f32 tensors, the convs' products on TF32
@@ -448,27 +449,33 @@ impl Compute {
         )?)
     }
 
-    /// `--precision`, checked against `--device`.
+    /// `--device` as a list (render's local workers take one each).
+    fn devices(&self) -> Vec<&str> {
+        self.device.split(',').map(str::trim).collect()
+    }
+
+    /// `--precision`, checked against every `--device`.
     fn precision(&self) -> Result<Precision> {
         let p = Precision::by_name(&self.precision)?;
-        match p {
-            Precision::F32 => {}
-            _ if self.device == "cpu" => bail!(
-                "--precision {} is for GPU devices; on --device cpu the network computes in f32",
-                p.name()
-            ),
-            Precision::Tf32 if !self.device.starts_with("cuda") => bail!(
-                "--precision tf32 is for CUDA devices; use f32 or bf16 on --device {}",
-                self.device
-            ),
-            _ => {}
+        for d in self.devices() {
+            match p {
+                Precision::F32 => {}
+                _ if d == "cpu" => bail!(
+                    "--precision {} is for GPU devices; on --device cpu the network computes in f32",
+                    p.name()
+                ),
+                Precision::Tf32 if !d.starts_with("cuda") => bail!(
+                    "--precision tf32 is for CUDA devices; use f32 or bf16 on --device {d}"
+                ),
+                _ => {}
+            }
         }
         Ok(p)
     }
 
     /// Filters computed together when `--batch` is not given: a GPU wants wide batches.
     fn default_batch(&self) -> usize {
-        if self.device == "cpu" {
+        if self.devices().iter().all(|&d| d == "cpu") {
             16
         } else {
             64
@@ -1148,8 +1155,13 @@ async fn render(a: RenderArgs) -> Result<()> {
     for l in &layers {
         settings.check(l)?;
     }
-    vgg_atlas_worker::device(&a.compute.device)?; // a GPU build for a GPU device
+    // A GPU build for a GPU device, each device once.
+    let devices = a.compute.devices();
+    for d in &devices {
+        vgg_atlas_worker::device(d)?;
+    }
     let precision = a.compute.precision()?;
+    let local_workers = a.local_workers.unwrap_or(devices.len());
     let weights_path = match &a.compute.weights {
         Some(p) => p.clone(),
         None => fetch::ensure_default(&|m| eprintln!("{m}"))?,
@@ -1254,7 +1266,7 @@ async fn render(a: RenderArgs) -> Result<()> {
     }
     // The local workers are in this process: with TLS on --listen they use a plain loopback
     // port of their own (same service, same token) instead of needing the CA.
-    let local_addr = if tls && a.local_workers > 0 {
+    let local_addr = if tls && local_workers > 0 {
         let local = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let local_addr = local.local_addr()?;
         tokio::spawn(
@@ -1272,8 +1284,8 @@ async fn render(a: RenderArgs) -> Result<()> {
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
     let threads = a.compute.threads()?;
-    let per_worker = (threads / a.local_workers.max(1)).max(1);
-    for i in 0..a.local_workers {
+    let per_worker = (threads / local_workers.max(1)).max(1);
+    for i in 0..local_workers {
         let cfg = vgg_atlas_worker::client::WorkerConfig {
             connect: format!("http://{local_addr}"),
             name: format!("local-{i}"),
@@ -1283,7 +1295,7 @@ async fn render(a: RenderArgs) -> Result<()> {
             token: token.clone(),
             tls_ca: None,
             tls_domain: None,
-            device: a.compute.device.clone(),
+            device: devices[i % devices.len()].to_string(),
             precision,
         };
         tokio::spawn(async move {

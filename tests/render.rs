@@ -406,3 +406,55 @@ fn health_and_prometheus_metrics_report_the_run() {
     render.kill().unwrap();
     render.wait().unwrap();
 }
+
+/// `render --device A,B`: one local worker per device, each recorded with the results it made.
+#[test]
+fn render_starts_one_local_worker_per_listed_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("atlas.db").display());
+    let o = bin()
+        .args([
+            "render",
+            "--device",
+            "cpu,cpu",
+            "--layers",
+            "block1_conv1",
+            "--size",
+            "16",
+            "--steps",
+            "20",
+            "--batch",
+            "2",
+            "--threads",
+            "2",
+            "--out",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows = query(
+        &db,
+        "SELECT worker, COUNT(*) AS n FROM results GROUP BY worker ORDER BY worker",
+        "csv",
+    );
+    let workers: Vec<&str> = rows.lines().skip(1).collect();
+    assert_eq!(
+        workers.len(),
+        2,
+        "two local workers made the images: {rows}"
+    );
+    assert!(workers[0].starts_with("local-0@cpu-"), "{rows}");
+    assert!(workers[1].starts_with("local-1@cpu-"), "{rows}");
+    // A single-device command refuses a list, and says where lists go.
+    let e = bin()
+        .args(["bench", "--layer", "block1_conv1", "--device", "cpu,cpu"])
+        .output()
+        .unwrap();
+    assert!(!e.status.success());
+    assert!(
+        String::from_utf8_lossy(&e.stderr).contains("names several devices"),
+        "{}",
+        String::from_utf8_lossy(&e.stderr)
+    );
+}

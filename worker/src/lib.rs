@@ -22,6 +22,12 @@ pub use weights::{Preprocess, Weights};
 
 /// Picks the compute device from a user's `--device` string: `cpu`, `cuda:N` or `metal:N`.
 pub fn device(spec: &str) -> Result<candle_core::Device> {
+    if spec.contains(',') {
+        return Err(Error::Invalid(format!(
+            "--device {spec} names several devices; this command runs on one (a list is for \
+             render, one local worker per device)"
+        )));
+    }
     let (kind, ordinal) = match spec.split_once(':') {
         Some((k, n)) => (
             k,
