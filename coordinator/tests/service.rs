@@ -94,12 +94,17 @@ async fn client(url: &str) -> Client {
 }
 
 async fn register(c: &mut Client, name: &str) -> String {
+    register_as(c, name, "cpu", "").await
+}
+
+/// Registers `name` on `device`, as a new worker (`worker_id` empty) or again under its id.
+async fn register_as(c: &mut Client, name: &str, device: &str, worker_id: &str) -> String {
     c.register(pb::RegisterRequest {
         protocol_version: pb::PROTOCOL_VERSION,
         name: name.into(),
-        device: "cpu".into(),
+        device: device.into(),
         max_batch: 4,
-        worker_id: String::new(),
+        worker_id: worker_id.into(),
     })
     .await
     .unwrap()
@@ -326,32 +331,10 @@ async fn a_worker_id_names_its_device_and_survives_a_reconnect() {
     let f = fixture(60_000).await;
     let coord = serve(f.store.clone(), f.ctx.clone()).await;
     let mut c = client(&coord.url).await;
-    let id = c
-        .register(pb::RegisterRequest {
-            protocol_version: pb::PROTOCOL_VERSION,
-            name: "lab node\t7".into(),
-            device: "cuda:1/bf16".into(),
-            max_batch: 4,
-            worker_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .worker_id;
+    let id = register_as(&mut c, "lab node\t7", "cuda:1/bf16", "").await;
     assert!(id.starts_with("lab_node_7@cuda:1/bf16-"), "{id}");
     // A reconnect sends the id back: it must be accepted as it was given.
-    let again = c
-        .register(pb::RegisterRequest {
-            protocol_version: pb::PROTOCOL_VERSION,
-            name: "lab node\t7".into(),
-            device: "cuda:1/bf16".into(),
-            max_batch: 4,
-            worker_id: id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .worker_id;
+    let again = register_as(&mut c, "lab node\t7", "cuda:1/bf16", &id).await;
     assert_eq!(again, id);
     coord.server.abort();
 }
