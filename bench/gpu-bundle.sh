@@ -44,7 +44,8 @@ case ${1:-} in
     mkdir -p "$3"
     strip --strip-all -o "$3/vgg-atlas" "$2"
     xz -T0 -6 -f "$3/vgg-atlas"
-    weights=$(ls "${VGG_ATLAS_CACHE:-$HOME/.cache/vgg-atlas}"/vgg16-keras-imagenet-conv.safetensors)
+    weights=${VGG_ATLAS_CACHE:-$HOME/.cache/vgg-atlas}/vgg16-keras-imagenet-conv.safetensors
+    [ -f "$weights" ] || { echo "no weights at $weights: run vgg-atlas weights fetch" >&2; exit 1; }
     planes pack "$weights" "$3/weights.planes.xz"
     du -b "$3"/* >&2
     ;;

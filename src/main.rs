@@ -191,7 +191,8 @@ enum Command {
     Bench {
         #[arg(long)]
         layer: String,
-        /// Batch size; if omitted, tries 1, 2, 4, 8 and 16 and reports the best.
+        /// Batch size; if omitted, tries 1, 2, 4, 8 and 16 (on a GPU 16 to 256) and reports the
+        /// best.
         #[arg(long)]
         batch: Option<usize>,
         /// On a GPU, step the images on the CPU between network passes (a batch of images up and

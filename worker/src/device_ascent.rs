@@ -108,7 +108,9 @@ pub fn visualize(
                     .ok_or_else(|| Error::Invalid("no gradient reached the parameters".into()))?
                     .clone();
                 if let Some(i) = poisoned {
-                    g = g.broadcast_add(&row_constant(b, i, f32::NAN, g.rank(), &dev)?)?;
+                    let mut nan = vec![0.0f32; b];
+                    nan[i] = f32::NAN;
+                    g = g.broadcast_add(&per_image(nan, g.rank(), &dev)?)?;
                 }
                 Some(g)
             }
@@ -207,13 +209,11 @@ fn per_image_finite(t: &Tensor) -> Result<Vec<bool>> {
         .collect())
 }
 
-/// A tensor of `rank` dimensions, `[B, 1, ...]`, that is `value` at image `i` and 0 elsewhere.
-fn row_constant(b: usize, i: usize, value: f32, rank: usize, dev: &Device) -> Result<Tensor> {
-    let mut v = vec![0.0f32; b];
-    v[i] = value;
+/// The shape `[B, 1, ...]` of `rank` dimensions: one value per image, broadcast over the rest.
+fn per_image_shape(b: usize, rank: usize) -> Vec<usize> {
     let mut dims = vec![1usize; rank];
     dims[0] = b;
-    Ok(Tensor::from_vec(v, dims, dev)?)
+    dims
 }
 
 /// Per image: `on[i] ? a[i] : b[i]`.
@@ -224,17 +224,15 @@ fn select(on: &[bool], a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if on.iter().all(|&v| v) {
         return Ok(a.clone());
     }
-    let mut dims = vec![1usize; a.rank()];
-    dims[0] = on.len();
     let mask: Vec<u8> = on.iter().map(|&v| v as u8).collect();
-    let mask = Tensor::from_vec(mask, dims, a.device())?.broadcast_as(a.shape())?;
+    let mask = Tensor::from_vec(mask, per_image_shape(on.len(), a.rank()), a.device())?
+        .broadcast_as(a.shape())?;
     Ok(mask.where_cond(a, b)?)
 }
 
 /// A per-image scalar as a `[B, 1, ...]` tensor of `rank` dimensions.
 fn per_image(values: Vec<f32>, rank: usize, dev: &Device) -> Result<Tensor> {
-    let mut dims = vec![1usize; rank];
-    dims[0] = values.len();
+    let dims = per_image_shape(values.len(), rank);
     Ok(Tensor::from_vec(values, dims, dev)?)
 }
 
@@ -278,6 +276,7 @@ impl Opt {
     fn step(&mut self, params: &Tensor, g: &Tensor, which: &[bool], lr: &[f32]) -> Result<Tensor> {
         let (rank, dev) = (params.rank(), params.device().clone());
         let b = which.len();
+        let lr = per_image(lr.to_vec(), rank, &dev)?;
         match self.kind {
             Optimizer::Rmsprop => {
                 // keras-vis: the gradient normalised by its RMS, then RMSprop.
@@ -287,14 +286,11 @@ impl Opt {
                     .mean(1)?
                     .sqrt()?
                     .affine(1.0, EPS)?;
-                let mut dims = vec![1usize; rank];
-                dims[0] = b;
-                let g = g.broadcast_div(&rms.reshape(dims)?)?;
+                let g = g.broadcast_div(&rms.reshape(per_image_shape(b, rank))?)?;
                 let cache = self
                     .m
                     .affine(self.decay, 0.0)?
                     .add(&g.sqr()?.affine(1.0 - self.decay, 0.0)?)?;
-                let lr = per_image(lr.to_vec(), rank, &dev)?;
                 let next = params.add(
                     &g.div(&cache.affine(1.0, EPS)?.sqrt()?)?
                         .broadcast_mul(&lr)?,
@@ -312,20 +308,16 @@ impl Opt {
                     .v
                     .affine(b2, 0.0)?
                     .add(&g.sqr()?.affine(1.0 - b2, 0.0)?)?;
-                let c1: Vec<f32> = self.t.iter().map(|&t| 1.0 - Adam::BETA1.powi(t)).collect();
-                let c2: Vec<f32> = self.t.iter().map(|&t| 1.0 - Adam::BETA2.powi(t)).collect();
-                // lr * (m / c1) / (sqrt(v / c2) + eps), with images not stepped divided by 1.
-                let c1 = per_image(
-                    c1.iter().map(|c| if *c > 0.0 { *c } else { 1.0 }).collect(),
-                    rank,
-                    &dev,
-                )?;
-                let c2 = per_image(
-                    c2.iter().map(|c| if *c > 0.0 { *c } else { 1.0 }).collect(),
-                    rank,
-                    &dev,
-                )?;
-                let lr = per_image(lr.to_vec(), rank, &dev)?;
+                // Bias corrections; images not stepped yet (t = 0) are divided by 1.
+                let correction = |beta: f32| -> Result<Tensor> {
+                    let c = self.t.iter().map(|&t| match 1.0 - beta.powi(t) {
+                        c if c > 0.0 => c,
+                        _ => 1.0,
+                    });
+                    per_image(c.collect(), rank, &dev)
+                };
+                let (c1, c2) = (correction(Adam::BETA1)?, correction(Adam::BETA2)?);
+                // lr * (m / c1) / (sqrt(v / c2) + eps)
                 let step = m
                     .broadcast_div(&c1)?
                     .div(

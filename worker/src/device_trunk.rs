@@ -69,7 +69,6 @@ const TARGET_ONLY_FROM: usize = 256;
 
 pub struct DeviceTrunk {
     net: Vgg16,
-    precision: Precision,
     /// The network's dtype: f32, or bf16 (f16 in tests).
     dtype: DType,
     /// Per conv layer, the kernel of its input gradient, `[cin, cout, 3, 3]`.
@@ -103,18 +102,13 @@ impl DeviceTrunk {
         precision: Precision,
     ) -> Result<DeviceTrunk> {
         candle_core::cuda::set_gemm_reduced_precision_f32(precision == Precision::Tf32);
-        DeviceTrunk::with_dtype(weights, device, precision, precision.dtype())
+        DeviceTrunk::with_dtype(weights, device, precision.dtype())
     }
 
     /// The network in `dtype` (for tests: candle's CPU device has no bfloat16 matrix product,
     /// so the tests run the reduced-precision path in f16 there).
     #[doc(hidden)]
-    pub fn with_dtype(
-        weights: &Weights,
-        device: &Device,
-        precision: Precision,
-        dtype: DType,
-    ) -> Result<DeviceTrunk> {
+    pub fn with_dtype(weights: &Weights, device: &Device, dtype: DType) -> Result<DeviceTrunk> {
         let back = weights
             .convs
             .iter()
@@ -133,7 +127,6 @@ impl DeviceTrunk {
             .collect::<Result<_>>()?;
         Ok(DeviceTrunk {
             net: Vgg16::new(weights, device)?.to_dtype(dtype)?,
-            precision,
             dtype,
             free_memory: None,
             back,
@@ -152,10 +145,6 @@ impl DeviceTrunk {
 
     pub fn resident(&self) -> bool {
         self.resident
-    }
-
-    pub fn precision(&self) -> Precision {
-        self.precision
     }
 
     /// Assumes `bytes` of free device memory instead of asking the driver, so that the tests

@@ -191,13 +191,8 @@ fn half_precision_stays_close_to_f32_on_the_same_filters() {
     // `check-device --precision bf16` checks bfloat16 itself on a GPU.
     let w = weights();
     let mut cpu = CpuTrunk::new(w);
-    let mut bf16 = DeviceTrunk::with_dtype(
-        w,
-        &Device::Cpu,
-        vgg_atlas_worker::device_trunk::Precision::Bf16,
-        vgg_atlas_worker::candle::DType::F16,
-    )
-    .unwrap();
+    let mut bf16 =
+        DeviceTrunk::with_dtype(w, &Device::Cpu, vgg_atlas_worker::candle::DType::F16).unwrap();
     let img = chelsea();
     let size = img.width() as usize;
     for (name, filters) in [
