@@ -6,13 +6,29 @@
 //! the device engine (candle's CPU device) against the hand-written CPU trunk.
 
 use anyhow::{bail, Result};
+use clap::Args;
 use serde_json::json;
-use vgg_atlas_worker::ascent::{self, Preset, Settings};
+use vgg_atlas_proto::{Layer, Objective, Preset, Settings, LAYERS};
 use vgg_atlas_worker::candle::Device;
-use vgg_atlas_worker::device_trunk::{DeviceTrunk, Precision};
-use vgg_atlas_worker::trunk::{relative_error as rel_l2, CpuTrunk, Objective, Trunk};
-use vgg_atlas_worker::vgg::Vgg16;
-use vgg_atlas_worker::{Layer, Weights, LAYERS};
+use vgg_atlas_worker::engine::ascent;
+use vgg_atlas_worker::engine::cpu_trunk::CpuTrunk;
+use vgg_atlas_worker::engine::device_trunk::{DeviceTrunk, Precision};
+use vgg_atlas_worker::engine::trunk::{relative_error as rel_l2, Trunk};
+use vgg_atlas_worker::engine::vgg::Vgg16;
+use vgg_atlas_worker::Weights;
+
+use crate::args::Compute;
+
+#[derive(Args)]
+pub struct CheckDeviceArgs {
+    /// Side of the test image.
+    #[arg(long, default_value_t = 224)]
+    pub size: u32,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub compute: Compute,
+}
 
 /// The largest relative error accepted (f32 on both sides; reductions in another order).
 const TOLERANCE: f64 = 1e-3;
@@ -43,7 +59,14 @@ fn test_image(size: u32) -> image::RgbImage {
     })
 }
 
-pub fn check_device(
+pub fn check_device(a: CheckDeviceArgs) -> Result<()> {
+    let weights = a.compute.weights()?;
+    let (pool, _) = a.compute.pool()?;
+    let precision = a.compute.precision()?;
+    pool.install(|| check(&weights, &a.compute.device, a.size, precision, a.json))
+}
+
+fn check(
     weights: &Weights,
     spec: &str,
     size: u32,
@@ -105,8 +128,9 @@ pub fn check_device(
         let on_device =
             ascent::visualize(&mut dev, weights.preprocess, layer, &filters, &settings)?;
         let on_cpu = ascent::visualize(&mut cpu, weights.preprocess, layer, &filters, &settings)?;
-        let final_activations =
-            |r: &[ascent::FilterResult]| -> Vec<f32> { r.iter().map(|f| f.activation).collect() };
+        let final_activations = |r: &[vgg_atlas_worker::engine::record::FilterResult]| -> Vec<f32> {
+            r.iter().map(|f| f.activation).collect()
+        };
         rows.push((
             "ascent, 8 steps",
             layer.name,

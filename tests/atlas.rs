@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use vgg_atlas_atlas::draw;
 use vgg_atlas_coordinator::store::{self, FilterOutcome};
-use vgg_atlas_worker::ascent::Settings;
-use vgg_atlas_worker::Layer;
+use vgg_atlas_proto::{Layer, Settings};
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_vgg-atlas"))

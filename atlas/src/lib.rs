@@ -1,7 +1,7 @@
 //! The atlas: every filter's image in, pictures and a browsable viewer out.
 //!
-//! Pure image work — tiles in, PNGs and HTML out; nothing here knows of gRPC or SQL (the CLI
-//! feeds it from the store). For an output folder it writes:
+//! Pure image work — tiles in, PNGs and HTML out; nothing here knows of gRPC or SQL (the
+//! coordinator's `draw` feeds it from the store). For an output folder it writes:
 //! - `tiles/<layer>/<filter>.png`: each finished filter's image at full resolution;
 //! - `<layer>.png`: the layer's mosaic in filter order, `<layer>.by-activation.png` strongest
 //!   first — a square-ish grid with thin margins; dead filters framed in red, failed ones a red
@@ -85,7 +85,7 @@ pub struct Filter {
 
 /// A layer's filters, in filter order, all of them (pending ones included).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Layer {
+pub struct LayerFilters {
     pub name: String,
     /// Position in the network (0 = block1_conv1).
     pub index: u32,
@@ -236,6 +236,28 @@ pub fn mosaic(tiles: &[&RgbImage], tile: u32, margin: u32) -> RgbImage {
     img
 }
 
+/// A table of images: one row per entry of `rows`, each image at its own size in a cell of
+/// `cell` pixels with `margin` between cells; a missing image leaves its cell empty. Used for
+/// side-by-side comparisons (`vgg-atlas bench-presets`: a row per preset and layer).
+pub fn table(rows: &[Vec<Option<RgbImage>>], cell: u32, margin: u32) -> RgbImage {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0) as u32;
+    let step = cell + margin;
+    let mut img = RgbImage::from_pixel(
+        cols * step + margin,
+        rows.len() as u32 * step + margin,
+        draw::BACKGROUND,
+    );
+    for (r, row) in rows.iter().enumerate() {
+        for (c, tile) in row.iter().enumerate() {
+            if let Some(tile) = tile {
+                let (x, y) = (margin + c as u32 * step, margin + r as u32 * step);
+                imageops::replace(&mut img, tile, x as i64, y as i64);
+            }
+        }
+    }
+    img
+}
+
 /// The filter order of the by-activation mosaic: finished filters strongest first (ties by
 /// filter number, like the `best_filters` view), then failed, then pending.
 pub fn by_activation(filters: &[Filter]) -> Vec<usize> {
@@ -331,7 +353,7 @@ fn create_dir(path: &Path) -> Result<()> {
 }
 
 /// Writes the layer's tiles and its two mosaics into `out`.
-pub fn write_layer(out: &Path, layer: &Layer, opts: &Options) -> Result<LayerOutput> {
+pub fn write_layer(out: &Path, layer: &LayerFilters, opts: &Options) -> Result<LayerOutput> {
     opts.check()?;
     let tiles_dir = out.join("tiles").join(&layer.name);
     // Tiles of another run rendered into this folder before must not pass for this run's.

@@ -2,7 +2,7 @@
 //! the marks of dead, failed and pending filters, the files written, and the overview.
 
 use image::{Rgb, RgbImage};
-use vgg_atlas_atlas::{self as atlas, draw, Filter, Layer, Options, Run, Scores, Status};
+use vgg_atlas_atlas::{self as atlas, draw, Filter, LayerFilters, Options, Run, Scores, Status};
 
 /// A distinct image per filter: a gradient whose colours depend on `k`.
 fn image_for(k: u32, side: u32) -> RgbImage {
@@ -45,7 +45,7 @@ fn layer(
     dead: &[u32],
     failed: &[u32],
     pending: &[u32],
-) -> Layer {
+) -> LayerFilters {
     let filters = (0..n)
         .map(|k| {
             let status = if dead.contains(&k) {
@@ -74,7 +74,7 @@ fn layer(
             }
         })
         .collect();
-    Layer {
+    LayerFilters {
         name: name.into(),
         index,
         filters,
@@ -300,4 +300,16 @@ fn an_image_that_does_not_decode_is_drawn_failed_with_a_warning() {
     assert!(crop(&m, x, y, 16) == draw::failed_tile(16));
     let (x, y) = atlas::tile_origin(1, 4, 16, 1);
     assert!(crop(&m, x, y, 16) == image_for(1, 16));
+}
+
+#[test]
+fn a_table_puts_each_image_in_its_row_and_column_and_leaves_missing_ones_empty() {
+    let red = image::RgbImage::from_pixel(8, 8, image::Rgb([255, 0, 0]));
+    let blue = image::RgbImage::from_pixel(8, 8, image::Rgb([0, 0, 255]));
+    let t = atlas::table(&[vec![Some(red), None], vec![None, Some(blue)]], 8, 4);
+    assert_eq!(t.dimensions(), (2 * 12 + 4, 2 * 12 + 4));
+    assert_eq!(*t.get_pixel(4, 4), image::Rgb([255, 0, 0]));
+    assert_eq!(*t.get_pixel(16 + 3, 16 + 3), image::Rgb([0, 0, 255]));
+    assert_eq!(*t.get_pixel(16 + 3, 4), draw::BACKGROUND);
+    assert_eq!(*t.get_pixel(4, 16 + 3), draw::BACKGROUND);
 }

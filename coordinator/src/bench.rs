@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 
 use vgg_atlas_proto as pb;
 use vgg_atlas_proto::tonic;
-use vgg_atlas_worker::ascent::Settings;
-use vgg_atlas_worker::Layer;
+use vgg_atlas_proto::{Layer, Settings};
 
 use crate::service::{CoordinatorService, RunContext};
 use crate::store::{self, Store};
@@ -118,7 +117,7 @@ async fn measure(cfg: &BenchConfig, url: &str) -> Result<BenchReport> {
     store.create_or_resume_run(&spec).await?;
     let ctx = RunContext {
         run_id: spec.run_id.clone(),
-        settings: vgg_atlas_worker::client::settings_to_wire(&settings, &weights),
+        settings: settings.to_wire(&weights),
         layers: cfg.layers.iter().map(|l| l.name.to_string()).collect(),
         filters_total: spec.filters.len() as u32,
         weights_path: std::path::PathBuf::new(),

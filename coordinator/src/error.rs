@@ -74,6 +74,17 @@ pub enum Error {
     #[error("query failed: {0}")]
     Query(String),
 
+    #[error(transparent)]
+    Atlas(#[from] vgg_atlas_atlas::Error),
+
+    /// A render refused its input or could not write its output; the message says why and
+    /// what to do.
+    #[error("{0}")]
+    Render(String),
+
+    #[error(transparent)]
+    Contract(#[from] vgg_atlas_proto::Error),
+
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
 }

@@ -1,13 +1,18 @@
-//! Run planning, task leasing and result recording for vgg-atlas.
-//!
-//! [`store`] keeps runs, filters with their lease state, and results in SQLite or PostgreSQL.
+//! The coordinator of vgg-atlas: it plans runs ([`plan`]), leases filters to workers and records
+//! their results over gRPC ([`service`]), keeps runs, filters and results in SQLite or
+//! PostgreSQL ([`store`]), answers read-only SQL ([`query`]), serves health and metrics
+//! ([`metrics`]), draws a run's atlas from the store ([`draw`]), and runs a whole render
+//! ([`standalone`]). It depends on the contract crate, `vgg-atlas-proto`, and never on the
+//! worker: its build links no candle.
 
 pub mod bench;
+pub mod draw;
 pub mod error;
 pub mod metrics;
 pub mod plan;
 pub mod query;
 pub mod service;
+pub mod standalone;
 pub mod store;
 
 pub use error::{Error, Result};

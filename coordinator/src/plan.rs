@@ -3,8 +3,7 @@
 //! resumes the same run.
 
 use sha2::{Digest, Sha256};
-use vgg_atlas_worker::ascent::{filter_seed, Settings};
-use vgg_atlas_worker::Layer;
+use vgg_atlas_proto::{filter_seed, Layer, Settings};
 
 use crate::store::{PlannedFilter, RunSpec};
 

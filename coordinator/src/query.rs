@@ -255,6 +255,7 @@ fn hex_bytes(bytes: &[u8]) -> String {
 
 /// How `query` prints its rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Format {
     /// Aligned columns with a header; bytes shown as their size.
     Table,

@@ -10,8 +10,7 @@ use vgg_atlas_coordinator::store::{self, Store};
 use vgg_atlas_coordinator::{bench, plan};
 use vgg_atlas_proto as pb;
 use vgg_atlas_proto::tonic;
-use vgg_atlas_worker::ascent::Settings;
-use vgg_atlas_worker::Layer;
+use vgg_atlas_proto::{Layer, Settings};
 
 const SIZE: u32 = 16;
 
@@ -65,7 +64,7 @@ async fn fixture(lease_ms: i64) -> Fixture {
     store.create_or_resume_run(&spec).await.unwrap();
     let ctx = RunContext {
         run_id: spec.run_id.clone(),
-        settings: vgg_atlas_worker::client::settings_to_wire(&settings, &weights),
+        settings: settings.to_wire(&weights),
         layers: vec!["block1_conv1".into()],
         filters_total: 64,
         weights_path: dir.path().join("none"),

@@ -939,7 +939,7 @@ async fn layer_filters_and_run_info_feed_the_atlas(db: &TestDb) {
     assert_eq!(
         records
             .iter()
-            .map(|r| (r.filter, r.state.as_str()))
+            .map(|r| (r.filter, r.state.name()))
             .collect::<Vec<_>>(),
         [(0, "done"), (1, "failed"), (2, "leased"), (3, "pending")]
     );

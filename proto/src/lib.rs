@@ -1,13 +1,29 @@
-//! The wire contract between the vgg-atlas coordinator and its workers: the gRPC package
-//! `atlas.v1` of `atlas.proto`, generated at build time with tonic/prost.
+//! The contract between the vgg-atlas coordinator and its workers, which depend on this crate
+//! and never on each other:
 //!
-//! The messages live in [`v1`] and are re-exported here; the client is
-//! [`CoordinatorClient`], the server side is the [`Coordinator`] trait wrapped in
-//! [`CoordinatorServer`]. `tonic` and `prost` are re-exported so that dependents build against
-//! the exact versions the code was generated for.
+//! - the wire: the gRPC package `atlas.v1` of `atlas.proto`, generated at build time with
+//!   tonic/prost. The messages live in [`v1`] and are re-exported here; the client is
+//!   [`CoordinatorClient`], the server side is the [`Coordinator`] trait wrapped in
+//!   [`CoordinatorServer`]; [`auth`] and [`tls`] secure it.
+//! - the vocabulary both sides share: the layer table ([`layers`]), the method's settings,
+//!   presets and filter seeds ([`method`]), and the state of a filter in a run ([`FilterState`]).
+//! - every conversion between that vocabulary and the wire ([`convert`]), once.
+//!
+//! `tonic` and `prost` are re-exported so that dependents build against the exact versions the
+//! code was generated for. With the `clap` feature the method's enums are `clap::ValueEnum`s.
 
 pub mod auth;
+pub mod convert;
+mod error;
+pub mod layers;
+pub mod method;
+mod state;
 pub mod tls;
+
+pub use error::{Error, Result};
+pub use layers::{Layer, LayerKind, CONV_LAYERS, LAYERS};
+pub use method::{filter_seed, Objective, Optimizer, Parameterization, Preset, Settings};
+pub use state::FilterState;
 
 pub use prost;
 pub use tonic;

@@ -7,11 +7,12 @@
 
 use std::time::Instant;
 
-use vgg_atlas_worker::ascent::{self, Preset, Settings};
+use vgg_atlas_proto::{Layer, Objective, Preset, Settings};
 use vgg_atlas_worker::candle::Device;
-use vgg_atlas_worker::device_trunk::DeviceTrunk;
-use vgg_atlas_worker::trunk::{Objective, Trunk};
-use vgg_atlas_worker::{fetch, Layer, Weights};
+use vgg_atlas_worker::engine::ascent;
+use vgg_atlas_worker::engine::device_trunk::DeviceTrunk;
+use vgg_atlas_worker::engine::trunk::Trunk;
+use vgg_atlas_worker::{fetch, Weights};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("unknown layer '{name}'; VGG16's layers are: {known}")]
-    UnknownLayer { name: String, known: String },
+    /// Input the shared vocabulary refuses: an unknown layer, impossible settings.
+    #[error(transparent)]
+    Contract(#[from] vgg_atlas_proto::Error),
 
     #[error("cannot read weights file {path}: {source}")]
     WeightsIo {

@@ -4,23 +4,30 @@
 mod common;
 
 use common::*;
-use vgg_atlas_worker::ascent::{visualize, FilterResult, Preset, Settings};
-use vgg_atlas_worker::trunk::CpuTrunk;
-use vgg_atlas_worker::{Layer, LAYERS};
+use vgg_atlas_proto::{Layer, Preset, Settings, LAYERS};
+use vgg_atlas_worker::engine::ascent::{ascend, Faults, Target};
+use vgg_atlas_worker::engine::cpu_trunk::CpuTrunk;
+use vgg_atlas_worker::engine::record::FilterResult;
 
 fn run(layer: &str, filters: &[usize], s: &Settings) -> Vec<FilterResult> {
+    run_with_faults(layer, filters, s, Faults::default())
+}
+
+fn run_with_faults(
+    layer: &str,
+    filters: &[usize],
+    s: &Settings,
+    faults: Faults,
+) -> Vec<FilterResult> {
     let w = weights();
     let mut trunk = CpuTrunk::new(w);
+    let layer = Layer::by_name(layer).unwrap();
+    let targets: Vec<Target> = filters
+        .iter()
+        .map(|&f| Target::planned(s, &layer, f))
+        .collect();
     pool()
-        .install(|| {
-            visualize(
-                &mut trunk,
-                w.preprocess,
-                Layer::by_name(layer).unwrap(),
-                filters,
-                s,
-            )
-        })
+        .install(|| ascend(&mut trunk, w.preprocess, layer, &targets, s, faults))
         .unwrap()
 }
 
@@ -124,11 +131,13 @@ fn a_nan_gradient_fails_that_filter_with_a_reason_and_spares_the_others() {
     let s = Settings {
         size: 32,
         steps: 8,
-        inject_nan_filter: Some(4),
         tv_weight: 1.0,
         ..Preset::Quick.settings()
     };
-    let res = run("block2_conv1", &[3, 4, 5], &s);
+    let faults = Faults {
+        nan_filter: Some(4),
+    };
+    let res = run_with_faults("block2_conv1", &[3, 4, 5], &s, faults);
     let failed = &res[1];
     let reason = failed.failed.as_deref().expect("filter 4 fails");
     assert!(reason.contains("non-finite"), "{reason}");
@@ -149,7 +158,7 @@ fn the_post_relu_objective_leaves_silent_filters_dead_and_says_so() {
     let s = Settings {
         size: 32,
         steps: 4,
-        objective: vgg_atlas_worker::trunk::Objective::PostRelu,
+        objective: vgg_atlas_proto::Objective::PostRelu,
         ..Preset::Quick.settings()
     };
     let filters: Vec<usize> = (0..24).collect();
@@ -183,7 +192,7 @@ trait PreRelu {
 impl PreRelu for Settings {
     fn with_pre_relu(self) -> Self {
         Settings {
-            objective: vgg_atlas_worker::trunk::Objective::PreRelu,
+            objective: vgg_atlas_proto::Objective::PreRelu,
             ..self
         }
     }

@@ -9,10 +9,12 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 use common::*;
 use rand::{Rng, SeedableRng};
-use vgg_atlas_worker::trunk::{CpuTrunk, Objective, Trunk};
-use vgg_atlas_worker::vgg::Vgg16;
-use vgg_atlas_worker::weights::DenseParams;
-use vgg_atlas_worker::{Layer, LayerKind, Weights, LAYERS};
+use vgg_atlas_proto::{Layer, LayerKind, Objective, LAYERS};
+use vgg_atlas_worker::engine::cpu_trunk::CpuTrunk;
+use vgg_atlas_worker::engine::trunk::Trunk;
+use vgg_atlas_worker::engine::vgg::Vgg16;
+use vgg_atlas_worker::engine::weights::DenseParams;
+use vgg_atlas_worker::Weights;
 
 fn full_checkpoint() -> Weights {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
@@ -120,10 +122,12 @@ fn classifier_targets_match_candle_and_finite_differences() {
             let h = 0.002f32;
             let mut fd = Vec::new();
             for b in 0..2 {
-                let gp = vgg_atlas_worker::ascent::pixel_gradient(
+                let gp = vgg_atlas_worker::engine::host_images::pixel_gradient(
                     &g[b * n..(b + 1) * n],
                     &vec![0.0; n],
                     &chans,
+                    &vgg_atlas_worker::engine::transform::Affine::IDENTITY,
+                    size,
                 );
                 let rms = (gp.iter().map(|v| v * v).sum::<f64>() / n as f64).sqrt();
                 let v: Vec<f32> = gp.iter().map(|v| (v / rms) as f32).collect();
@@ -217,7 +221,8 @@ fn the_device_trunk_matches_the_cpu_trunk_on_classifier_targets() {
     let img = image::imageops::resize(&chelsea(), 224, 224, image::imageops::FilterType::Triangle);
     let input = net_input(&img, w.preprocess, 2);
     let mut cpu = CpuTrunk::new(&w);
-    let mut dev = vgg_atlas_worker::device_trunk::DeviceTrunk::new(&w, &Device::Cpu).unwrap();
+    let mut dev =
+        vgg_atlas_worker::engine::device_trunk::DeviceTrunk::new(&w, &Device::Cpu).unwrap();
     pool().install(|| {
         for (name, units) in [("fc1", [7usize, 4000]), ("predictions", [281, 999])] {
             let layer = Layer::by_name(name).unwrap();
@@ -235,7 +240,7 @@ fn the_device_trunk_matches_the_cpu_trunk_on_classifier_targets() {
                         "{name} {objective:?}: device {a:?} vs cpu {b:?}"
                     );
                 }
-                let e = vgg_atlas_worker::trunk::relative_error(&gd, &gc);
+                let e = vgg_atlas_worker::engine::trunk::relative_error(&gd, &gc);
                 assert!(e < 1e-3, "{name} {objective:?}: gradient rel. error {e}");
                 // (After the ReLU a silent unit has none.)
                 if objective == Objective::PreRelu {

@@ -5,11 +5,12 @@
 mod common;
 
 use common::*;
-use vgg_atlas_worker::ascent::{self, Preset, Settings};
+use vgg_atlas_proto::{Layer, Objective, Preset, Settings};
 use vgg_atlas_worker::candle::Device;
-use vgg_atlas_worker::device_trunk::DeviceTrunk;
-use vgg_atlas_worker::trunk::{relative_error as rel_l2, CpuTrunk, Objective, Trunk};
-use vgg_atlas_worker::Layer;
+use vgg_atlas_worker::engine::ascent;
+use vgg_atlas_worker::engine::cpu_trunk::CpuTrunk;
+use vgg_atlas_worker::engine::device_trunk::DeviceTrunk;
+use vgg_atlas_worker::engine::trunk::{relative_error as rel_l2, Trunk};
 
 #[test]
 fn device_trunk_scores_and_gradient_equal_the_cpu_trunk() {
@@ -166,11 +167,17 @@ fn a_filter_that_fails_on_the_device_is_retried_then_failed_alone() {
     let s = Settings {
         size: 16,
         steps: 8,
-        inject_nan_filter: Some(7),
         ..Preset::Atlas.settings()
     };
     let mut dev = DeviceTrunk::new(w, &Device::Cpu).unwrap();
-    let r = ascent::visualize(&mut dev, w.preprocess, layer, &[2, 7, 9], &s).unwrap();
+    let faults = ascent::Faults {
+        nan_filter: Some(7),
+    };
+    let targets: Vec<ascent::Target> = [2, 7, 9]
+        .iter()
+        .map(|&f| ascent::Target::planned(&s, &layer, f))
+        .collect();
+    let r = ascent::ascend(&mut dev, w.preprocess, layer, &targets, &s, faults).unwrap();
     let failed = r[1].failed.as_deref().expect("filter 7 fails");
     assert!(failed.contains("non-finite gradient"), "{failed}");
     assert!(r[1].image.is_none() && r[1].retries == 5, "{:?}", r[1]);
@@ -224,8 +231,9 @@ fn half_precision_stays_close_to_f32_on_the_same_filters() {
                 Some(&mut g_bf),
             )
             .unwrap();
-        let pre =
-            |s: &[vgg_atlas_worker::trunk::Scores]| s.iter().map(|s| s.pre).collect::<Vec<_>>();
+        let pre = |s: &[vgg_atlas_worker::engine::trunk::Scores]| {
+            s.iter().map(|s| s.pre).collect::<Vec<_>>()
+        };
         let (e_scores, e_grad) = (rel_l2(&pre(&s_bf), &pre(&s_cpu)), rel_l2(&g_bf, &g_cpu));
         eprintln!("f16 {name}: scores rel. error {e_scores:.2e}, gradient {e_grad:.2e}");
         assert!(
@@ -243,7 +251,9 @@ fn half_precision_stays_close_to_f32_on_the_same_filters() {
         };
         let a = ascent::visualize(&mut cpu, w.preprocess, layer, &filters, &s).unwrap();
         let b = ascent::visualize(&mut bf16, w.preprocess, layer, &filters, &s).unwrap();
-        let act = |r: &[ascent::FilterResult]| r.iter().map(|r| r.activation).collect::<Vec<_>>();
+        let act = |r: &[vgg_atlas_worker::engine::record::FilterResult]| {
+            r.iter().map(|r| r.activation).collect::<Vec<_>>()
+        };
         let e = rel_l2(&act(&b), &act(&a));
         eprintln!("f16 {name}: ascent final activations rel. error {e:.2e}");
         assert!(e < 2e-1, "{name}: {e}");
@@ -264,7 +274,7 @@ fn a_batch_wider_than_the_device_memory_is_split_with_the_same_results() {
     let filters = [3usize, 50, 7, 99, 120];
     let mut whole = DeviceTrunk::new(w, &Device::Cpu).unwrap();
     let mut split = DeviceTrunk::new(w, &Device::Cpu).unwrap();
-    let each = vgg_atlas_worker::device_trunk::bytes_per_image(layer, s.size) as usize;
+    let each = vgg_atlas_worker::engine::device_trunk::bytes_per_image(layer, s.size) as usize;
     split.assume_free_memory(each * 5 / 2 * 5 / 4); // 0.8 of it is 2.5 images
     assert_eq!(split.fit_batch(layer, s.size).unwrap(), Some(2));
     let a = ascent::visualize(&mut whole, w.preprocess, layer, &filters, &s).unwrap();

@@ -5,9 +5,10 @@ mod common;
 
 use candle_core::Device;
 use common::*;
-use vgg_atlas_worker::trunk::{CpuTrunk, Objective, Trunk};
-use vgg_atlas_worker::vgg::Vgg16;
-use vgg_atlas_worker::{Layer, LAYERS};
+use vgg_atlas_proto::{Layer, Objective, LAYERS};
+use vgg_atlas_worker::engine::cpu_trunk::CpuTrunk;
+use vgg_atlas_worker::engine::trunk::Trunk;
+use vgg_atlas_worker::engine::vgg::Vgg16;
 
 fn refs() -> serde_json::Value {
     let text = std::fs::read_to_string(fixtures().join("refs_keras_chelsea64.json")).unwrap();

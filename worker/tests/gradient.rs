@@ -6,9 +6,11 @@ mod common;
 
 use common::*;
 use rand::{Rng, SeedableRng};
-use vgg_atlas_worker::ascent::{pixel_gradient, regularizers, Preset, Settings};
-use vgg_atlas_worker::trunk::{CpuTrunk, Objective, Trunk};
-use vgg_atlas_worker::Layer;
+use vgg_atlas_proto::{Layer, Objective, Preset, Settings};
+use vgg_atlas_worker::engine::cpu_trunk::CpuTrunk;
+use vgg_atlas_worker::engine::host_images::{pixel_gradient, regularizers};
+use vgg_atlas_worker::engine::transform::Affine;
+use vgg_atlas_worker::engine::trunk::Trunk;
 
 const SIZE: usize = 16;
 
@@ -82,6 +84,8 @@ fn check_h(layer: &str, obj: Objective, s: &Settings, h: f32) {
                     &g[b * n..(b + 1) * n],
                     &regularizers(&x[b * n..(b + 1) * n], SIZE, s).1,
                     &pre,
+                    &Affine::IDENTITY,
+                    SIZE,
                 )
             })
             .collect();

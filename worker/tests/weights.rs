@@ -17,7 +17,7 @@ fn write(path: &Path, rename: impl Fn(&str) -> Option<String>, shapes: &HashMap<
     let w = weights();
     let mut owned = Vec::new();
     for (i, c) in w.convs.iter().enumerate() {
-        let layer = vgg_atlas_worker::LAYERS[i].name;
+        let layer = vgg_atlas_proto::LAYERS[i].name;
         for (suffix, shape, data) in [
             ("weight", vec![c.cout, c.cin, 3, 3], &c.weight),
             ("bias", vec![c.cout], &c.bias),
@@ -50,7 +50,7 @@ fn write(path: &Path, rename: impl Fn(&str) -> Option<String>, shapes: &HashMap<
 fn torch_name(keras: &str) -> String {
     const IDX: [usize; 13] = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28];
     let (layer, suffix) = keras.split_once('.').unwrap();
-    let i = vgg_atlas_worker::LAYERS
+    let i = vgg_atlas_proto::LAYERS
         .iter()
         .position(|l| l.name == layer)
         .unwrap();

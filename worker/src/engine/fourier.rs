@@ -238,45 +238,6 @@ impl Fourier {
     }
 }
 
-/// Adam's state for one parameter vector.
-#[derive(Clone, Debug)]
-pub struct Adam {
-    m: Vec<f32>,
-    v: Vec<f32>,
-    t: i32,
-}
-
-impl Adam {
-    pub const BETA1: f32 = 0.9;
-    pub const BETA2: f32 = 0.999;
-    pub const EPS: f32 = 1e-8;
-
-    pub fn new(n: usize) -> Adam {
-        Adam {
-            m: vec![0.0; n],
-            v: vec![0.0; n],
-            t: 0,
-        }
-    }
-
-    /// One ascent step (the gradient points uphill).
-    pub fn ascend(&mut self, params: &mut [f32], grad: &[f32], lr: f32) {
-        self.t += 1;
-        let c1 = 1.0 - Self::BETA1.powi(self.t);
-        let c2 = 1.0 - Self::BETA2.powi(self.t);
-        for (((p, g), m), v) in params
-            .iter_mut()
-            .zip(grad)
-            .zip(&mut self.m)
-            .zip(&mut self.v)
-        {
-            *m = Self::BETA1 * *m + (1.0 - Self::BETA1) * g;
-            *v = Self::BETA2 * *v + (1.0 - Self::BETA2) * g * g;
-            *p += lr * (*m / c1) / ((*v / c2).sqrt() + Self::EPS);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -353,17 +314,5 @@ mod tests {
             checked += 1;
         }
         assert!(checked > 20);
-    }
-
-    #[test]
-    fn adam_climbs_a_quadratic() {
-        // Maximise -(p - 3)^2.
-        let mut p = vec![0.0f32];
-        let mut adam = Adam::new(1);
-        for _ in 0..500 {
-            let g = vec![-2.0 * (p[0] - 3.0)];
-            adam.ascend(&mut p, &g, 0.05);
-        }
-        assert!((p[0] - 3.0).abs() < 0.05, "{}", p[0]);
     }
 }

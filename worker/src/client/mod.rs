@@ -11,10 +11,15 @@ use sha2::{Digest, Sha256};
 use vgg_atlas_proto as pb;
 use vgg_atlas_proto::tonic;
 
-use crate::ascent::{self, Optimizer, Parameterization, Preset, Settings};
-use crate::trunk::{Objective, Trunk};
-use crate::weights::{hex, Weights};
-use crate::{fetch, Error, Layer, Result};
+use vgg_atlas_proto::{Layer, Settings};
+
+use crate::engine::ascent::{self, Faults, Target};
+use crate::engine::device_trunk::Precision;
+use crate::engine::fetch;
+use crate::engine::record::FilterResult;
+use crate::engine::trunk::Trunk;
+use crate::engine::weights::{hex, Weights};
+use crate::{Error, Result};
 
 pub struct WorkerConfig {
     pub connect: String,
@@ -32,92 +37,7 @@ pub struct WorkerConfig {
     /// Where to compute: `cpu`, `cuda:N` or `metal:N`.
     pub device: String,
     /// The device trunk's arithmetic (f32 on the CPU).
-    pub precision: crate::device_trunk::Precision,
-}
-
-/// The run settings on the wire, as the engine's settings.
-pub fn settings_from_wire(s: &pb::RunSettings) -> Result<Settings> {
-    let objective = match s.objective.as_str() {
-        "pre-relu" => Objective::PreRelu,
-        "post-relu" => Objective::PostRelu,
-        other => {
-            return Err(Error::Invalid(format!(
-                "the coordinator asked for objective '{other}', which this worker does not know"
-            )))
-        }
-    };
-    let name = |what: &str, v: &str| {
-        Error::Invalid(format!(
-            "the coordinator asked for {what} '{v}', which this worker does not know"
-        ))
-    };
-    let preset = Preset::by_name(&s.preset)?;
-    let parameterization = match s.parameterization.as_str() {
-        "pixels" => Parameterization::Pixels,
-        "fourier" => Parameterization::Fourier,
-        other => return Err(name("parameterization", other)),
-    };
-    let optimizer = match s.optimizer.as_str() {
-        "rmsprop" => Optimizer::Rmsprop,
-        "adam" => Optimizer::Adam,
-        other => return Err(name("optimizer", other)),
-    };
-    Ok(Settings {
-        preset,
-        parameterization,
-        optimizer,
-        fourier_decay: s.fourier_decay,
-        jitter: s.jitter,
-        rotate_degrees: s.rotate_degrees,
-        scale_jitter: s.scale_jitter,
-        size: s.size as usize,
-        steps: s.steps as usize,
-        seed: s.seed,
-        objective,
-        learning_rate: s.learning_rate,
-        rmsprop_decay: s.rmsprop_decay,
-        lp_norm_p: s.lp_norm_p,
-        lp_norm_weight: s.lp_norm_weight,
-        tv_beta: s.tv_beta,
-        tv_weight: s.tv_weight,
-        inject_nan_filter: None,
-    })
-}
-
-/// The engine's settings on the wire.
-pub fn settings_to_wire(s: &Settings, weights_sha256: &str) -> pb::RunSettings {
-    pb::RunSettings {
-        weights_sha256: weights_sha256.to_string(),
-        size: s.size as u32,
-        steps: s.steps as u32,
-        objective: match s.objective {
-            Objective::PreRelu => "pre-relu",
-            Objective::PostRelu => "post-relu",
-        }
-        .to_string(),
-        learning_rate: s.learning_rate,
-        rmsprop_decay: s.rmsprop_decay,
-        lp_norm_p: s.lp_norm_p,
-        lp_norm_weight: s.lp_norm_weight,
-        tv_beta: s.tv_beta,
-        tv_weight: s.tv_weight,
-        seed: s.seed,
-        preset: s.preset.name().to_string(),
-        parameterization: match s.parameterization {
-            Parameterization::Pixels => "pixels",
-            Parameterization::Fourier => "fourier",
-        }
-        .to_string(),
-        optimizer: match s.optimizer {
-            Optimizer::Rmsprop => "rmsprop",
-            Optimizer::Adam => "adam",
-        }
-        .to_string(),
-        fourier_decay: s.fourier_decay,
-        jitter: s.jitter,
-        rotate_degrees: s.rotate_degrees,
-        scale_jitter: s.scale_jitter,
-    }
+    pub precision: Precision,
 }
 
 enum SessionEnd {
@@ -260,7 +180,7 @@ async fn session(
             protocol_version: pb::PROTOCOL_VERSION,
             name: cfg.name.clone(),
             device: match cfg.precision {
-                crate::device_trunk::Precision::F32 => cfg.device.clone(),
+                Precision::F32 => cfg.device.clone(),
                 p => format!("{}/{}", cfg.device, p.name()),
             },
             max_batch: cfg.batch as u32,
@@ -284,7 +204,7 @@ async fn session(
             .map_err(|e| Error::Invalid(format!("cannot start {} threads: {e}", cfg.threads)))?;
         *engine = Some(Engine {
             sha256: sha.clone(),
-            trunk: Arc::new(Mutex::new(crate::trunk(
+            trunk: Arc::new(Mutex::new(crate::trunk_on(
                 &weights,
                 &cfg.device,
                 cfg.precision,
@@ -314,19 +234,27 @@ async fn session(
                 }
             },
         };
-        let s = Settings {
-            inject_nan_filter: ascent::test_inject_nan_filter(),
-            ..settings_from_wire(lease.settings.as_ref().unwrap_or(&settings))?
-        };
-        let layer = Layer::by_name(&lease.layer)?;
-        let filters: Vec<usize> = lease.filters.iter().map(|f| f.filter as usize).collect();
+        let s = Settings::try_from(lease.settings.as_ref().unwrap_or(&settings))
+            .map_err(Error::from)?;
+        let layer = Layer::by_name(&lease.layer).map_err(Error::from)?;
+        // The lease's seeds are the planner's: the one source of each filter's start image.
+        let targets: Vec<Target> = lease
+            .filters
+            .iter()
+            .map(|f| Target {
+                filter: f.filter as usize,
+                seed: f.seed,
+            })
+            .collect();
         // Compute off the async runtime; heartbeat until it is done.
         let e = engine.clone();
         let mut job = tokio::task::spawn_blocking(move || {
             let mut guard = e.trunk.lock().expect("trunk");
             let trunk: &mut (dyn Trunk + Send) = &mut **guard;
-            e.pool
-                .install(|| ascent::visualize(trunk, e.weights.preprocess, layer, &filters, &s))
+            e.pool.install(|| {
+                let faults = Faults::from_env();
+                ascent::ascend(trunk, e.weights.preprocess, layer, &targets, &s, faults)
+            })
         });
         // Meanwhile ask for the next lease, so the compute never waits on a round trip.
         let mut prefetch = Some(tokio::spawn(poll(
@@ -487,7 +415,7 @@ fn prefetched(
     }
 }
 
-fn to_wire(r: &ascent::FilterResult) -> Result<pb::FilterResult> {
+fn to_wire(r: &FilterResult) -> Result<pb::FilterResult> {
     let png = match &r.image {
         Some(img) => {
             let mut bytes = Vec::new();
@@ -568,32 +496,4 @@ async fn weights_for(
         source,
     })?;
     Ok(fetched)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_preset_crosses_the_wire_unchanged() {
-        for preset in Preset::ALL {
-            let s = Settings {
-                seed: 42,
-                size: 96,
-                ..preset.settings()
-            };
-            let back = settings_from_wire(&settings_to_wire(&s, "ab")).unwrap();
-            assert_eq!(back, s, "{preset:?}");
-        }
-        let mut wire = settings_to_wire(&Settings::default(), "ab");
-        wire.parameterization = "wavelets".into();
-        let err = settings_from_wire(&wire).unwrap_err().to_string();
-        assert!(err.contains("parameterization 'wavelets'"), "{err}");
-        wire = settings_to_wire(&Settings::default(), "ab");
-        wire.preset = "deepdream".into();
-        assert!(settings_from_wire(&wire)
-            .unwrap_err()
-            .to_string()
-            .contains("deepdream"));
-    }
 }

@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use crate::layers::{LayerKind, LAYERS};
-use crate::onnx;
+use super::onnx;
 use crate::{Error, Result};
+use vgg_atlas_proto::layers::{LayerKind, LAYERS};
 
 /// How pixels (RGB, 0..255) become the network's input. It belongs to the weights.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]

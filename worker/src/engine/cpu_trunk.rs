@@ -6,94 +6,13 @@
 use std::sync::Arc;
 
 use rayon::prelude::*;
+use vgg_atlas_proto::layers::{Layer, LayerKind, LAYERS};
+use vgg_atlas_proto::Objective;
 
-use crate::conv::{conv3x3, Geom, PackedConv};
-use crate::layers::{Layer, LayerKind, DENSE_INPUT_SIZE, LAYERS};
-use crate::weights::{DenseParams, Weights};
+use super::conv::{conv3x3, Geom, PackedConv};
+use super::trunk::{check_request, Scores, Trunk};
+use super::weights::{DenseParams, Weights};
 use crate::{Error, Result};
-
-/// Which quantity of the target filter is maximised.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Objective {
-    /// Mean of the conv output before the ReLU: silent filters still get a gradient.
-    PreRelu,
-    /// Mean after the ReLU, as in the Keras tutorial.
-    PostRelu,
-}
-
-impl Objective {
-    /// The quantity this objective maximises, given a filter's scores on an image.
-    pub fn target(&self, s: &Scores) -> f32 {
-        match self {
-            Objective::PreRelu => s.pre,
-            Objective::PostRelu => s.post,
-        }
-    }
-}
-
-/// A target filter's response on one image: spatial means before and after the ReLU.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Scores {
-    pub pre: f32,
-    pub post: f32,
-}
-
-/// Something that can evaluate a batch of images against per-image target filters and return
-/// the gradient of each image's objective w.r.t. its (preprocessed) network input.
-pub trait Trunk {
-    #[allow(clippy::too_many_arguments)]
-    /// `input`: B images, NHWC `[B, h, w, 3]`, already preprocessed for the network. If `grad`
-    /// is given it receives d(objective_b)/d(input_b) in the same layout.
-    fn run(
-        &mut self,
-        layer: Layer,
-        filters: &[usize],
-        h: usize,
-        w: usize,
-        input: &[f32],
-        objective: Objective,
-        grad: Option<&mut [f32]>,
-    ) -> Result<Vec<Scores>>;
-
-    /// A trunk on a candle device that runs the whole ascent there ([`crate::device_ascent`]).
-    fn device_trunk(&mut self) -> Option<&mut crate::device_trunk::DeviceTrunk> {
-        None
-    }
-}
-
-/// `||a - b|| / ||b||` (L2, in f64): how far a trunk's output is from a reference's.
-pub fn relative_error(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
-}
-
-/// What every trunk refuses before computing: filters out of range, an image too small for
-/// the layer, a dense layer on an image that does not pool down to 7x7.
-pub fn check_request(layer: Layer, filters: &[usize], h: usize, w: usize) -> Result<()> {
-    if let Some(&f) = filters.iter().find(|&&f| f >= layer.filters()) {
-        return Err(Error::Invalid(format!(
-            "filter {f} is out of range for {} (0..{})",
-            layer.name,
-            layer.filters()
-        )));
-    }
-    if layer.output_side(h.min(w)) == 0 {
-        return Err(Error::Invalid(format!(
-            "a {h}x{w} image is too small for {}: it has no pixels left after {} pools",
-            layer.name,
-            layer.pools_before()
-        )));
-    }
-    if !layer.is_conv() && (layer.output_side(h) != 7 || layer.output_side(w) != 7) {
-        return Err(Error::Invalid(format!(
-            "{} needs a {DENSE_INPUT_SIZE}x{DENSE_INPUT_SIZE} image (7x7 after the last pool), got {h}x{w}",
-            layer.name
-        )));
-    }
-    Ok(())
-}
 
 enum Stage {
     Conv {

@@ -1,4 +1,5 @@
-//! The VGG16 layer table, with Keras's names. Everything else indexes into it.
+//! The VGG16 layer table, with Keras's names. Everything else (the planner, the trunks, the
+//! store's `layer_index`) indexes into it.
 
 use crate::Error;
 

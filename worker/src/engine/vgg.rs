@@ -4,9 +4,9 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::layers::{Layer, LayerKind, DENSE_INPUT_SIZE, LAYERS};
-use crate::weights::{Preprocess, Weights};
+use super::weights::{Preprocess, Weights};
 use crate::{Error, Result};
+use vgg_atlas_proto::layers::{Layer, LayerKind, DENSE_INPUT_SIZE, LAYERS};
 
 pub struct Vgg16 {
     convs: Vec<(Tensor, Tensor)>,

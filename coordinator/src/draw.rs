@@ -1,0 +1,124 @@
+//! Drawing a run's atlas from the store alone (at the end of a render, and by `vgg-atlas
+//! mosaic` on any run, finished or not): the store's records as the atlas crate's filters,
+//! one layer at a time, then the overview and the viewer.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use vgg_atlas_atlas as atlas;
+use vgg_atlas_proto::FilterState;
+
+use crate::store::{FilterRecord, Store};
+use crate::{Error, Result};
+
+/// What was drawn.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Drawn {
+    pub layers: usize,
+    pub seconds: f64,
+    /// What the atlas crate warned about (e.g. an unreadable stored PNG, drawn as missing).
+    pub warnings: Vec<String>,
+}
+
+impl Drawn {
+    /// What was written where, for the user.
+    pub fn describe(&self, run_id: &str, out: &Path) -> String {
+        format!(
+            "atlas of run {run_id} written to {}: index.html, atlas.png, {} layer mosaics, tiles/ ({:.1} s)",
+            out.display(),
+            self.layers,
+            self.seconds
+        )
+    }
+}
+
+/// Draws the atlas of `run_id` into `out`: tiles/, one mosaic per layer, atlas.png, atlas.json
+/// and index.html.
+pub async fn write_atlas(
+    store: Arc<dyn Store>,
+    run_id: &str,
+    out: &Path,
+    options: atlas::Options,
+) -> Result<Drawn> {
+    options.check()?;
+    std::fs::create_dir_all(out).map_err(|e| {
+        Error::Render(format!(
+            "cannot create the output folder {}: {e}; choose another --out",
+            out.display()
+        ))
+    })?;
+    let info = store.run_info(run_id).await?;
+    let run = atlas::Run {
+        run_id: info.run_id.clone(),
+        weights_sha256: info.weights_sha256.clone(),
+        settings: serde_json::from_str(&info.settings).map_err(|e| {
+            Error::Corrupt(format!(
+                "the stored settings of run {run_id} are not JSON ({e}): {:?}",
+                info.settings
+            ))
+        })?,
+        created_at_ms: info.created_at_ms,
+    };
+    let started = Instant::now();
+    let mut outputs = Vec::new();
+    let mut warnings = Vec::new();
+    for p in store.progress(run_id).await? {
+        let records = store.layer_filters(run_id, &p.layer).await?;
+        let layer = atlas::LayerFilters {
+            name: p.layer.clone(),
+            index: p.layer_index as u32,
+            filters: records.into_iter().map(atlas_filter).collect(),
+        };
+        let dir = out.to_path_buf();
+        let output =
+            tokio::task::spawn_blocking(move || atlas::write_layer(&dir, &layer, &options))
+                .await
+                .map_err(|e| Error::Render(format!("drawing {} stopped: {e}", p.layer)))??;
+        warnings.extend(output.warnings.iter().cloned());
+        outputs.push(output);
+    }
+    let dir = out.to_path_buf();
+    let layers = outputs.len();
+    tokio::task::spawn_blocking(move || atlas::write_index(&dir, &run, &outputs, &options))
+        .await
+        .map_err(|e| Error::Render(format!("drawing the overview stopped: {e}")))??;
+    Ok(Drawn {
+        layers,
+        seconds: started.elapsed().as_secs_f64(),
+        warnings,
+    })
+}
+
+/// A stored filter as the atlas draws it.
+fn atlas_filter(r: FilterRecord) -> atlas::Filter {
+    use atlas::{Filter, Scores, Status};
+    let status = match (r.state, &r.result) {
+        (FilterState::Done, Some(res)) if res.dead => Status::Dead,
+        (FilterState::Done, Some(_)) => Status::Done,
+        (FilterState::Failed, _) => Status::Failed,
+        _ => Status::Pending,
+    };
+    let (png, scores) = match r.result {
+        Some(res) => (
+            Some(res.png),
+            Some(Scores {
+                activation: res.activation,
+                objective: res.objective,
+                start_activation: res.start_activation,
+                curve: res.curve,
+                seconds: res.seconds,
+                worker: res.worker,
+            }),
+        ),
+        None => (None, None),
+    };
+    Filter {
+        filter: r.filter as u32,
+        status,
+        png,
+        scores,
+        attempts: r.attempts as u32,
+        reason: r.failed_reason,
+    }
+}

@@ -1,0 +1,385 @@
+//! A whole render, as `vgg-atlas render` runs it: plan the run, open the store, serve the
+//! coordinator over gRPC (and health and metrics over HTTP), let the caller start its local
+//! workers (which talk gRPC to it like remote ones), wait for the run to finish, and draw the
+//! atlas. One code path for one machine and for a cluster's coordinator.
+//!
+//! In two phases, so that nothing is written until every input has been checked:
+//! [`RenderConfig::check`] refuses bad input without side effects (the caller then loads the
+//! weights and checks its devices), [`Checked::run`] takes the ports, then opens the store and
+//! the output folder, and runs.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use vgg_atlas_proto as pb;
+use vgg_atlas_proto::tonic::transport::Server;
+use vgg_atlas_proto::{Layer, Settings};
+
+use crate::store::{self, LayerProgress, Store};
+use crate::{draw, metrics, plan, service, Error, Result};
+
+/// Everything a render is asked to do, as the user gave it.
+#[derive(Debug, Clone)]
+pub struct RenderConfig {
+    pub layers: Vec<Layer>,
+    pub settings: Settings,
+    /// The output folder; the default database lives there too.
+    pub out: PathBuf,
+    /// sqlite://PATH or postgres://...; default sqlite://<out>/atlas.db.
+    pub db: Option<String>,
+    /// Where to accept remote workers; None: a loopback port for the local workers only.
+    pub listen: Option<String>,
+    /// The shared token workers must send.
+    pub token: Option<String>,
+    /// Accept workers without a token (loopback `listen` only).
+    pub no_token: bool,
+    /// TLS on `listen`: the certificate chain and its key (PEM).
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Workers the caller starts in its own process (on a plain loopback port when `listen`
+    /// has TLS).
+    pub local_workers: usize,
+    /// Serve /healthz and /metrics here.
+    pub metrics_listen: Option<String>,
+    pub lease_seconds: u64,
+    pub max_attempts: i32,
+    /// A new run even if this configuration was rendered before.
+    pub fresh: bool,
+    /// Keep serving after the run is finished.
+    pub stay: bool,
+    pub mosaic: vgg_atlas_atlas::Options,
+}
+
+/// A configuration that passed [`RenderConfig::check`].
+pub struct Checked {
+    cfg: RenderConfig,
+    token: Option<String>,
+    check: pb::auth::CheckToken,
+    server: Server,
+}
+
+/// Where the caller's local workers connect, and with which token.
+#[derive(Debug, Clone)]
+pub struct LocalEndpoint {
+    pub url: String,
+    pub token: Option<String>,
+}
+
+/// What a render tells its caller as it goes.
+pub enum Event<'a> {
+    /// A message for the user (a new or resumed run, where workers join, ...).
+    Say(String),
+    /// The progress of every layer, twice a second.
+    Progress(&'a [LayerProgress]),
+    /// Every filter is done or failed; the atlas is drawn next.
+    Finished {
+        run_id: &'a str,
+        progress: &'a [LayerProgress],
+    },
+}
+
+impl RenderConfig {
+    /// Checks the layers, settings, atlas options, token and TLS files; writes nothing.
+    pub fn check(self) -> Result<Checked> {
+        self.mosaic.check()?;
+        for l in &self.layers {
+            self.settings.check(l)?;
+        }
+        // Who may talk to this coordinator.
+        let token = match (&self.listen, &self.token, self.no_token) {
+            (_, Some(t), _) => Some(t.clone()),
+            (None, None, _) => Some(format!(
+                "local-{}{}",
+                uuid::Uuid::new_v4().simple(),
+                uuid::Uuid::new_v4().simple()
+            )),
+            (Some(addr), None, true) => {
+                let loopback = addr
+                    .parse::<SocketAddr>()
+                    .map(|a| a.ip().is_loopback())
+                    .unwrap_or(addr.starts_with("localhost:"));
+                if !loopback {
+                    return Err(Error::Render(format!(
+                        "--no-token is only for loopback addresses; on {addr} anyone who can reach \
+                         the port could feed or read the run. Give --token (or VGG_ATLAS_TOKEN)"
+                    )));
+                }
+                None
+            }
+            (Some(addr), None, false) => {
+                return Err(Error::Render(format!(
+                    "--listen {addr} needs a token, so that only your workers can feed or read the run: \
+                     give --token (or VGG_ATLAS_TOKEN; e.g. `export VGG_ATLAS_TOKEN=$(openssl rand -hex 32)`) \
+                     here and to each worker, or --no-token on a loopback address"
+                )))
+            }
+        };
+        let check = pb::auth::CheckToken::new(token.as_deref())
+            .map_err(|e| Error::Render(format!("bad --token: {e}")))?;
+        // TLS is checked here too (files readable, PEM of the right kind, accepted by rustls),
+        // before any state.
+        let server = match &self.tls {
+            Some((cert, key)) => {
+                let tls = pb::tls::server(cert, key).map_err(Error::Render)?;
+                Server::builder().tls_config(tls).map_err(|e| {
+                    Error::Render(format!(
+                        "--tls-cert {} / --tls-key {} cannot be used: {}",
+                        cert.display(),
+                        key.display(),
+                        pb::tls::error_chain(&e)
+                    ))
+                })?
+            }
+            None => Server::builder(),
+        };
+        Ok(Checked {
+            cfg: self,
+            token,
+            check,
+            server,
+        })
+    }
+}
+
+impl Checked {
+    /// Renders with the weights at `weights_path` (sha256 `weights_sha256`). Once the
+    /// coordinator serves, `start_workers` is called with the endpoint for the caller's local
+    /// workers (a plain loopback port even when `listen` has TLS). Returns when the run is
+    /// finished and its atlas drawn (with `stay`, never).
+    pub async fn run(
+        self,
+        weights_sha256: &str,
+        weights_path: &Path,
+        start_workers: impl FnOnce(LocalEndpoint),
+        on: &mut (dyn FnMut(Event) + Send),
+    ) -> Result<()> {
+        let Checked {
+            cfg,
+            token,
+            check,
+            mut server,
+        } = self;
+        // The ports are taken before anything is written: one in use is an error that changes
+        // nothing.
+        let listen = cfg.listen.clone().unwrap_or_else(|| "127.0.0.1:0".into());
+        let listener = TcpListener::bind(&listen).await.map_err(|e| {
+            Error::Render(format!(
+                "cannot listen on {listen}: {e}; is another coordinator there?"
+            ))
+        })?;
+        let metrics_listener = match &cfg.metrics_listen {
+            Some(m) => Some(TcpListener::bind(m).await.map_err(|e| {
+                Error::Render(format!("cannot listen on --metrics-listen {m}: {e}"))
+            })?),
+            None => None,
+        };
+        let db = cfg
+            .db
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", cfg.out.join("atlas.db").display()));
+        let store = open(&db, &cfg.out).await?;
+        let fresh = cfg.fresh.then(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
+        let spec = plan::plan(
+            weights_sha256,
+            &cfg.layers,
+            &cfg.settings,
+            cfg.max_attempts,
+            fresh,
+        );
+        if fresh.is_none() {
+            refuse_other_weights(
+                &*store,
+                &spec.run_id,
+                weights_sha256,
+                &cfg.layers,
+                &cfg.settings,
+            )
+            .await?;
+        }
+        let created = store.create_or_resume_run(&spec).await?;
+        on(Event::Say(format!(
+            "{} run {} ({} filters) in {db}",
+            if created { "new" } else { "resuming" },
+            spec.run_id,
+            spec.filters.len()
+        )));
+        let ctx = service::RunContext {
+            run_id: spec.run_id.clone(),
+            settings: cfg.settings.to_wire(weights_sha256),
+            layers: cfg.layers.iter().map(|l| l.name.to_string()).collect(),
+            filters_total: spec.filters.len() as u32,
+            weights_path: weights_path.to_path_buf(),
+            lease_ms: (cfg.lease_seconds * 1000) as i64,
+        };
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::Render(e.to_string()))?;
+        let tls = cfg.tls.is_some();
+        if cfg.listen.is_some() {
+            on(Event::Say(format!(
+                "coordinator listening on {addr}{}; workers join with `vgg-atlas worker --connect {}://{addr}`{}{}",
+                if tls { " with TLS" } else { "" },
+                if tls { "https" } else { "http" },
+                if token.is_some() { " and the same token (--token or VGG_ATLAS_TOKEN)" } else { "" },
+                if tls { ", giving --tls-ca the CA that signed --tls-cert" } else { "" },
+            )));
+        }
+        let coordinator = service::CoordinatorService::new(store.clone(), ctx);
+        if let Some(listener) = metrics_listener {
+            let at = listener
+                .local_addr()
+                .map_err(|e| Error::Render(e.to_string()))?;
+            on(Event::Say(format!(
+                "health on http://{at}/healthz, Prometheus metrics on http://{at}/metrics"
+            )));
+            tokio::spawn(metrics::serve(
+                listener,
+                store.clone(),
+                spec.run_id.clone(),
+                coordinator.stats(),
+                Duration::from_secs(2 * cfg.lease_seconds),
+            ));
+        }
+        // Local workers get a plain loopback port of their own when --listen has TLS (same
+        // service, same token) instead of needing the CA.
+        let local_addr = if tls && cfg.local_workers > 0 {
+            let local = TcpListener::bind("127.0.0.1:0")
+                .await
+                .map_err(|e| Error::Render(format!("cannot listen on loopback: {e}")))?;
+            let local_addr = local
+                .local_addr()
+                .map_err(|e| Error::Render(e.to_string()))?;
+            tokio::spawn(
+                Server::builder()
+                    .add_service(coordinator.clone().into_server(check.clone()))
+                    .serve_with_incoming(TcpListenerStream::new(local)),
+            );
+            local_addr
+        } else {
+            addr
+        };
+        tokio::spawn(
+            server
+                .add_service(coordinator.into_server(check))
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        start_workers(LocalEndpoint {
+            url: format!("http://{local_addr}"),
+            token: token.clone(),
+        });
+        loop {
+            let progress = store.progress(&spec.run_id).await?;
+            if store.is_finished(&spec.run_id).await? {
+                on(Event::Finished {
+                    run_id: &spec.run_id,
+                    progress: &progress,
+                });
+                let drawn =
+                    draw::write_atlas(store.clone(), &spec.run_id, &cfg.out, cfg.mosaic).await?;
+                for w in &drawn.warnings {
+                    on(Event::Say(format!("warning: {w}")));
+                }
+                on(Event::Say(drawn.describe(&spec.run_id, &cfg.out)));
+                if cfg.stay {
+                    on(Event::Say(
+                        "staying up (--stay): workers that ask are told the run is finished".into(),
+                    ));
+                    std::future::pending::<()>().await;
+                }
+                if cfg.listen.is_some() {
+                    // Keep answering until every idle remote worker has polled once more and
+                    // been told the run is finished, so they exit instead of waiting for us.
+                    let linger =
+                        service::retry_after_ms((cfg.lease_seconds * 1000) as i64) as u64 + 1000;
+                    tokio::time::sleep(Duration::from_millis(linger)).await;
+                }
+                return Ok(());
+            }
+            on(Event::Progress(&progress));
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+/// Opens the store for a render. Nothing is written until every input has been checked: the
+/// database URL first, a database server reached before the output folder is made, the folder
+/// proven writable (the atlas goes there at the end of a long render).
+async fn open(db: &str, out: &Path) -> Result<Arc<dyn Store>> {
+    let server = match store::backend(db)? {
+        store::Backend::Postgres => Some(store::connect(db).await?),
+        store::Backend::Sqlite(_) => None,
+    };
+    let made_out = !out.exists();
+    let opened = async {
+        writable_folder(out)?;
+        match server {
+            Some(s) => Ok(s),
+            None => store::connect(db).await,
+        }
+    }
+    .await;
+    if opened.is_err() && made_out {
+        let _ = std::fs::remove_dir(out); // only if still empty
+    }
+    opened
+}
+
+/// Makes `dir` if needed and proves it writable with a probe file, so that a render never runs
+/// for hours and then fails to write its atlas.
+fn writable_folder(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        Error::Render(format!(
+            "cannot create output folder {}: {e}; choose another --out",
+            dir.display()
+        ))
+    })?;
+    let probe = dir.join(format!(".vgg-atlas-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(|e| {
+            Error::Render(format!(
+                "output folder {} is not writable: {e}; choose another --out",
+                dir.display()
+            ))
+        })
+}
+
+/// Refuses to start a second run of the same layers and settings next to one made with other
+/// weights: the user most likely meant to resume it, and an atlas of two networks is not one.
+async fn refuse_other_weights(
+    store: &dyn Store,
+    run_id: &str,
+    sha256: &str,
+    layers: &[Layer],
+    settings: &Settings,
+) -> Result<()> {
+    let runs = store.runs().await?;
+    if runs.iter().any(|(id, _, _)| id == run_id) {
+        return Ok(()); // resuming this very run
+    }
+    for (id, _, _) in &runs {
+        let other = store.run_info(id).await?;
+        if other.weights_sha256 == sha256 {
+            continue;
+        }
+        if plan::plan(&other.weights_sha256, layers, settings, 1, None).run_id == *id {
+            return Err(Error::Render(format!(
+                "this database holds run {id} of the same layers and settings, made with weights \
+                 sha256 {}, but these weights are sha256 {sha256}. Resuming it with other weights \
+                 would mix two networks in one atlas. Give the weights it was made with \
+                 (--weights FILE with that sha256), or --fresh to start a new run with these \
+                 weights beside it; nothing was changed",
+                other.weights_sha256
+            )));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,323 @@
+//! The method's vocabulary, shared by the planner, the wire, the engine and the CLI: the
+//! presets, every parameter that changes an image ([`Settings`]), the settings check, and the
+//! seed of each filter. The engine that carries the method out is `vgg-atlas-worker`'s
+//! `engine`; this module only names and checks what it is asked to do.
+
+use crate::layers::{Layer, DENSE_INPUT_SIZE};
+use crate::{Error, Result};
+
+/// Which quantity of the target filter is maximised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "kebab-case")]
+pub enum Objective {
+    /// Mean of the conv output before the ReLU: silent filters still get a gradient.
+    PreRelu,
+    /// Mean after the ReLU, as in the Keras tutorial.
+    PostRelu,
+}
+
+/// How the image is represented while it is optimised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "kebab-case")]
+pub enum Parameterization {
+    /// The pixels themselves (the Keras blog, keras-vis), shown standardised at the end.
+    Pixels,
+    /// lucid's scaled Fourier spectrum with decorrelated colour and a sigmoid.
+    Fourier,
+}
+
+/// The ascent's update rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "kebab-case")]
+pub enum Optimizer {
+    /// RMSprop on the per-image RMS-normalised gradient (keras-vis).
+    Rmsprop,
+    /// Adam on the raw gradient (lucid).
+    Adam,
+}
+
+/// A named bundle of method settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "kebab-case")]
+pub enum Preset {
+    /// The default: lucid's method at 64 steps, chosen by measurement (docs/method.md).
+    Atlas,
+    /// The Keras blog's method as first written here: pixels, Lp + TV weight 10, 20 steps.
+    Quick,
+    /// keras-vis / tf-keras-vis: pixels, Lp + TV (weight 1), jitter and a small rotation,
+    /// RMSprop, 200 steps.
+    KerasVis,
+    /// lucid: Fourier parameterisation, decorrelated colour, transformation robustness, Adam,
+    /// 256 steps.
+    Lucid,
+}
+
+/// The default preset.
+pub const DEFAULT_PRESET: Preset = Preset::Atlas;
+
+impl Objective {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Objective::PreRelu => "pre-relu",
+            Objective::PostRelu => "post-relu",
+        }
+    }
+}
+
+impl Parameterization {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Parameterization::Pixels => "pixels",
+            Parameterization::Fourier => "fourier",
+        }
+    }
+}
+
+impl Optimizer {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Optimizer::Rmsprop => "rmsprop",
+            Optimizer::Adam => "adam",
+        }
+    }
+}
+
+impl Preset {
+    pub const ALL: [Preset; 4] = [
+        Preset::Atlas,
+        Preset::Quick,
+        Preset::KerasVis,
+        Preset::Lucid,
+    ];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Preset::Quick => "quick",
+            Preset::KerasVis => "keras-vis",
+            Preset::Lucid => "lucid",
+            Preset::Atlas => "atlas",
+        }
+    }
+
+    pub fn by_name(name: &str) -> Result<Preset> {
+        Preset::ALL
+            .into_iter()
+            .find(|p| p.name() == name)
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "unknown preset '{name}'; the presets are {}",
+                    Preset::ALL.map(|p| p.name()).join(", ")
+                ))
+            })
+    }
+
+    /// The preset's settings (at 128 px, seed 0).
+    pub fn settings(&self) -> Settings {
+        let quick = Settings {
+            preset: *self,
+            size: 128,
+            steps: 20,
+            seed: 0,
+            objective: Objective::PreRelu,
+            parameterization: Parameterization::Pixels,
+            optimizer: Optimizer::Rmsprop,
+            learning_rate: 1.0,
+            rmsprop_decay: 0.95,
+            lp_norm_p: 6.0,
+            lp_norm_weight: 10.0,
+            tv_beta: 2.0,
+            tv_weight: 10.0,
+            fourier_decay: 1.0,
+            jitter: 0,
+            rotate_degrees: 0.0,
+            scale_jitter: 0.0,
+        };
+        match self {
+            Preset::Quick => quick,
+            Preset::KerasVis => Settings {
+                steps: 200,
+                tv_weight: 1.0,
+                jitter: 4,
+                rotate_degrees: 1.0,
+                ..quick
+            },
+            Preset::Atlas => Settings {
+                preset: Preset::Atlas,
+                steps: 64,
+                ..Preset::Lucid.settings()
+            },
+            Preset::Lucid => Settings {
+                steps: 256,
+                parameterization: Parameterization::Fourier,
+                optimizer: Optimizer::Adam,
+                learning_rate: 0.05,
+                lp_norm_weight: 0.0,
+                tv_weight: 0.0,
+                jitter: 8,
+                rotate_degrees: 10.0,
+                scale_jitter: 0.1,
+                ..quick
+            },
+        }
+    }
+}
+
+/// Every parameter that changes an image. A run stores them as JSON (`runs.settings`), and the
+/// run id is a hash of that JSON: the field order and names are part of every stored run's
+/// identity, so a field is only ever added (with a default that keeps old runs' JSON).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Settings {
+    /// The preset these settings started from (flags may have changed some values; all of
+    /// them are recorded).
+    pub preset: Preset,
+    pub size: usize,
+    pub steps: usize,
+    /// The run seed; each filter's seed is [`filter_seed`] of it.
+    pub seed: u64,
+    pub objective: Objective,
+    pub parameterization: Parameterization,
+    pub optimizer: Optimizer,
+    pub learning_rate: f32,
+    /// RMSprop's decay of the squared-gradient average.
+    pub rmsprop_decay: f32,
+    pub lp_norm_p: f32,
+    pub lp_norm_weight: f32,
+    pub tv_beta: f32,
+    pub tv_weight: f32,
+    /// Fourier parameterisation: frequency f is scaled by 1/f^decay.
+    pub fourier_decay: f32,
+    /// Transformation robustness: random shift up to this many pixels each way per step.
+    pub jitter: u32,
+    /// ... random rotation up to this many degrees each way.
+    pub rotate_degrees: f32,
+    /// ... random scale in 1 ± this.
+    pub scale_jitter: f32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        DEFAULT_PRESET.settings()
+    }
+}
+
+/// The largest image side and step count anyone may ask for: a worker never trusts sizes from
+/// the wire without a bound (a 100,000 px image would take the machine's memory).
+pub const MAX_SIZE: usize = 4096;
+pub const MAX_STEPS: usize = 100_000;
+
+impl Settings {
+    /// Refuses settings that cannot work for `layer`, before anything is computed or written.
+    pub fn check(&self, layer: &Layer) -> Result<()> {
+        if self.size == 0 || layer.output_side(self.size) == 0 {
+            return Err(Error::Invalid(format!(
+                "size {} is too small for {}: it is downsampled {} times, so the size must be at least {}",
+                self.size,
+                layer.name,
+                layer.pools_before(),
+                1 << layer.pools_before()
+            )));
+        }
+        if self.size > MAX_SIZE || self.steps > MAX_STEPS {
+            return Err(Error::Invalid(format!(
+                "size {} px and {} steps: at most {MAX_SIZE} px and {MAX_STEPS} steps",
+                self.size, self.steps
+            )));
+        }
+        if !layer.is_conv() && layer.output_side(self.size) != 7 {
+            return Err(Error::Invalid(format!(
+                "{} needs --size {DENSE_INPUT_SIZE}: the classifier takes the 7x7 map after the last pool",
+                layer.name,
+            )));
+        }
+        let finite = [
+            self.learning_rate,
+            self.rmsprop_decay,
+            self.lp_norm_p,
+            self.lp_norm_weight,
+            self.tv_beta,
+            self.tv_weight,
+            self.fourier_decay,
+            self.rotate_degrees,
+            self.scale_jitter,
+        ];
+        if finite.iter().any(|v| !v.is_finite())
+            || !(0.0..1.0).contains(&self.rmsprop_decay)
+            || self.lp_norm_p < 1.0
+            || self.tv_beta <= 0.0
+        {
+            return Err(Error::Invalid(format!(
+                "bad method parameters: learning rate {}, RMSprop decay {} (must be in [0, 1)), Lp p {} (>= 1), TV beta {} (> 0)",
+                self.learning_rate, self.rmsprop_decay, self.lp_norm_p, self.tv_beta
+            )));
+        }
+        if self.jitter as usize * 2 > self.size
+            || !(0.0..=45.0).contains(&self.rotate_degrees)
+            || !(0.0..=0.5).contains(&self.scale_jitter)
+            || !(0.0..=4.0).contains(&self.fourier_decay)
+        {
+            return Err(Error::Invalid(format!(
+                "bad transform parameters: jitter {} px (at most half the size {}), rotation {} degrees (0..=45), scale jitter {} (0..=0.5), Fourier decay {} (0..=4)",
+                self.jitter, self.size, self.rotate_degrees, self.scale_jitter, self.fourier_decay
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The seed of one filter's start image and transforms, from the run seed: a function of
+/// (seed, layer, filter) only, so a filter's image never depends on which worker or batch
+/// computed it. The planner stores it with the filter and the lease carries it; the engine
+/// uses the lease's.
+pub fn filter_seed(seed: u64, layer: u64, filter: u64) -> u64 {
+    // splitmix64 over the three parts, so nearby filters get unrelated streams.
+    let mut z = seed
+        ^ layer.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ filter.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The stored JSON of the settings is the run's identity: a change to it (a renamed or
+    /// reordered field) would make every existing database start its runs again.
+    #[test]
+    fn the_settings_json_of_stored_runs_does_not_change() {
+        assert_eq!(
+            serde_json::to_string(&Preset::Atlas.settings()).unwrap(),
+            r#"{"preset":"atlas","size":128,"steps":64,"seed":0,"objective":"pre-relu","parameterization":"fourier","optimizer":"adam","learning_rate":0.05,"rmsprop_decay":0.95,"lp_norm_p":6.0,"lp_norm_weight":0.0,"tv_beta":2.0,"tv_weight":0.0,"fourier_decay":1.0,"jitter":8,"rotate_degrees":10.0,"scale_jitter":0.1}"#
+        );
+    }
+
+    #[test]
+    fn seeds_are_fixed_functions_of_seed_layer_and_filter() {
+        assert_eq!(filter_seed(0, 4, 7), filter_seed(0, 4, 7));
+        assert_ne!(filter_seed(0, 4, 7), filter_seed(0, 4, 8));
+        assert_ne!(filter_seed(0, 4, 7), filter_seed(1, 4, 7));
+        assert_ne!(filter_seed(0, 4, 7), filter_seed(0, 5, 7));
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused_before_anything_runs() {
+        let l = Layer::by_name("block1_conv1").unwrap();
+        let big = Settings {
+            size: 100_000,
+            ..Settings::default()
+        };
+        let e = big.check(&l).unwrap_err().to_string();
+        assert!(e.contains("100000") && e.contains("4096"), "{e}");
+        let long = Settings {
+            steps: 1_000_000,
+            ..Settings::default()
+        };
+        assert!(long.check(&l).is_err());
+        assert!(Settings::default().check(&l).is_ok());
+    }
+}

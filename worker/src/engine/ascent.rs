@@ -1,0 +1,176 @@
+//! The ascent driver: the method written once. B filters of one layer are optimised at once,
+//! one image per filter, by gradient ascent on each image's own objective (the target filter's
+//! mean activation minus the regularizers). This file decides, for every backend alike: each
+//! image's seed (the lease's), its transform at each step, what is recorded, when a step is
+//! retried after a non-finite value and with what step size, and the results.
+//!
+//! What differs between backends sits behind [`ImageSide`]: where the images live, how they are
+//! rendered from their parameters, transformed, fed to the trunk, regularized and stepped —
+//! [`HostImages`] on the CPU around any trunk, [`DeviceImages`] on a candle device around a
+//! [`DeviceTrunk`]. Every per-image quantity stays per image, so a filter's result does not
+//! depend on the batch it was computed in.
+
+use std::time::Instant;
+
+use vgg_atlas_proto::{Layer, Settings};
+
+use super::device_images::DeviceImages;
+use super::device_trunk::DeviceTrunk;
+use super::host_images::HostImages;
+use super::image_side::ImageSide;
+pub use super::image_side::Target;
+use super::record::{FilterResult, Record};
+use super::transform::Affine;
+use super::trunk::Trunk;
+use super::weights::Preprocess;
+use crate::{Error, Result};
+
+/// Faults the tests inject into an ascent. They are never part of the [`Settings`] (which
+/// describe a run's method and make its identity); production code passes `Faults::default()`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Faults {
+    /// The filter whose gradient is poisoned with NaN every step: it must be retried, then
+    /// failed with a reason, and never stored as a NaN.
+    pub nan_filter: Option<usize>,
+}
+
+impl Faults {
+    /// From the environment: `VGG_ATLAS_TEST_INJECT_NAN_FILTER=N` poisons filter N (read by
+    /// `visualize` and every worker, so the end-to-end tests can reach a real process).
+    pub fn from_env() -> Faults {
+        Faults {
+            nan_filter: std::env::var("VGG_ATLAS_TEST_INJECT_NAN_FILTER")
+                .ok()
+                .and_then(|v| v.parse().ok()),
+        }
+    }
+}
+
+/// Optimises one image per filter of `layer`, with the planner's seeds.
+pub fn visualize(
+    trunk: &mut dyn Trunk,
+    preprocess: Preprocess,
+    layer: Layer,
+    filters: &[usize],
+    s: &Settings,
+) -> Result<Vec<FilterResult>> {
+    let targets: Vec<Target> = filters
+        .iter()
+        .map(|&f| Target::planned(s, &layer, f))
+        .collect();
+    ascend(trunk, preprocess, layer, &targets, s, Faults::default())
+}
+
+/// Optimises one image per target of `layer`. On a [`DeviceTrunk`] that keeps its images
+/// resident the images stay on the device, in batches as wide as its memory holds; otherwise
+/// they are stepped on the host.
+pub fn ascend(
+    trunk: &mut dyn Trunk,
+    preprocess: Preprocess,
+    layer: Layer,
+    targets: &[Target],
+    s: &Settings,
+    faults: Faults,
+) -> Result<Vec<FilterResult>> {
+    if targets.is_empty() {
+        return Ok(Vec::new());
+    }
+    if let Some(t) = targets.iter().find(|t| t.filter >= layer.filters()) {
+        return Err(Error::Invalid(format!(
+            "filter {} is out of range: {} has filters 0..{}",
+            t.filter,
+            layer.name,
+            layer.filters()
+        )));
+    }
+    s.check(&layer)?;
+    if let Some(device) = DeviceTrunk::of(&mut *trunk).filter(|d| d.resident()) {
+        let fit = device.fit_batch(layer, s.size)?.unwrap_or(targets.len());
+        let mut results = Vec::with_capacity(targets.len());
+        for part in targets.chunks(fit.max(1)) {
+            let mut images = DeviceImages::new(device, preprocess, layer, part, s)?;
+            results.extend(run(&mut images, layer, part, s, faults)?);
+        }
+        return Ok(results);
+    }
+    let mut images = HostImages::new(trunk, preprocess, layer, targets, s);
+    run(&mut images, layer, targets, s, faults)
+}
+
+/// The ascent of one batch: the same steps, records and retries on every image side.
+fn run(
+    images: &mut dyn ImageSide,
+    layer: Layer,
+    targets: &[Target],
+    s: &Settings,
+    faults: Faults,
+) -> Result<Vec<FilterResult>> {
+    let started = Instant::now();
+    let b = targets.len();
+    let mut records: Vec<Record> = (0..b).map(|_| Record::new(s.steps)).collect();
+    let mut lr = vec![s.learning_rate; b];
+    let poison = targets
+        .iter()
+        .position(|t| faults.nan_filter == Some(t.filter));
+    for step in 0..=s.steps {
+        let want_grad = step < s.steps;
+        // The first and last steps (start and final scores) see the image as it is.
+        let affines: Vec<Affine> = targets
+            .iter()
+            .map(|t| {
+                if step == 0 || step == s.steps {
+                    Affine::IDENTITY
+                } else {
+                    Affine::random(t.seed, step, s.jitter, s.rotate_degrees, s.scale_jitter)
+                }
+            })
+            .collect();
+        let active: Vec<bool> = records.iter().map(|r| r.failed.is_none()).collect();
+        let ev = images.evaluate(&affines, &active, want_grad, poison)?;
+        // Per image: scored (its parameters are good), restored, or stepped.
+        let (mut good, mut restore, mut stepped) = (vec![false; b], vec![false; b], vec![false; b]);
+        for i in (0..b).filter(|&i| active[i]) {
+            let r = &mut records[i];
+            let Some(target) = r.score(step, &ev.scores[i], s) else {
+                r.retry(step, "non-finite activation");
+                restore[i] = true;
+                continue;
+            };
+            good[i] = true;
+            r.objective = (target as f64 - ev.regularizers[i]) as f32;
+            if !want_grad {
+                continue;
+            }
+            if !ev.grad_finite[i] {
+                r.retry(step, "non-finite gradient");
+                restore[i] = true;
+                continue;
+            }
+            stepped[i] = true;
+        }
+        for i in (0..b).filter(|&i| restore[i]) {
+            lr[i] *= 0.5;
+        }
+        if !want_grad {
+            break;
+        }
+        let finite = images.update(&good, &restore, &stepped, &lr)?;
+        // A step that made an image non-finite is undone, with a smaller step next time.
+        let bad: Vec<bool> = (0..b).map(|i| stepped[i] && !finite[i]).collect();
+        if bad.iter().any(|&v| v) {
+            for i in (0..b).filter(|&i| bad[i]) {
+                records[i].retry(step, "non-finite image");
+                lr[i] *= 0.5;
+            }
+            images.update(&vec![false; b], &bad, &vec![false; b], &lr)?;
+        }
+    }
+    let xs = images.images()?;
+    let seconds = started.elapsed().as_secs_f32() / b as f32;
+    Ok(records
+        .into_iter()
+        .zip(targets)
+        .zip(xs)
+        .map(|((r, t), x)| r.finish(&layer, t.filter, s, &x, seconds))
+        .collect())
+}
