@@ -57,7 +57,7 @@ case ${1:-} in
       "$2/vgg-atlas.xz" "$3/vgg-atlas"
     chmod +x "$3/vgg-atlas"
     planes unpack "$2/weights.planes.xz" "$3/weights.safetensors"
-    pin=$(grep -o 'WEIGHTS_SHA256: &str = "[0-9a-f]*"' worker/src/fetch.rs | grep -o '[0-9a-f]\{64\}')
+    pin=$(grep -o 'WEIGHTS_SHA256: &str = "[0-9a-f]*"' worker/src/engine/fetch.rs | grep -o '[0-9a-f]\{64\}')
     echo "$pin  $3/weights.safetensors" | sha256sum -c - >&2
     ;;
   *)

@@ -35,9 +35,9 @@ pub struct Compute {
 pub struct Method {
     /// The method: atlas (the default: lucid's at 64 steps), quick (20 steps, pixels),
     /// keras-vis (200 steps, jitter), lucid (Fourier parameterisation, transforms, Adam, 256
-    /// steps); see docs/method.md. The flags below override single values of the preset.
-    #[arg(long, value_enum, default_value_t = vgg_atlas_proto::method::DEFAULT_PRESET)]
-    pub preset: Preset,
+    /// steps); see README.md, "The method and its presets". The flags below override single values of the preset.
+    #[arg(long, default_value = vgg_atlas_proto::method::DEFAULT_PRESET.name())]
+    pub preset: String,
     /// Image side in pixels [128].
     #[arg(long)]
     pub size: Option<usize>,
@@ -85,7 +85,7 @@ pub struct Method {
 impl Method {
     /// The preset's settings with the given flags applied.
     pub fn settings(&self) -> Result<Settings> {
-        let mut s = self.preset.settings();
+        let mut s = Preset::by_name(&self.preset)?.settings();
         macro_rules! set {
             ($($field:ident),*) => { $( if let Some(v) = self.$field { s.$field = v; } )* };
         }

@@ -49,13 +49,8 @@ pub struct BenchPresetsArgs {
     #[arg(long, default_value = "0..4")]
     pub filters: String,
     /// Presets to compare, comma-separated.
-    #[arg(
-        long,
-        value_enum,
-        value_delimiter = ',',
-        default_value = "quick,keras-vis,lucid"
-    )]
-    pub presets: Vec<Preset>,
+    #[arg(long, value_delimiter = ',', default_value = "quick,keras-vis,lucid")]
+    pub presets: Vec<String>,
     /// Override every preset's step count (default: each preset's own).
     #[arg(long)]
     pub steps: Option<usize>,
@@ -153,6 +148,10 @@ pub fn bench_presets(a: BenchPresetsArgs) -> Result<()> {
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut rows = Vec::new();
     let mut images: Vec<Vec<Option<image::RgbImage>>> = Vec::new();
+    let presets: Vec<Preset> = presets
+        .iter()
+        .map(|p| Preset::by_name(p.trim()))
+        .collect::<Result<_, _>>()?;
     for &preset in &presets {
         for &layer in &layers {
             let range = parse_filters(filters, &layer)?;
@@ -176,7 +175,7 @@ pub fn bench_presets(a: BenchPresetsArgs) -> Result<()> {
                 "mean_activation": activation, "mean_start_activation": mean(&|r| r.start_activation),
                 "seconds_per_filter": secs, "activation_per_second": activation / secs,
                 "dead": results.iter().filter(|r| r.dead).count(),
-                "failed": results.iter().filter(|r| r.failed.is_some()).count()});
+                "failed": results.iter().filter(|r| r.failed_reason.is_some()).count()});
             if !json {
                 println!(
                     "{:<10} {:<13} {:>4} steps: mean activation {:>9.1} (start {:>7.1}), {:>6.2} s/filter, {:>8.1} activation/s, {} dead",

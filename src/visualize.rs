@@ -140,7 +140,7 @@ pub fn visualize(a: VisualizeArgs) -> Result<()> {
                     .with_context(|| format!("cannot write {}", png.display()))?;
             }
             if !json {
-                let flag = if let Some(f) = &r.failed {
+                let flag = if let Some(f) = &r.failed_reason {
                     format!("FAILED: {f}")
                 } else if r.dead {
                     "dead".into()

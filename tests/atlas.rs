@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use vgg_atlas_atlas::draw;
-use vgg_atlas_coordinator::store::{self, FilterOutcome};
+use vgg_atlas_coordinator::store::{self, Submission};
 use vgg_atlas_proto::{Layer, Settings};
 
 fn bin() -> Command {
@@ -171,7 +171,7 @@ fn mosaic_rebuilds_a_partial_run_from_the_database_with_pending_tiles() {
             .unwrap()
             .unwrap();
         for (i, &(filter, _)) in lease.filters.iter().enumerate() {
-            let outcome = FilterOutcome {
+            let outcome = Submission {
                 run_id: spec.run_id.clone(),
                 layer: lease.layer.clone(),
                 filter,
@@ -183,7 +183,8 @@ fn mosaic_rebuilds_a_partial_run_from_the_database_with_pending_tiles() {
                 curve: vec![0.5, 1.0],
                 seconds: 0.1,
                 dead: false,
-                failed: (i == 10).then(|| "NaN in the gradient".to_string()),
+                failed_reason: (i == 10).then(|| "NaN in the gradient".to_string()),
+                retries: 0,
                 png: png(16, filter as u8 * 20),
             };
             s.submit(&outcome, store::now_ms()).await.unwrap();
@@ -478,6 +479,14 @@ fn the_viewer_works_from_file_in_headless_chromium() {
         json!(format!("{} of {}", entry["rank"], layer["done"]))
     );
     assert_eq!(scores["status"], entry["status"]);
+    assert_eq!(
+        scores["retries"],
+        json!(entry["retries"]
+            .as_u64()
+            .expect("atlas.json has retries")
+            .to_string()),
+        "the viewer shows the steps retried"
+    );
     let curve_points = b
         .eval("document.querySelector('#curve polyline').getAttribute('points').split(' ').length");
     assert_eq!(

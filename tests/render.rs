@@ -76,7 +76,7 @@ fn two_worker_processes_finish_every_filter_exactly_once() {
     );
     let table = query(
         &db,
-        "SELECT layer, filter, image FROM results WHERE filter = 0 ORDER BY layer",
+        "SELECT layer, filter, png FROM results WHERE filter = 0 ORDER BY layer",
         "table",
     );
     assert!(
@@ -457,4 +457,115 @@ fn render_starts_one_local_worker_per_listed_device() {
         "{}",
         String::from_utf8_lossy(&e.stderr)
     );
+}
+
+/// Just enough of ONNX's schema to write a weights-only model (its initializers).
+mod onnx {
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ModelProto {
+        #[prost(message, optional, tag = "7")]
+        pub graph: Option<GraphProto>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct GraphProto {
+        #[prost(message, repeated, tag = "5")]
+        pub initializer: Vec<TensorProto>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct TensorProto {
+        #[prost(int64, repeated, tag = "1")]
+        pub dims: Vec<i64>,
+        #[prost(int32, tag = "2")]
+        pub data_type: i32,
+        #[prost(string, tag = "8")]
+        pub name: String,
+        #[prost(bytes = "vec", tag = "9")]
+        pub raw_data: Vec<u8>,
+    }
+}
+
+/// The cached Keras weights as an ONNX file (Keras names, OIHW kernels): what a user's own
+/// export looks like to the loader.
+fn onnx_weights(path: &std::path::Path) -> String {
+    use prost::Message;
+    let w =
+        vgg_atlas_worker::Weights::load(&vgg_atlas_worker::fetch::default_weights_path().unwrap())
+            .unwrap();
+    let tensor = |name: String, dims: Vec<i64>, values: &[f32]| onnx::TensorProto {
+        dims,
+        data_type: 1,
+        name,
+        raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    };
+    let mut initializer = Vec::new();
+    for (c, layer) in w.convs.iter().zip(vgg_atlas_proto::LAYERS.iter()) {
+        initializer.push(tensor(
+            format!("{}/kernel:0", layer.name),
+            vec![c.cout as i64, c.cin as i64, 3, 3],
+            &c.weight,
+        ));
+        initializer.push(tensor(
+            format!("{}/bias:0", layer.name),
+            vec![c.cout as i64],
+            &c.bias,
+        ));
+    }
+    let model = onnx::ModelProto {
+        graph: Some(onnx::GraphProto { initializer }),
+    };
+    std::fs::write(path, model.encode_to_vec()).unwrap();
+    vgg_atlas_worker::Weights::load(path).unwrap().sha256
+}
+
+#[test]
+fn a_remote_worker_fetches_onnx_weights_as_onnx_and_renders() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = dir.path().join("x.onnx");
+    let sha = onnx_weights(&weights);
+    let out = dir.path().join("out");
+    let (mut render, addr) = coordinator(
+        &out,
+        &[
+            "--weights",
+            weights.to_str().unwrap(),
+            "--layers",
+            "block1_conv1",
+            "--size",
+            "16",
+            "--steps",
+            "2",
+        ],
+    );
+    // A worker with an empty cache: it has no weights and must fetch the coordinator's.
+    let cache = dir.path().join("cache");
+    let mut w = bin()
+        .args([
+            "worker",
+            "--connect",
+            &addr,
+            "--name",
+            "remote",
+            "--threads",
+            "1",
+        ])
+        .env("VGG_ATLAS_CACHE", &cache)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(wait(&mut render, Duration::from_secs(300)).success());
+    let exit = wait(&mut w, Duration::from_secs(30));
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut w.stderr.take().unwrap(), &mut log).unwrap();
+    assert!(exit.success(), "the worker stopped: {log}");
+    assert!(
+        cache.join(format!("weights-{sha}.onnx")).exists(),
+        "fetched as ONNX: {:?}",
+        std::fs::read_dir(&cache).unwrap().collect::<Vec<_>>()
+    );
+    let db = format!("sqlite://{}", out.join("atlas.db").display());
+    let rows = status(&db);
+    assert_eq!((count(&rows, "done"), count(&rows, "total")), (64, 64));
 }

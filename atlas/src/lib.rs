@@ -68,6 +68,8 @@ pub struct Scores {
     pub curve: Vec<f32>,
     pub seconds: f32,
     pub worker: String,
+    /// Steps the worker retried with a smaller step after a non-finite value.
+    pub retries: u32,
 }
 
 /// One filter as the atlas sees it.
@@ -80,7 +82,7 @@ pub struct Filter {
     pub scores: Option<Scores>,
     pub attempts: u32,
     /// Why it failed (or why its last attempt failed, for a pending retry).
-    pub reason: Option<String>,
+    pub failed_reason: Option<String>,
 }
 
 /// A layer's filters, in filter order, all of them (pending ones included).
@@ -286,7 +288,9 @@ pub struct Entry {
     /// Relative path of the full-size image.
     pub tile: Option<String>,
     pub attempts: u32,
-    pub reason: Option<String>,
+    /// `reason` in atlas.json (its key since the first atlases).
+    #[serde(rename = "reason")]
+    pub failed_reason: Option<String>,
     #[serde(flatten)]
     pub scores: Option<Scores>,
 }
@@ -393,7 +397,7 @@ pub fn write_layer(out: &Path, layer: &LayerFilters, opts: &Options) -> Result<L
             rank: None,
             tile: tile_path,
             attempts: f.attempts,
-            reason: f.reason.clone(),
+            failed_reason: f.failed_reason.clone(),
             scores: f.scores.clone(),
         });
     }
@@ -605,9 +609,10 @@ mod tests {
                 curve: vec![],
                 seconds: 0.0,
                 worker: String::new(),
+                retries: 0,
             }),
             attempts: 1,
-            reason: None,
+            failed_reason: None,
         };
         let filters = [
             f(0, Status::Pending, None),

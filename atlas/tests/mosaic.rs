@@ -33,6 +33,7 @@ fn scores(activation: f32) -> Scores {
         curve: vec![0.5, activation / 2.0, activation],
         seconds: 0.25,
         worker: "w1".into(),
+        retries: 0,
     }
 }
 
@@ -70,7 +71,8 @@ fn layer(
                     })
                 }),
                 attempts: 1,
-                reason: (status == Status::Failed).then(|| "NaN in the gradient".to_string()),
+                failed_reason: (status == Status::Failed)
+                    .then(|| "NaN in the gradient".to_string()),
             }
         })
         .collect();
@@ -179,7 +181,7 @@ fn dead_failed_and_pending_filters_are_marked_not_dropped() {
     }
     let e5 = &s.entries[5];
     assert_eq!(
-        (e5.status, e5.rank, e5.reason.as_deref()),
+        (e5.status, e5.rank, e5.failed_reason.as_deref()),
         (Status::Failed, None, Some("NaN in the gradient"))
     );
     assert_eq!(

@@ -218,7 +218,7 @@ async fn simulated_worker(
             protocol_version: pb::PROTOCOL_VERSION,
             name,
             device: "bench".into(),
-            max_batch: batch as u32,
+            batch: batch as u32,
             worker_id: String::new(),
         })
         .await
@@ -231,7 +231,7 @@ async fn simulated_worker(
         let work = client
             .poll_work(pb::PollWorkRequest {
                 worker_id: worker_id.clone(),
-                free_slots: batch as u32,
+                batch: batch as u32,
                 held_lease_ids: Vec::new(), // every lease is submitted before the next poll
             })
             .await

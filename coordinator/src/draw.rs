@@ -109,6 +109,7 @@ fn atlas_filter(r: FilterRecord) -> atlas::Filter {
                 curve: res.curve,
                 seconds: res.seconds,
                 worker: res.worker,
+                retries: res.retries,
             }),
         ),
         None => (None, None),
@@ -119,6 +120,6 @@ fn atlas_filter(r: FilterRecord) -> atlas::Filter {
         png,
         scores,
         attempts: r.attempts as u32,
-        reason: r.failed_reason,
+        failed_reason: r.failed_reason,
     }
 }

@@ -104,7 +104,7 @@ impl pb::Coordinator for CoordinatorService {
                 id_part(&req.device),
                 &uuid::Uuid::new_v4().to_string()[..8]
             );
-            tracing::info!(worker = %id, device = %req.device, max_batch = req.max_batch, "worker registered");
+            tracing::info!(worker = %id, device = %req.device, batch = req.batch, "worker registered");
             id
         } else if req.worker_id.len() <= 200 && req.worker_id.bytes().all(|b| b.is_ascii_graphic())
         {
@@ -141,7 +141,7 @@ impl pb::Coordinator for CoordinatorService {
     ) -> Result<Response<pb::PollWorkResponse>, Status> {
         let req = req.into_inner();
         self.stats.saw(&req.worker_id);
-        let slots = req.free_slots.max(1) as usize;
+        let batch = req.batch.max(1) as usize;
         let now = now_ms();
         let reclaimed = self
             .store
@@ -164,7 +164,7 @@ impl pb::Coordinator for CoordinatorService {
                 .lease(
                     &self.run.run_id,
                     &req.worker_id,
-                    slots,
+                    batch,
                     now,
                     self.run.lease_ms,
                 )
@@ -187,7 +187,7 @@ impl pb::Coordinator for CoordinatorService {
                         seed: seed as u64,
                     })
                     .collect(),
-                deadline_unix_ms: l.deadline_ms as u64,
+                lease_deadline_ms: l.lease_deadline_ms as u64,
                 settings: Some(self.run.settings.clone()),
             }),
             None if self
@@ -225,7 +225,7 @@ impl pb::Coordinator for CoordinatorService {
                 } else {
                     pb::LeaseState::Revoked
                 } as i32,
-                deadline_unix_ms: if held {
+                lease_deadline_ms: if held {
                     (now + self.run.lease_ms) as u64
                 } else {
                     0
@@ -261,7 +261,7 @@ impl pb::Coordinator for CoordinatorService {
                 Some(layer) => match check_png(&r, self.run.settings.size) {
                     Err(why) => (pb::SubmitOutcome::Rejected, why),
                     Ok(()) => {
-                        let outcome = store::FilterOutcome {
+                        let submission = store::Submission {
                             run_id: self.run.run_id.clone(),
                             layer: layer.clone(),
                             filter: r.filter as i32,
@@ -273,10 +273,11 @@ impl pb::Coordinator for CoordinatorService {
                             curve: r.curve,
                             seconds: r.seconds,
                             dead: r.dead,
-                            failed: r.failed_reason,
+                            failed_reason: r.failed_reason,
+                            retries: r.retries,
                             png: r.png,
                         };
-                        match self.store.submit(&outcome, now_ms()).await {
+                        match self.store.submit(&submission, now_ms()).await {
                             Ok(store::SubmitOutcome::NotLeased) => (
                                 pb::SubmitOutcome::NotLeased,
                                 format!(
@@ -285,7 +286,7 @@ impl pb::Coordinator for CoordinatorService {
                                     r.filter, req.worker_id, req.lease_id
                                 ),
                             ),
-                            Ok(o) => (convert(o), String::new()),
+                            Ok(o) => to_wire(o),
                             Err(
                                 e @ (crate::Error::NonFinite { .. }
                                 | crate::Error::UnknownFilter { .. }),
@@ -299,9 +300,7 @@ impl pb::Coordinator for CoordinatorService {
             };
             let counter = match outcome {
                 pb::SubmitOutcome::Recorded => &self.stats.results_recorded,
-                pb::SubmitOutcome::Failed | pb::SubmitOutcome::RetryLater => {
-                    &self.stats.failures_reported
-                }
+                pb::SubmitOutcome::Failed => &self.stats.failures_reported,
                 _ => &self.stats.results_refused,
             };
             counter.fetch_add(1, Ordering::Relaxed);
@@ -362,13 +361,21 @@ impl pb::Coordinator for CoordinatorService {
     }
 }
 
-fn convert(o: store::SubmitOutcome) -> pb::SubmitOutcome {
+/// What the store did, as the wire says it: a recorded failure is `FAILED` whether the filter
+/// is leased again or failed for good; the message tells which.
+fn to_wire(o: store::SubmitOutcome) -> (pb::SubmitOutcome, String) {
     match o {
-        store::SubmitOutcome::Recorded => pb::SubmitOutcome::Recorded,
-        store::SubmitOutcome::Duplicate => pb::SubmitOutcome::Duplicate,
-        store::SubmitOutcome::NotLeased => pb::SubmitOutcome::NotLeased,
-        store::SubmitOutcome::RetryLater => pb::SubmitOutcome::RetryLater,
-        store::SubmitOutcome::Failed => pb::SubmitOutcome::Failed,
+        store::SubmitOutcome::Recorded => (pb::SubmitOutcome::Recorded, String::new()),
+        store::SubmitOutcome::Duplicate => (pb::SubmitOutcome::Duplicate, String::new()),
+        store::SubmitOutcome::NotLeased => (pb::SubmitOutcome::NotLeased, String::new()),
+        store::SubmitOutcome::Pending => (
+            pb::SubmitOutcome::Failed,
+            "the failure is recorded; the filter is pending and will be leased again".into(),
+        ),
+        store::SubmitOutcome::Failed => (
+            pb::SubmitOutcome::Failed,
+            "the failure is recorded; the filter used its last attempt and failed for good".into(),
+        ),
     }
 }
 

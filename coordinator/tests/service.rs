@@ -6,11 +6,39 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vgg_atlas_coordinator::service::{CoordinatorService, RunContext};
-use vgg_atlas_coordinator::store::{self, Store};
+use vgg_atlas_coordinator::store::{self, Store, StoredResult};
 use vgg_atlas_coordinator::{bench, plan};
 use vgg_atlas_proto as pb;
 use vgg_atlas_proto::tonic;
 use vgg_atlas_proto::{Layer, Settings};
+
+/// One filter's stored result, read as the atlas reads it (through `layer_filters`).
+#[async_trait::async_trait]
+trait ResultOf {
+    async fn result(
+        &self,
+        run_id: &str,
+        layer: &str,
+        filter: i32,
+    ) -> vgg_atlas_coordinator::Result<Option<StoredResult>>;
+}
+
+#[async_trait::async_trait]
+impl<S: Store + ?Sized> ResultOf for S {
+    async fn result(
+        &self,
+        run_id: &str,
+        layer: &str,
+        filter: i32,
+    ) -> vgg_atlas_coordinator::Result<Option<StoredResult>> {
+        Ok(self
+            .layer_filters(run_id, layer)
+            .await?
+            .into_iter()
+            .find(|r| r.filter == filter)
+            .and_then(|r| r.result))
+    }
+}
 
 const SIZE: u32 = 16;
 
@@ -102,7 +130,7 @@ async fn register_as(c: &mut Client, name: &str, device: &str, worker_id: &str) 
         protocol_version: pb::PROTOCOL_VERSION,
         name: name.into(),
         device: device.into(),
-        max_batch: 4,
+        batch: 4,
         worker_id: worker_id.into(),
     })
     .await
@@ -120,7 +148,7 @@ async fn lease_holding(c: &mut Client, worker: &str, n: u32, held: &[String]) ->
     match c
         .poll_work(pb::PollWorkRequest {
             worker_id: worker.into(),
-            free_slots: n,
+            batch: n,
             held_lease_ids: held.to_vec(),
         })
         .await
@@ -348,7 +376,7 @@ async fn another_protocol_version_is_refused_at_registration() {
             protocol_version: pb::PROTOCOL_VERSION + 1,
             name: "future".into(),
             device: "cpu".into(),
-            max_batch: 1,
+            batch: 1,
             worker_id: String::new(),
         })
         .await
@@ -373,7 +401,7 @@ async fn every_call_without_the_right_token_is_refused() {
                 protocol_version: pb::PROTOCOL_VERSION,
                 name: "intruder".into(),
                 device: "cpu".into(),
-                max_batch: 4,
+                batch: 4,
                 worker_id: String::new(),
             })
             .await
@@ -382,7 +410,7 @@ async fn every_call_without_the_right_token_is_refused() {
         let poll = c
             .poll_work(pb::PollWorkRequest {
                 worker_id: "x".into(),
-                free_slots: 4,
+                batch: 4,
                 held_lease_ids: Vec::new(),
             })
             .await

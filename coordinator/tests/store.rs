@@ -10,9 +10,38 @@ use std::sync::Arc;
 use serde_json::json;
 use sqlx::{PgPool, SqlitePool};
 use vgg_atlas_coordinator::store::{
-    self, FilterOutcome, LayerProgress, Lease, PlannedFilter, RunSpec, Store, SubmitOutcome,
+    self, LayerProgress, Lease, PlannedFilter, RunSpec, Store, StoredResult, Submission,
+    SubmitOutcome,
 };
 use vgg_atlas_coordinator::{query, Error};
+
+/// One filter's stored result, read as the atlas reads it (through `layer_filters`).
+#[async_trait::async_trait]
+trait ResultOf {
+    async fn result(
+        &self,
+        run_id: &str,
+        layer: &str,
+        filter: i32,
+    ) -> vgg_atlas_coordinator::Result<Option<StoredResult>>;
+}
+
+#[async_trait::async_trait]
+impl<S: Store + ?Sized> ResultOf for S {
+    async fn result(
+        &self,
+        run_id: &str,
+        layer: &str,
+        filter: i32,
+    ) -> vgg_atlas_coordinator::Result<Option<StoredResult>> {
+        Ok(self
+            .layer_filters(run_id, layer)
+            .await?
+            .into_iter()
+            .find(|r| r.filter == filter)
+            .and_then(|r| r.result))
+    }
+}
 
 const POSTGRES_ENV: &str = "VGG_ATLAS_TEST_POSTGRES";
 const MINUTE: i64 = 60_000;
@@ -178,8 +207,8 @@ fn seed(layer_index: i32, filter: i32) -> i64 {
 }
 
 /// A successful result for `filter` of `lease`, submitted by `worker`.
-fn outcome(lease: &Lease, filter: i32, worker: &str, activation: f32) -> FilterOutcome {
-    FilterOutcome {
+fn outcome(lease: &Lease, filter: i32, worker: &str, activation: f32) -> Submission {
+    Submission {
         run_id: lease.run_id.clone(),
         layer: lease.layer.clone(),
         filter,
@@ -191,14 +220,16 @@ fn outcome(lease: &Lease, filter: i32, worker: &str, activation: f32) -> FilterO
         curve: vec![0.25, activation / 2.0, activation],
         seconds: 1.5,
         dead: false,
-        failed: None,
+        failed_reason: None,
+        retries: 0,
         png: format!("png of {filter} by {worker}").into_bytes(),
     }
 }
 
-fn failure(lease: &Lease, filter: i32, worker: &str, reason: &str) -> FilterOutcome {
-    FilterOutcome {
-        failed: Some(reason.to_string()),
+fn failure(lease: &Lease, filter: i32, worker: &str, reason: &str) -> Submission {
+    Submission {
+        failed_reason: Some(reason.to_string()),
+        retries: 0,
         ..outcome(lease, filter, worker, 0.0)
     }
 }
@@ -323,7 +354,7 @@ async fn leases_take_one_layer_at_a_time_in_order(db: &TestDb) {
         first.filters,
         vec![(0, seed(0, 0)), (1, seed(0, 1)), (2, seed(0, 2))]
     );
-    assert_eq!(first.deadline_ms, 1000 + MINUTE);
+    assert_eq!(first.lease_deadline_ms, 1000 + MINUTE);
 
     let second = s
         .lease("run-1", "w2", 3, 1000, MINUTE)
@@ -426,7 +457,7 @@ async fn expired_lease_goes_to_another_worker(db: &TestDb) {
         .unwrap();
     assert_eq!(again.filters, dead.filters, "same filters, same seeds");
     assert_ne!(again.lease_id, dead.lease_id);
-    assert_eq!(again.deadline_ms, 2000);
+    assert_eq!(again.lease_deadline_ms, 2000);
 
     for filter in [0, 1] {
         assert_eq!(
@@ -686,7 +717,7 @@ async fn reported_failure_is_retried_then_fails_for_good(db: &TestDb) {
         .submit(&failure(&first, 0, "w1", "CUDA out of memory"), 10)
         .await
         .unwrap();
-    assert_eq!(retry, SubmitOutcome::RetryLater);
+    assert_eq!(retry, SubmitOutcome::Pending);
     let progress = s.progress("run-1").await.unwrap();
     assert_eq!(
         (progress[0].pending, progress[0].leased, progress[0].failed),
@@ -784,7 +815,7 @@ async fn progress_counts_every_state(db: &TestDb) {
         s.submit(&outcome(&lease, 0, "w1", 2.0), 10).await.unwrap(),
         SubmitOutcome::Recorded
     );
-    let dead = FilterOutcome {
+    let dead = Submission {
         dead: true,
         ..outcome(&lease, 1, "w1", 0.0)
     };
@@ -847,7 +878,7 @@ async fn finish(s: &Arc<dyn Store>, run: &RunSpec, activations: &[&[Option<f32>]
             .layer_index as usize;
         for (filter, _) in &lease.filters {
             if let Some(activation) = activations[index][*filter as usize] {
-                let result = FilterOutcome {
+                let result = Submission {
                     dead: activation == 0.0,
                     ..outcome(&lease, *filter, "w1", activation)
                 };
@@ -886,7 +917,7 @@ async fn query_reads_the_views_and_refuses_every_write(db: &TestDb) {
     assert_eq!(parsed[3]["activation"], json!(0.5));
 
     // Images come back as bytes, shown by size in a table.
-    let image = q("SELECT image FROM results WHERE layer = 'block1_conv1' AND filter = 0")
+    let image = q("SELECT png FROM results WHERE layer = 'block1_conv1' AND filter = 0")
         .await
         .unwrap();
     assert_eq!(image.binary, [true]);
@@ -931,7 +962,11 @@ async fn layer_filters_and_run_info_feed_the_atlas(db: &TestDb) {
     let run = spec("run-1", &[("block1_conv1", 4), ("block1_conv2", 2)], 1);
     s.create_or_resume_run(&run).await.unwrap();
     let l = s.lease("run-1", "w", 3, 0, MINUTE).await.unwrap().unwrap();
-    s.submit(&outcome(&l, 0, "w", 2.5), 5).await.unwrap();
+    let retried = Submission {
+        retries: 3,
+        ..outcome(&l, 0, "w", 2.5)
+    };
+    s.submit(&retried, 5).await.unwrap();
     s.submit(&failure(&l, 1, "w", "NaN in the gradient"), 5)
         .await
         .unwrap();
@@ -949,6 +984,7 @@ async fn layer_filters_and_run_info_feed_the_atlas(db: &TestDb) {
         (2.5, b"png of 0 by w".as_slice())
     );
     assert_eq!(done.curve, vec![0.25, 1.25, 2.5]);
+    assert_eq!(done.retries, 3, "the steps the worker retried are stored");
     assert_eq!(
         records[1].failed_reason.as_deref(),
         Some("NaN in the gradient")
@@ -1078,7 +1114,7 @@ async fn non_finite_scores_are_refused(db: &TestDb) {
         .unwrap();
     let lease = s.lease("run-1", "w1", 1, 0, MINUTE).await.unwrap().unwrap();
 
-    let nan = FilterOutcome {
+    let nan = Submission {
         activation: f32::NAN,
         ..outcome(&lease, 0, "w1", 1.0)
     };
@@ -1243,7 +1279,7 @@ async fn a_lease_the_worker_never_heard_of_is_reclaimed(db: &TestDb) {
         .unwrap()
         .unwrap();
     assert_eq!(
-        (back.lease_id.as_str(), back.deadline_ms),
+        (back.lease_id.as_str(), back.lease_deadline_ms),
         (first.lease_id.as_str(), 2500)
     );
     assert_eq!(back.filters, first.filters);
@@ -1272,4 +1308,76 @@ async fn a_lease_the_worker_never_heard_of_is_reclaimed(db: &TestDb) {
         "run-1"
     );
     assert_eq!(attempts, vec![(2,)], "leased to w once and to v once");
+}
+
+/// A database written by the release before `0002_png_and_retries` (its schema is migration
+/// 0001 alone, the image in `results.image`) opens, keeps its result, and resumes its run.
+#[tokio::test]
+async fn a_database_from_before_the_png_column_opens_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("atlas.db");
+    let old_migrations = dir.path().join("migrations");
+    std::fs::create_dir(&old_migrations).unwrap();
+    std::fs::copy(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../migrations/sqlite/0001_store.sql"
+        ),
+        old_migrations.join("0001_store.sql"),
+    )
+    .unwrap();
+    let old = SqlitePool::connect_with(
+        sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true),
+    )
+    .await
+    .unwrap();
+    sqlx::migrate::Migrator::new(old_migrations.as_path())
+        .await
+        .unwrap()
+        .run(&old)
+        .await
+        .unwrap();
+    let spec = spec("run-1", &[("block1_conv1", 2)], 3);
+    for sql in [
+        "INSERT INTO runs VALUES ('run-1', 'abc', '{\"steps\":1}', 3, 1)".to_string(),
+        "INSERT INTO filters (run_id, layer, layer_index, filter, seed, state, attempts, worker)
+         VALUES ('run-1', 'block1_conv1', 0, 0, 0, 'done', 1, 'w'),
+                ('run-1', 'block1_conv1', 0, 1, 1, 'pending', 0, NULL)"
+            .to_string(),
+        "INSERT INTO results VALUES ('run-1', 'block1_conv1', 0, 2.5, 2.0, 0.5, '[1.0,2.5]', 0.1, 0,
+                                     'w', x'89504e47', 7)"
+            .to_string(),
+    ] {
+        sqlx::query(&sql).execute(&old).await.unwrap();
+    }
+    old.close().await;
+    let s = store::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    let stored = s
+        .result("run-1", "block1_conv1", 0)
+        .await
+        .unwrap()
+        .expect("the old result is still there");
+    assert_eq!(
+        (stored.activation, stored.png.as_slice(), stored.retries),
+        (2.5, b"\x89PNG".as_slice(), 0)
+    );
+    let resumed = RunSpec {
+        weights_sha256: "abc".into(),
+        settings_json: "{\"steps\":1}".into(),
+        ..spec
+    };
+    assert!(
+        !s.create_or_resume_run(&resumed).await.unwrap(),
+        "resumed, not created"
+    );
+    let lease = s
+        .lease("run-1", "w2", 8, 10, MINUTE)
+        .await
+        .unwrap()
+        .expect("the unfinished filter is leased");
+    assert_eq!(lease.filters, [(1, 1)]);
 }

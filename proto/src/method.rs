@@ -39,12 +39,12 @@ pub enum Optimizer {
     Adam,
 }
 
-/// A named bundle of method settings.
+/// A named bundle of method settings. (`--preset` takes its name as a string, so that an unknown
+/// one gets the same error on the command line and on the wire.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum Preset {
-    /// The default: lucid's method at 64 steps, chosen by measurement (docs/method.md).
+    /// The default: lucid's method at 64 steps, chosen by measurement (README.md, "The method and its presets").
     Atlas,
     /// The Keras blog's method as first written here: pixels, Lp + TV weight 10, 20 steps.
     Quick,
@@ -103,6 +103,7 @@ impl Preset {
         }
     }
 
+    /// The preset named `name`; an error lists the presets.
     pub fn by_name(name: &str) -> Result<Preset> {
         Preset::ALL
             .into_iter()

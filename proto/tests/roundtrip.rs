@@ -90,7 +90,7 @@ fn lease_with_run_settings_roundtrips() {
                 seed: u64::MAX - filter as u64,
             })
             .collect(),
-        deadline_unix_ms: 1_760_000_000_000,
+        lease_deadline_ms: 1_760_000_000_000,
         settings: Some(settings()),
     };
     let poll = PollWorkResponse {
@@ -147,7 +147,7 @@ impl Coordinator for FakeCoordinator {
             .map(|lease_id| LeaseStatus {
                 lease_id,
                 state: LeaseState::Revoked.into(),
-                deadline_unix_ms: 0,
+                lease_deadline_ms: 0,
             })
             .collect();
         Ok(Response::new(HeartbeatResponse { leases }))
@@ -226,7 +226,7 @@ fn register_request(protocol_version: u32) -> RegisterRequest {
         protocol_version,
         name: "gpu-node-3".into(),
         device: "cuda:0".into(),
-        max_batch: 32,
+        batch: 32,
         worker_id: String::new(),
     }
 }
@@ -262,7 +262,7 @@ async fn register_with_this_protocol_version_gets_a_worker_id() {
     let poll = client
         .poll_work(PollWorkRequest {
             worker_id: response.worker_id.clone(),
-            free_slots: 32,
+            batch: 32,
             held_lease_ids: Vec::new(),
         })
         .await

@@ -46,11 +46,11 @@ fn ascent_raises_the_activation_on_every_layer() {
         let filters = [1usize, layer.filters() / 2 + 3];
         for r in run(layer.name, &filters, &s) {
             assert!(
-                r.failed.is_none(),
+                r.failed_reason.is_none(),
                 "{} {}: {:?}",
                 r.layer,
                 r.filter,
-                r.failed
+                r.failed_reason
             );
             assert_eq!(r.curve.len(), 20);
             let img = r.image.as_ref().unwrap();
@@ -139,12 +139,12 @@ fn a_nan_gradient_fails_that_filter_with_a_reason_and_spares_the_others() {
     };
     let res = run_with_faults("block2_conv1", &[3, 4, 5], &s, faults);
     let failed = &res[1];
-    let reason = failed.failed.as_deref().expect("filter 4 fails");
+    let reason = failed.failed_reason.as_deref().expect("filter 4 fails");
     assert!(reason.contains("non-finite"), "{reason}");
     assert!(failed.image.is_none());
     assert!(failed.activation.is_finite() && failed.objective.is_finite());
     for r in [&res[0], &res[2]] {
-        assert!(r.failed.is_none());
+        assert!(r.failed_reason.is_none());
         assert!(r.curve.iter().all(|v| v.is_finite()));
         assert!(r.activation > r.start_activation);
     }
@@ -209,7 +209,11 @@ fn the_lucid_and_keras_vis_presets_raise_the_activation_reproducibly_in_any_batc
         };
         let batch = run("block3_conv1", &[0, 1, 2], &s);
         for r in &batch {
-            assert!(r.failed.is_none(), "{preset:?}: {:?}", r.failed);
+            assert!(
+                r.failed_reason.is_none(),
+                "{preset:?}: {:?}",
+                r.failed_reason
+            );
             assert!(
                 r.activation > r.start_activation,
                 "{preset:?} filter {}: {} -> {}",

@@ -1,6 +1,7 @@
-//! The device trunk (candle forward + autograd, what GPU workers run) against the CPU trunk
-//! with its hand-written backward, on the CPU device: the same scores and the same input
-//! gradient, and the same ascent. `deploy/gpu/check.sh` repeats the comparison on CUDA.
+//! The device trunk (candle's forward and a hand-written input gradient in candle ops, what GPU
+//! workers run) against the CPU trunk, on candle's CPU device: the same scores and the same
+//! input gradient, and the same ascent with the images stepped on the host or kept on the
+//! device. `deploy/gpu/check.sh` repeats the comparison on CUDA.
 
 mod common;
 
@@ -95,7 +96,10 @@ fn three_ways_agree(layer: &str, filters: &[usize], s: &Settings) {
     for (way, other) in [("host-stepped", &b), ("resident", &c)] {
         for (x, y) in other.iter().zip(&a) {
             assert_eq!(x.filter, y.filter);
-            assert!(x.failed.is_none() && y.failed.is_none(), "{x:?}");
+            assert!(
+                x.failed_reason.is_none() && y.failed_reason.is_none(),
+                "{x:?}"
+            );
             assert_eq!(x.curve.len(), y.curve.len());
             for (p, q) in [
                 (x.start_activation, y.start_activation),
@@ -178,12 +182,12 @@ fn a_filter_that_fails_on_the_device_is_retried_then_failed_alone() {
         .map(|&f| ascent::Target::planned(&s, &layer, f))
         .collect();
     let r = ascent::ascend(&mut dev, w.preprocess, layer, &targets, &s, faults).unwrap();
-    let failed = r[1].failed.as_deref().expect("filter 7 fails");
+    let failed = r[1].failed_reason.as_deref().expect("filter 7 fails");
     assert!(failed.contains("non-finite gradient"), "{failed}");
     assert!(r[1].image.is_none() && r[1].retries == 5, "{:?}", r[1]);
     for ok in [&r[0], &r[2]] {
         assert!(
-            ok.failed.is_none() && ok.retries == 0 && ok.image.is_some(),
+            ok.failed_reason.is_none() && ok.retries == 0 && ok.image.is_some(),
             "{ok:?}"
         );
         assert!(ok.activation.is_finite() && ok.curve.len() == s.steps);

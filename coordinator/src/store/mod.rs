@@ -8,6 +8,8 @@
 //! Times are passed in as unix milliseconds (`now_ms`) rather than read from the clock, so the
 //! coordinator decides what "now" is and tests can move time forward.
 
+#[macro_use]
+mod shared;
 pub mod postgres;
 pub mod sqlite;
 
@@ -40,7 +42,7 @@ pub struct RunSpec {
     pub filters: Vec<PlannedFilter>,
 }
 
-/// Up to N filters of one layer handed to one worker until `deadline_ms`.
+/// Up to N filters of one layer handed to one worker until `lease_deadline_ms`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
     pub lease_id: String,
@@ -48,12 +50,12 @@ pub struct Lease {
     pub layer: String,
     /// `(filter, seed)` in filter order.
     pub filters: Vec<(i32, i64)>,
-    pub deadline_ms: i64,
+    pub lease_deadline_ms: i64,
 }
 
-/// What a worker reports for one filter of its lease.
+/// What a worker submits for one filter of its lease: a result, or why it failed.
 #[derive(Debug, Clone, PartialEq)]
-pub struct FilterOutcome {
+pub struct Submission {
     pub run_id: String,
     pub layer: String,
     pub filter: i32,
@@ -67,11 +69,13 @@ pub struct FilterOutcome {
     pub seconds: f32,
     pub dead: bool,
     /// `Some(reason)` when the worker could not produce an image; scores are then ignored.
-    pub failed: Option<String>,
+    pub failed_reason: Option<String>,
+    /// Steps the worker retried with a smaller step after a non-finite value.
+    pub retries: u32,
     pub png: Vec<u8>,
 }
 
-/// What [`Store::submit`] did with an outcome.
+/// What [`Store::submit`] did with a submission.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SubmitOutcome {
     /// Result and image stored; the filter is done.
@@ -80,8 +84,9 @@ pub enum SubmitOutcome {
     Duplicate,
     /// The submitting lease no longer holds the filter (expired and re-leased, or failed); nothing written.
     NotLeased,
-    /// The worker reported a failure and attempts are left: the filter is pending again.
-    RetryLater,
+    /// The worker reported a failure and attempts are left: the failure is recorded and the
+    /// filter is pending again (the next poll leases it).
+    Pending,
     /// The worker reported a failure and no attempts are left: the filter failed for good.
     Failed,
 }
@@ -135,6 +140,8 @@ pub struct StoredResult {
     pub worker: String,
     pub png: Vec<u8>,
     pub finished_at_ms: i64,
+    /// Steps retried with a smaller step after a non-finite value.
+    pub retries: u32,
 }
 
 /// The coordinator's persistent state. Every method is one transaction, safe to call from many
@@ -145,14 +152,14 @@ pub trait Store: Send + Sync {
     /// A stored run with the same id but other weights or settings is an error.
     async fn create_or_resume_run(&self, spec: &RunSpec) -> Result<bool>;
 
-    /// Leases up to `max_filters` filters of one layer (the lowest layer with work, then filter
+    /// Leases up to `batch` filters of one layer (the lowest layer with work, then filter
     /// order) that are pending or whose lease expired. A filter whose expired lease used its last
     /// attempt fails for good instead. `None` when nothing is leasable now.
     async fn lease(
         &self,
         run_id: &str,
         worker: &str,
-        max_filters: usize,
+        batch: usize,
         now_ms: i64,
         lease_ms: i64,
     ) -> Result<Option<Lease>>;
@@ -193,7 +200,7 @@ pub trait Store: Send + Sync {
             run_id: run_id.to_string(),
             layer: mine[0].1.clone(),
             filters: mine.iter().map(|r| (r.2, r.3)).collect(),
-            deadline_ms: now_ms + lease_ms,
+            lease_deadline_ms: now_ms + lease_ms,
         }))
     }
 
@@ -202,7 +209,7 @@ pub trait Store: Send + Sync {
     async fn heartbeat(&self, lease_id: &str, now_ms: i64, lease_ms: i64) -> Result<bool>;
 
     /// Records one filter's outcome; see [`SubmitOutcome`]. Non-finite scores are an error.
-    async fn submit(&self, outcome: &FilterOutcome, now_ms: i64) -> Result<SubmitOutcome>;
+    async fn submit(&self, submission: &Submission, now_ms: i64) -> Result<SubmitOutcome>;
 
     /// Per-layer counts of a run, in layer order.
     async fn progress(&self, run_id: &str) -> Result<Vec<LayerProgress>>;
@@ -223,9 +230,6 @@ pub trait Store: Send + Sync {
 
     /// Every planned filter of one layer of a run, in filter order, with its result if finished.
     async fn layer_filters(&self, run_id: &str, layer: &str) -> Result<Vec<FilterRecord>>;
-
-    /// The stored result of one filter, if it is done.
-    async fn result(&self, run_id: &str, layer: &str, filter: i32) -> Result<Option<StoredResult>>;
 }
 
 /// The kind of database a URL names.
@@ -288,7 +292,7 @@ fn expired_reason(attempts: i32) -> String {
 }
 
 /// Refuses NaN and Inf before anything is written: they would poison every view and mosaic.
-fn check_finite(r: &FilterOutcome) -> Result<()> {
+fn check_finite(r: &Submission) -> Result<()> {
     let scores = [
         ("activation", r.activation),
         ("objective", r.objective),
@@ -362,7 +366,7 @@ fn plan_submit(
     worker: Option<&str>,
     attempts: i32,
     max_attempts: i32,
-    r: &FilterOutcome,
+    r: &Submission,
 ) -> SubmitPlan {
     if state == FilterState::Done.name() {
         return SubmitPlan::Answer(SubmitOutcome::Duplicate);
@@ -375,7 +379,7 @@ fn plan_submit(
     {
         return SubmitPlan::Answer(SubmitOutcome::NotLeased);
     }
-    match &r.failed {
+    match &r.failed_reason {
         Some(_) if attempts < max_attempts => SubmitPlan::Retry,
         Some(reason) => SubmitPlan::Fail(reason.clone()),
         None => SubmitPlan::Record,
@@ -434,7 +438,7 @@ mod tests {
 }
 
 /// SQL that reads the same in both dialects (SQLite accepts `$N` placeholders too).
-mod sql {
+pub(crate) mod sql {
     pub const INSERT_RUN: &str =
         "INSERT INTO runs (run_id, weights_sha256, settings, max_attempts, created_at_ms)
          VALUES ($1, $2, $3, $4, $5) ON CONFLICT (run_id) DO NOTHING";
@@ -468,9 +472,11 @@ mod sql {
          SET state = 'done', worker = $4, lease_deadline_ms = NULL
          WHERE run_id = $1 AND layer = $2 AND filter = $3";
     pub const INSERT_RESULT: &str = "INSERT INTO results
-         (run_id, layer, filter, activation, objective, start_activation, curve, seconds, dead, worker, image,
-          finished_at_ms)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
+         (run_id, layer, filter, activation, objective, start_activation, curve, seconds, dead, worker, png,
+          finished_at_ms, retries)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)";
+    pub const INSERT_FILTER: &str =
+        "INSERT INTO filters (run_id, layer, layer_index, filter, seed) VALUES ($1, $2, $3, $4, $5)";
 
     pub const PROGRESS: &str =
         "SELECT layer, layer_index, filters, done, pending, leased, failed, dead
@@ -481,17 +487,13 @@ mod sql {
         "SELECT run_id, weights_sha256, settings, created_at_ms FROM runs WHERE run_id = $1";
     pub const LAYER_FILTERS: &str = "SELECT f.filter, f.state, f.attempts, f.failed_reason,
                 r.activation, r.objective, r.start_activation, r.curve, r.seconds, r.dead, r.worker,
-                r.image, r.finished_at_ms
+                r.png, r.finished_at_ms, r.retries
          FROM filters f
          LEFT JOIN results r ON r.run_id = f.run_id AND r.layer = f.layer AND r.filter = f.filter
          WHERE f.run_id = $1 AND f.layer = $2
          ORDER BY f.filter";
     pub const LEASE_LAYER: &str =
         "SELECT layer FROM filters WHERE run_id = $1 AND lease_id = $2 LIMIT 1";
-    pub const RESULT: &str =
-        "SELECT activation, objective, start_activation, curve, seconds, dead, worker, image,
-                finished_at_ms
-         FROM results WHERE run_id = $1 AND layer = $2 AND filter = $3";
 }
 
 /// Compares a stored run with the spec given to resume it.
@@ -515,37 +517,6 @@ fn check_resume(spec: &RunSpec, stored_weights: String, stored_settings: String)
     Ok(())
 }
 
-/// Builds a [`StoredResult`] from the columns of [`sql::RESULT`].
-type ResultRow = (f32, f32, f32, String, f32, bool, String, Vec<u8>, i64);
-
-fn stored_result(run_id: &str, layer: &str, filter: i32, row: ResultRow) -> Result<StoredResult> {
-    let (
-        activation,
-        objective,
-        start_activation,
-        curve,
-        seconds,
-        dead,
-        worker,
-        png,
-        finished_at_ms,
-    ) = row;
-    Ok(StoredResult {
-        run_id: run_id.to_string(),
-        layer: layer.to_string(),
-        filter,
-        activation,
-        objective,
-        start_activation,
-        curve: parse_curve(run_id, layer, filter, &curve)?,
-        seconds,
-        dead,
-        worker,
-        png,
-        finished_at_ms,
-    })
-}
-
 /// The columns of [`sql::LAYER_FILTERS`].
 pub(crate) type LayerFilterRow = (
     i32,
@@ -561,6 +532,7 @@ pub(crate) type LayerFilterRow = (
     Option<String>,
     Option<Vec<u8>>,
     Option<i64>,
+    Option<i32>,
 );
 
 fn filter_record(run_id: &str, layer: &str, row: LayerFilterRow) -> Result<FilterRecord> {
@@ -578,19 +550,38 @@ fn filter_record(run_id: &str, layer: &str, row: LayerFilterRow) -> Result<Filte
         worker,
         png,
         finished,
+        retries,
     ) = row;
     let result = match (
-        activation, objective, start, curve, seconds, dead, worker, png, finished,
+        activation, objective, start, curve, seconds, dead, worker, png, finished, retries,
     ) {
-        (Some(a), Some(o), Some(st), Some(c), Some(sec), Some(d), Some(w), Some(png), Some(t)) => {
-            Some(stored_result(
-                run_id,
-                layer,
-                filter,
-                (a, o, st, c, sec, d, w, png, t),
-            )?)
-        }
-        (None, None, None, None, None, None, None, None, None) => None,
+        (
+            Some(activation),
+            Some(objective),
+            Some(start_activation),
+            Some(curve),
+            Some(seconds),
+            Some(dead),
+            Some(worker),
+            Some(png),
+            Some(finished_at_ms),
+            Some(retries),
+        ) => Some(StoredResult {
+            run_id: run_id.to_string(),
+            layer: layer.to_string(),
+            filter,
+            activation,
+            objective,
+            start_activation,
+            curve: parse_curve(run_id, layer, filter, &curve)?,
+            seconds,
+            dead,
+            worker,
+            png,
+            finished_at_ms,
+            retries: retries.max(0) as u32,
+        }),
+        (None, None, None, None, None, None, None, None, None, None) => None,
         _ => {
             return Err(Error::Corrupt(format!(
                 "the result of run {run_id}, layer {layer}, filter {filter} has NULL columns"

@@ -14,13 +14,9 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{Sqlite, Transaction};
+use vgg_atlas_proto::FilterState;
 
-use super::{
-    check_finite, check_resume, check_spec, curve_json, expired_reason, filter_record,
-    layer_progress, plan_submit, sql, stored_result, FilterOutcome, FilterRecord, LayerFilterRow,
-    LayerProgress, Lease, ProgressRow, ResultRow, RunInfo, RunSpec, Store, StoredResult,
-    SubmitOutcome, SubmitPlan,
-};
+use super::{expired_reason, sql, Lease, RunSpec};
 use crate::{Error, Result};
 
 /// How long a write waits for another writer (or a checkpoint) before giving up.
@@ -87,68 +83,45 @@ impl SqliteStore {
     async fn write(&self) -> Result<Transaction<'static, Sqlite>> {
         Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
     }
-}
 
-async fn max_attempts(tx: &mut Transaction<'static, Sqlite>, run_id: &str) -> Result<i32> {
-    sqlx::query_scalar(sql::MAX_ATTEMPTS)
-        .bind(run_id)
-        .fetch_optional(&mut **tx)
-        .await?
-        .ok_or_else(|| Error::UnknownRun(run_id.to_string()))
-}
-
-#[async_trait::async_trait]
-impl Store for SqliteStore {
-    async fn create_or_resume_run(&self, spec: &RunSpec) -> Result<bool> {
-        check_spec(spec)?;
-        let mut tx = self.write().await?;
-        let inserted = sqlx::query(sql::INSERT_RUN)
-            .bind(&spec.run_id)
-            .bind(&spec.weights_sha256)
-            .bind(&spec.settings_json)
-            .bind(spec.max_attempts)
-            .bind(super::now_ms())
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-            == 1;
-        if !inserted {
-            let (weights, settings): (String, String) = sqlx::query_as(sql::SELECT_RUN)
-                .bind(&spec.run_id)
-                .fetch_one(&mut *tx)
-                .await?;
-            return check_resume(spec, weights, settings).map(|()| false);
-        }
-        // One prepared statement reused per row: in-process, this is as fast as a bulk insert.
+    /// The plan's filters, one prepared statement reused per row: in-process, this is as fast
+    /// as a bulk insert.
+    async fn insert_filters(tx: &mut Transaction<'static, Sqlite>, spec: &RunSpec) -> Result<()> {
         for f in &spec.filters {
-            sqlx::query("INSERT INTO filters (run_id, layer, layer_index, filter, seed) VALUES ($1, $2, $3, $4, $5)")
+            sqlx::query(sql::INSERT_FILTER)
                 .bind(&spec.run_id)
                 .bind(&f.layer)
                 .bind(f.layer_index)
                 .bind(f.filter)
                 .bind(f.seed)
-                .execute(&mut *tx)
+                .execute(&mut **tx)
                 .await?;
         }
-        tx.commit().await?;
-        Ok(true)
+        Ok(())
     }
+}
 
+/// The write transaction holds the whole database, so the row needs no lock.
+const SUBMIT_ROW: &str = "SELECT f.state, f.lease_id, f.worker, f.attempts, r.max_attempts
+     FROM filters f JOIN runs r ON r.run_id = f.run_id
+     WHERE f.run_id = $1 AND f.layer = $2 AND f.filter = $3";
+
+impl_store!(SqliteStore, Sqlite, {
     async fn lease(
         &self,
         run_id: &str,
         worker: &str,
-        max_filters: usize,
+        batch: usize,
         now_ms: i64,
         lease_ms: i64,
     ) -> Result<Option<Lease>> {
-        if max_filters == 0 {
+        if batch == 0 {
             return Ok(None);
         }
         let mut tx = self.write().await?;
-        let max_attempts = max_attempts(&mut tx, run_id).await?;
+        let max_attempts = Self::max_attempts(&mut tx, run_id).await?;
         let lease_id = uuid::Uuid::new_v4().to_string();
-        let deadline_ms = now_ms + lease_ms;
+        let lease_deadline_ms = now_ms + lease_ms;
         // Loops only when every candidate had used its last attempt and failed instead.
         loop {
             let candidates: Vec<(String, i32, i64, String, i32)> = sqlx::query_as(&format!(
@@ -161,7 +134,7 @@ impl Store for SqliteStore {
             ))
             .bind(run_id)
             .bind(now_ms)
-            .bind(i64::try_from(max_filters).unwrap_or(i64::MAX))
+            .bind(i64::try_from(batch).unwrap_or(i64::MAX))
             .fetch_all(&mut *tx)
             .await?;
             let Some(layer) = candidates.first().map(|c| c.0.clone()) else {
@@ -170,7 +143,7 @@ impl Store for SqliteStore {
             };
             let mut filters = Vec::with_capacity(candidates.len());
             for (_, filter, seed, state, attempts) in candidates {
-                if state == "leased" && attempts >= max_attempts {
+                if state == FilterState::Leased.name() && attempts >= max_attempts {
                     sqlx::query(sql::FAIL_EXPIRED)
                         .bind(run_id)
                         .bind(&layer)
@@ -190,7 +163,7 @@ impl Store for SqliteStore {
                 .bind(filter)
                 .bind(&lease_id)
                 .bind(worker)
-                .bind(deadline_ms)
+                .bind(lease_deadline_ms)
                 .execute(&mut *tx)
                 .await?;
                 filters.push((filter, seed));
@@ -202,195 +175,9 @@ impl Store for SqliteStore {
                     run_id: run_id.to_string(),
                     layer,
                     filters,
-                    deadline_ms,
+                    lease_deadline_ms,
                 }));
             }
         }
     }
-
-    async fn worker_leases(
-        &self,
-        run_id: &str,
-        worker: &str,
-    ) -> Result<Vec<(String, String, i32, i64)>> {
-        Ok(sqlx::query_as(sql::WORKER_LEASES)
-            .bind(run_id)
-            .bind(worker)
-            .fetch_all(&self.pool)
-            .await?)
-    }
-
-    async fn heartbeat(&self, lease_id: &str, now_ms: i64, lease_ms: i64) -> Result<bool> {
-        // A single statement is its own transaction; busy_timeout covers waiting for the lock.
-        let held = sqlx::query(sql::HEARTBEAT)
-            .bind(lease_id)
-            .bind(now_ms + lease_ms)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        Ok(held > 0)
-    }
-
-    async fn submit(&self, r: &FilterOutcome, now_ms: i64) -> Result<SubmitOutcome> {
-        if r.failed.is_none() {
-            check_finite(r)?;
-        }
-        let mut tx = self.write().await?;
-        let row: Option<(String, Option<String>, Option<String>, i32, i32)> = sqlx::query_as(
-            "SELECT f.state, f.lease_id, f.worker, f.attempts, r.max_attempts
-             FROM filters f JOIN runs r ON r.run_id = f.run_id
-             WHERE f.run_id = $1 AND f.layer = $2 AND f.filter = $3",
-        )
-        .bind(&r.run_id)
-        .bind(&r.layer)
-        .bind(r.filter)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some((state, lease_id, worker, attempts, max_attempts)) = row else {
-            return Err(Error::UnknownFilter {
-                run_id: r.run_id.clone(),
-                layer: r.layer.clone(),
-                filter: r.filter,
-            });
-        };
-        let outcome = match plan_submit(
-            &state,
-            lease_id.as_deref(),
-            worker.as_deref(),
-            attempts,
-            max_attempts,
-            r,
-        ) {
-            SubmitPlan::Answer(outcome) => return Ok(outcome), // dropping tx rolls back: nothing written
-            SubmitPlan::Retry => {
-                sqlx::query(sql::SUBMIT_RETRY)
-                    .bind(&r.run_id)
-                    .bind(&r.layer)
-                    .bind(r.filter)
-                    .bind(r.failed.as_deref())
-                    .execute(&mut *tx)
-                    .await?;
-                SubmitOutcome::RetryLater
-            }
-            SubmitPlan::Fail(reason) => {
-                sqlx::query(sql::SUBMIT_FAIL)
-                    .bind(&r.run_id)
-                    .bind(&r.layer)
-                    .bind(r.filter)
-                    .bind(reason)
-                    .bind(&r.worker)
-                    .execute(&mut *tx)
-                    .await?;
-                SubmitOutcome::Failed
-            }
-            SubmitPlan::Record => {
-                sqlx::query(sql::INSERT_RESULT)
-                    .bind(&r.run_id)
-                    .bind(&r.layer)
-                    .bind(r.filter)
-                    .bind(r.activation)
-                    .bind(r.objective)
-                    .bind(r.start_activation)
-                    .bind(curve_json(&r.curve))
-                    .bind(r.seconds)
-                    .bind(r.dead)
-                    .bind(&r.worker)
-                    .bind(&r.png)
-                    .bind(now_ms)
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query(sql::SUBMIT_DONE)
-                    .bind(&r.run_id)
-                    .bind(&r.layer)
-                    .bind(r.filter)
-                    .bind(&r.worker)
-                    .execute(&mut *tx)
-                    .await?;
-                SubmitOutcome::Recorded
-            }
-        };
-        tx.commit().await?;
-        Ok(outcome)
-    }
-
-    async fn progress(&self, run_id: &str) -> Result<Vec<LayerProgress>> {
-        let rows: Vec<ProgressRow> = sqlx::query_as(sql::PROGRESS)
-            .bind(run_id)
-            .fetch_all(&self.pool)
-            .await?;
-        if rows.is_empty() {
-            self.require_run(run_id).await?;
-        }
-        Ok(rows.into_iter().map(layer_progress).collect())
-    }
-
-    async fn runs(&self) -> Result<Vec<(String, i64, String)>> {
-        Ok(sqlx::query_as(sql::RUNS).fetch_all(&self.pool).await?)
-    }
-
-    async fn is_finished(&self, run_id: &str) -> Result<bool> {
-        self.require_run(run_id).await?;
-        let unfinished: i64 = sqlx::query_scalar(sql::UNFINISHED)
-            .bind(run_id)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(unfinished == 0)
-    }
-
-    async fn run_info(&self, run_id: &str) -> Result<RunInfo> {
-        let row: Option<(String, String, String, i64)> = sqlx::query_as(sql::RUN_INFO)
-            .bind(run_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        let (run_id, weights_sha256, settings, created_at_ms) =
-            row.ok_or_else(|| Error::UnknownRun(run_id.to_string()))?;
-        Ok(RunInfo {
-            run_id,
-            weights_sha256,
-            settings,
-            created_at_ms,
-        })
-    }
-
-    async fn layer_filters(&self, run_id: &str, layer: &str) -> Result<Vec<FilterRecord>> {
-        let rows: Vec<LayerFilterRow> = sqlx::query_as(sql::LAYER_FILTERS)
-            .bind(run_id)
-            .bind(layer)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.into_iter()
-            .map(|row| filter_record(run_id, layer, row))
-            .collect()
-    }
-
-    async fn lease_layer(&self, run_id: &str, lease_id: &str) -> Result<Option<String>> {
-        Ok(sqlx::query_scalar(sql::LEASE_LAYER)
-            .bind(run_id)
-            .bind(lease_id)
-            .fetch_optional(&self.pool)
-            .await?)
-    }
-
-    async fn result(&self, run_id: &str, layer: &str, filter: i32) -> Result<Option<StoredResult>> {
-        let row: Option<ResultRow> = sqlx::query_as(sql::RESULT)
-            .bind(run_id)
-            .bind(layer)
-            .bind(filter)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|row| stored_result(run_id, layer, filter, row))
-            .transpose()
-    }
-}
-
-impl SqliteStore {
-    async fn require_run(&self, run_id: &str) -> Result<()> {
-        let found: Option<i32> = sqlx::query_scalar(sql::MAX_ATTEMPTS)
-            .bind(run_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        found
-            .map(|_| ())
-            .ok_or_else(|| Error::UnknownRun(run_id.to_string()))
-    }
-}
+});

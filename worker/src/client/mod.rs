@@ -183,7 +183,7 @@ async fn session(
                 Precision::F32 => cfg.device.clone(),
                 p => format!("{}/{}", cfg.device, p.name()),
             },
-            max_batch: cfg.batch as u32,
+            batch: cfg.batch as u32,
             worker_id: carry.worker_id.clone().unwrap_or_default(),
         })
         .await?
@@ -375,7 +375,7 @@ async fn poll(
     let work = client
         .poll_work(pb::PollWorkRequest {
             worker_id,
-            free_slots: batch as u32,
+            batch: batch as u32,
             held_lease_ids: held,
         })
         .await?
@@ -437,7 +437,7 @@ fn to_wire(r: &FilterResult) -> Result<pb::FilterResult> {
         curve: r.curve.clone(),
         seconds: r.seconds,
         dead: r.dead,
-        failed_reason: r.failed.clone(),
+        failed_reason: r.failed_reason.clone(),
         retries: r.retries,
     })
 }
@@ -460,9 +460,13 @@ async fn weights_for(
     if default.exists() && fetch::file_sha256(&default)? == sha {
         return Ok(default);
     }
-    let fetched = fetch::cache_dir()?.join(format!("weights-{sha}.safetensors"));
-    if fetched.exists() && fetch::file_sha256(&fetched)? == sha {
-        return Ok(fetched);
+    // A copy fetched before: its format is in its name, as the coordinator named it.
+    let cached = |format: WeightsFormat| fetch::cache_dir().map(|d| d.join(format.file_name(sha)));
+    for format in WeightsFormat::ALL {
+        let p = cached(format)?;
+        if p.exists() && fetch::file_sha256(&p)? == sha {
+            return Ok(p);
+        }
     }
     tracing::info!("fetching weights {sha} from the coordinator");
     let mut stream = client
@@ -473,7 +477,11 @@ async fn weights_for(
         .await?
         .into_inner();
     let mut bytes = Vec::new();
+    let mut name = String::new();
     while let Some(chunk) = stream.message().await? {
+        if name.is_empty() {
+            name = chunk.file_name;
+        }
         bytes.extend_from_slice(&chunk.data);
     }
     let got = hex(&Sha256::digest(&bytes));
@@ -482,6 +490,8 @@ async fn weights_for(
             "weights stream had sha256 {got}, expected {sha}"
         )));
     }
+    // Saved under the format the coordinator's file has: the loader reads `.onnx` as ONNX.
+    let fetched = cached(WeightsFormat::of(&name)?)?;
     std::fs::create_dir_all(fetch::cache_dir()?).map_err(|source| Error::WeightsIo {
         path: fetched.clone(),
         source,
@@ -496,4 +506,67 @@ async fn weights_for(
         source,
     })?;
     Ok(fetched)
+}
+
+/// The formats a coordinator may serve its weights in, known by the file name it sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WeightsFormat {
+    Safetensors,
+    Onnx,
+}
+
+impl WeightsFormat {
+    const ALL: [WeightsFormat; 2] = [WeightsFormat::Safetensors, WeightsFormat::Onnx];
+
+    fn extension(self) -> &'static str {
+        match self {
+            WeightsFormat::Safetensors => "safetensors",
+            WeightsFormat::Onnx => "onnx",
+        }
+    }
+
+    /// The cache's name for a copy of the weights with this sha256.
+    fn file_name(self, sha: &str) -> String {
+        format!("weights-{sha}.{}", self.extension())
+    }
+
+    /// The format of the coordinator's file `name` (the `file_name` of its `WeightsChunk`s).
+    fn of(name: &str) -> Result<WeightsFormat> {
+        let ext = std::path::Path::new(name)
+            .extension()
+            .map(|e| e.to_string_lossy().to_ascii_lowercase())
+            .unwrap_or_default();
+        WeightsFormat::ALL
+            .into_iter()
+            .find(|f| f.extension() == ext)
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "the coordinator serves its weights as '{name}', which is neither .safetensors                      nor .onnx; start it with --weights FILE.safetensors or FILE.onnx"
+                ))
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fetched_weights_keep_the_format_of_the_coordinator_s_file() {
+        assert_eq!(
+            WeightsFormat::of("model.onnx").unwrap(),
+            WeightsFormat::Onnx
+        );
+        assert_eq!(
+            WeightsFormat::of("x/VGG.ONNX").unwrap(),
+            WeightsFormat::Onnx
+        );
+        assert_eq!(
+            WeightsFormat::of("vgg16.safetensors").unwrap(),
+            WeightsFormat::Safetensors
+        );
+        assert_eq!(WeightsFormat::Onnx.file_name("ab"), "weights-ab.onnx");
+        let e = WeightsFormat::of("vgg16.h5").unwrap_err().to_string();
+        assert!(e.contains("vgg16.h5") && e.contains(".onnx"), "{e}");
+    }
 }

@@ -125,7 +125,7 @@ fn run(
                 }
             })
             .collect();
-        let active: Vec<bool> = records.iter().map(|r| r.failed.is_none()).collect();
+        let active: Vec<bool> = records.iter().map(|r| r.failed_reason.is_none()).collect();
         let ev = images.evaluate(&affines, &active, want_grad, poison)?;
         // Per image: scored (its parameters are good), restored, or stepped.
         let (mut good, mut restore, mut stepped) = (vec![false; b], vec![false; b], vec![false; b]);

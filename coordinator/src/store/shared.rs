@@ -1,0 +1,264 @@
+//! The methods of [`super::Store`] whose SQL reads the same on SQLite and PostgreSQL, written
+//! once and expanded into each backend's `impl Store`. sqlx's statement types differ per
+//! database, and a generic impl would need a bound for every column type and every future's
+//! `Send`; a macro keeps the shared SQL in one place and leaves each backend file with only what
+//! differs: how a write transaction starts (`BEGIN IMMEDIATE` on SQLite), how a lease locks its
+//! filters (`FOR UPDATE SKIP LOCKED` on PostgreSQL), and how a plan's filters are inserted.
+//!
+//! A backend provides `self.pool`, `async fn write(&self) -> Result<Transaction<'static, DB>>`
+//! and `async fn insert_filters(tx, spec)`, and passes its own `lease` to the macro.
+
+/// `impl Store for $store` with the shared methods and the backend's `$specific` ones.
+macro_rules! impl_store {
+    ($store:ty, $db:ty, { $($specific:item)* }) => {
+        impl $store {
+            async fn require_run(&self, run_id: &str) -> $crate::Result<()> {
+                let found: Option<i32> = sqlx::query_scalar($crate::store::sql::MAX_ATTEMPTS)
+                    .bind(run_id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                found
+                    .map(|_| ())
+                    .ok_or_else(|| $crate::Error::UnknownRun(run_id.to_string()))
+            }
+
+            async fn max_attempts(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                run_id: &str,
+            ) -> $crate::Result<i32> {
+                sqlx::query_scalar($crate::store::sql::MAX_ATTEMPTS)
+                    .bind(run_id)
+                    .fetch_optional(&mut **tx)
+                    .await?
+                    .ok_or_else(|| $crate::Error::UnknownRun(run_id.to_string()))
+            }
+        }
+
+        #[async_trait::async_trait]
+        impl $crate::store::Store for $store {
+            $($specific)*
+
+            async fn create_or_resume_run(
+                &self,
+                spec: &$crate::store::RunSpec,
+            ) -> $crate::Result<bool> {
+                use $crate::store::{check_resume, check_spec, sql};
+                check_spec(spec)?;
+                let mut tx = self.write().await?;
+                // ON CONFLICT makes two coordinators starting the same run at once agree: one
+                // inserts.
+                let inserted = sqlx::query(sql::INSERT_RUN)
+                    .bind(&spec.run_id)
+                    .bind(&spec.weights_sha256)
+                    .bind(&spec.settings_json)
+                    .bind(spec.max_attempts)
+                    .bind($crate::store::now_ms())
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected()
+                    == 1;
+                if !inserted {
+                    let (weights, settings): (String, String) = sqlx::query_as(sql::SELECT_RUN)
+                        .bind(&spec.run_id)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                    return check_resume(spec, weights, settings).map(|()| false);
+                }
+                Self::insert_filters(&mut tx, spec).await?;
+                tx.commit().await?;
+                Ok(true)
+            }
+
+            async fn worker_leases(
+                &self,
+                run_id: &str,
+                worker: &str,
+            ) -> $crate::Result<Vec<(String, String, i32, i64)>> {
+                Ok(sqlx::query_as($crate::store::sql::WORKER_LEASES)
+                    .bind(run_id)
+                    .bind(worker)
+                    .fetch_all(&self.pool)
+                    .await?)
+            }
+
+            async fn heartbeat(
+                &self,
+                lease_id: &str,
+                now_ms: i64,
+                lease_ms: i64,
+            ) -> $crate::Result<bool> {
+                // One statement is its own transaction (on SQLite, busy_timeout covers waiting
+                // for the write lock).
+                let held = sqlx::query($crate::store::sql::HEARTBEAT)
+                    .bind(lease_id)
+                    .bind(now_ms + lease_ms)
+                    .execute(&self.pool)
+                    .await?
+                    .rows_affected();
+                Ok(held > 0)
+            }
+
+            async fn submit(
+                &self,
+                r: &$crate::store::Submission,
+                now_ms: i64,
+            ) -> $crate::Result<$crate::store::SubmitOutcome> {
+                use $crate::store::{check_finite, curve_json, plan_submit, sql, SubmitOutcome, SubmitPlan};
+                if r.failed_reason.is_none() {
+                    check_finite(r)?;
+                }
+                let mut tx = self.write().await?;
+                // On PostgreSQL the row is locked, so a result and a late duplicate cannot both
+                // be recorded; on SQLite the write transaction holds the database.
+                let row: Option<(String, Option<String>, Option<String>, i32, i32)> =
+                    sqlx::query_as(SUBMIT_ROW)
+                        .bind(&r.run_id)
+                        .bind(&r.layer)
+                        .bind(r.filter)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                let Some((state, lease_id, worker, attempts, max_attempts)) = row else {
+                    return Err($crate::Error::UnknownFilter {
+                        run_id: r.run_id.clone(),
+                        layer: r.layer.clone(),
+                        filter: r.filter,
+                    });
+                };
+                let outcome = match plan_submit(
+                    &state,
+                    lease_id.as_deref(),
+                    worker.as_deref(),
+                    attempts,
+                    max_attempts,
+                    r,
+                ) {
+                    // Dropping tx rolls back: nothing written.
+                    SubmitPlan::Answer(outcome) => return Ok(outcome),
+                    SubmitPlan::Retry => {
+                        sqlx::query(sql::SUBMIT_RETRY)
+                            .bind(&r.run_id)
+                            .bind(&r.layer)
+                            .bind(r.filter)
+                            .bind(r.failed_reason.as_deref())
+                            .execute(&mut *tx)
+                            .await?;
+                        SubmitOutcome::Pending
+                    }
+                    SubmitPlan::Fail(reason) => {
+                        sqlx::query(sql::SUBMIT_FAIL)
+                            .bind(&r.run_id)
+                            .bind(&r.layer)
+                            .bind(r.filter)
+                            .bind(reason)
+                            .bind(&r.worker)
+                            .execute(&mut *tx)
+                            .await?;
+                        SubmitOutcome::Failed
+                    }
+                    SubmitPlan::Record => {
+                        sqlx::query(sql::INSERT_RESULT)
+                            .bind(&r.run_id)
+                            .bind(&r.layer)
+                            .bind(r.filter)
+                            .bind(r.activation)
+                            .bind(r.objective)
+                            .bind(r.start_activation)
+                            .bind(curve_json(&r.curve))
+                            .bind(r.seconds)
+                            .bind(r.dead)
+                            .bind(&r.worker)
+                            .bind(&r.png)
+                            .bind(now_ms)
+                            .bind(r.retries as i32)
+                            .execute(&mut *tx)
+                            .await?;
+                        sqlx::query(sql::SUBMIT_DONE)
+                            .bind(&r.run_id)
+                            .bind(&r.layer)
+                            .bind(r.filter)
+                            .bind(&r.worker)
+                            .execute(&mut *tx)
+                            .await?;
+                        SubmitOutcome::Recorded
+                    }
+                };
+                tx.commit().await?;
+                Ok(outcome)
+            }
+
+            async fn progress(
+                &self,
+                run_id: &str,
+            ) -> $crate::Result<Vec<$crate::store::LayerProgress>> {
+                let rows: Vec<$crate::store::ProgressRow> =
+                    sqlx::query_as($crate::store::sql::PROGRESS)
+                        .bind(run_id)
+                        .fetch_all(&self.pool)
+                        .await?;
+                if rows.is_empty() {
+                    self.require_run(run_id).await?;
+                }
+                Ok(rows.into_iter().map($crate::store::layer_progress).collect())
+            }
+
+            async fn runs(&self) -> $crate::Result<Vec<(String, i64, String)>> {
+                Ok(sqlx::query_as($crate::store::sql::RUNS)
+                    .fetch_all(&self.pool)
+                    .await?)
+            }
+
+            async fn is_finished(&self, run_id: &str) -> $crate::Result<bool> {
+                self.require_run(run_id).await?;
+                let unfinished: i64 = sqlx::query_scalar($crate::store::sql::UNFINISHED)
+                    .bind(run_id)
+                    .fetch_one(&self.pool)
+                    .await?;
+                Ok(unfinished == 0)
+            }
+
+            async fn run_info(&self, run_id: &str) -> $crate::Result<$crate::store::RunInfo> {
+                let row: Option<(String, String, String, i64)> =
+                    sqlx::query_as($crate::store::sql::RUN_INFO)
+                        .bind(run_id)
+                        .fetch_optional(&self.pool)
+                        .await?;
+                let (run_id, weights_sha256, settings, created_at_ms) =
+                    row.ok_or_else(|| $crate::Error::UnknownRun(run_id.to_string()))?;
+                Ok($crate::store::RunInfo {
+                    run_id,
+                    weights_sha256,
+                    settings,
+                    created_at_ms,
+                })
+            }
+
+            async fn layer_filters(
+                &self,
+                run_id: &str,
+                layer: &str,
+            ) -> $crate::Result<Vec<$crate::store::FilterRecord>> {
+                let rows: Vec<$crate::store::LayerFilterRow> =
+                    sqlx::query_as($crate::store::sql::LAYER_FILTERS)
+                        .bind(run_id)
+                        .bind(layer)
+                        .fetch_all(&self.pool)
+                        .await?;
+                rows.into_iter()
+                    .map(|row| $crate::store::filter_record(run_id, layer, row))
+                    .collect()
+            }
+
+            async fn lease_layer(
+                &self,
+                run_id: &str,
+                lease_id: &str,
+            ) -> $crate::Result<Option<String>> {
+                Ok(sqlx::query_scalar($crate::store::sql::LEASE_LAYER)
+                    .bind(run_id)
+                    .bind(lease_id)
+                    .fetch_optional(&self.pool)
+                    .await?)
+            }
+        }
+    };
+}
