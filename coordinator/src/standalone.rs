@@ -271,10 +271,14 @@ impl Checked {
                 .add_service(coordinator.into_server(check))
                 .serve_with_incoming(TcpListenerStream::new(listener)),
         );
-        start_workers(LocalEndpoint {
-            url: format!("http://{local_addr}"),
-            token: token.clone(),
-        });
+        // A run that is already finished (rendered again) needs no workers: started, they would
+        // only find the coordinator gone when this returns.
+        if !store.is_finished(&spec.run_id).await? {
+            start_workers(LocalEndpoint {
+                url: format!("http://{local_addr}"),
+                token: token.clone(),
+            });
+        }
         loop {
             let progress = store.progress(&spec.run_id).await?;
             if store.is_finished(&spec.run_id).await? {
