@@ -26,7 +26,8 @@ use super::weights::Preprocess;
 use crate::{Error, Result};
 
 /// Faults the tests inject into an ascent. They are never part of the [`Settings`] (which
-/// describe a run's method and make its identity); production code passes `Faults::default()`.
+/// describe a run's method and make its identity); the worker and `visualize` pass
+/// [`Faults::from_env`], which is empty unless a test sets its variable.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Faults {
     /// The filter whose gradient is poisoned with NaN every step: it must be retried, then

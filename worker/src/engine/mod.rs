@@ -12,8 +12,8 @@
 //! | loading weights (safetensors, Keras ONNX) and fetching the default ones | [`weights`], [`onnx`], [`fetch`] |
 //!
 //! The method's vocabulary (layers, settings, presets, seeds) is the contract crate's,
-//! `vgg-atlas-proto`. Nothing here imports the ascent driver except the client; no two modules
-//! import each other.
+//! `vgg-atlas-proto`. Only the driver ([`ascent`]) brings the trunks and the image sides
+//! together; no two modules import each other.
 
 pub mod ascent;
 pub mod conv;
