@@ -38,10 +38,10 @@ pub struct Method {
     /// steps); see README.md, "The method and its presets". The flags below override single values of the preset.
     #[arg(long, default_value = vgg_atlas_proto::method::DEFAULT_PRESET.name())]
     pub preset: String,
-    /// Image side in pixels [128].
+    /// Image side in pixels [128; at most 4096].
     #[arg(long)]
     pub size: Option<usize>,
-    /// Ascent steps [preset].
+    /// Ascent steps [preset; at most 100000].
     #[arg(long)]
     pub steps: Option<usize>,
     /// Run seed [0].

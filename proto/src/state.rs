@@ -48,9 +48,3 @@ impl std::str::FromStr for FilterState {
             })
     }
 }
-
-impl std::fmt::Display for FilterState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}

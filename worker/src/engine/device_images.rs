@@ -88,6 +88,8 @@ impl<'a> DeviceImages<'a> {
 }
 
 impl ImageSide for DeviceImages<'_> {
+    /// The whole batch is computed at once on the device, failed images included (the driver
+    /// ignores their values); skipping them would cost a gather per step.
     fn evaluate(
         &mut self,
         affines: &[Affine],

@@ -40,7 +40,8 @@ pub struct Evaluation {
 /// The images of one batch on one backend: their parameters, optimiser states and last good
 /// parameters. The driver owns every decision; an image side carries them out.
 pub trait ImageSide {
-    /// Renders every `active` image from its parameters, views it through `affines[i]`, and
+    /// Renders every `active` image (a side may compute the others too; their values are
+    /// ignored) from its parameters, views it through `affines[i]`, and
     /// scores it on the trunk; with `want_grad`, also computes (and keeps, for [`Self::update`])
     /// the gradient of its objective w.r.t. its parameters, poisoned with NaN for image
     /// `poison` (a test fault).
