@@ -21,7 +21,7 @@ pub struct Compute {
     #[arg(long)]
     pub threads: Option<usize>,
     /// Where the network runs: `cpu`, or `cuda:N` / `metal:N` in a build with that feature.
-    /// `render` takes a list (cuda:0,cuda:1,...): one local worker per device.
+    /// `render` and `worker` take a list (cuda:0,cuda:1,...): one worker per device.
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// On a GPU: f32 (the default), tf32 (CUDA: f32 tensors, the convs' products on TF32
@@ -35,7 +35,7 @@ pub struct Compute {
 pub struct Method {
     /// The method: atlas (the default: lucid's at 64 steps), quick (20 steps, pixels),
     /// keras-vis (200 steps, jitter), lucid (Fourier parameterisation, transforms, Adam, 256
-    /// steps); see README.md, "The method and its presets". The flags below override single values of the preset.
+    /// steps); see docs/method.md. The flags below override single values of the preset.
     #[arg(long, default_value = vgg_atlas_proto::method::DEFAULT_PRESET.name())]
     pub preset: String,
     /// Image side in pixels [128; at most 4096].

@@ -57,7 +57,7 @@ pub struct BenchPresetsArgs {
     #[arg(long, default_value_t = 128)]
     pub size: usize,
     /// Where to write presets.png.
-    #[arg(long, default_value = "bench-presets")]
+    #[arg(long, default_value = "out/bench-presets")]
     pub out: PathBuf,
     #[arg(long)]
     pub json: bool,

@@ -6,13 +6,15 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::Args;
 use serde_json::json;
+use vgg_atlas_coordinator::standalone::{DEFAULT_DB, DEFAULT_OUT};
 use vgg_atlas_coordinator::{draw, query, store};
 
 use crate::args::{runtime, MosaicArgs};
 
 #[derive(Args)]
 pub struct StatusArgs {
-    #[arg(long, default_value = "sqlite://atlas/atlas.db")]
+    /// sqlite://PATH or postgres://USER:PASSWORD@HOST/DB.
+    #[arg(long, env = "VGG_ATLAS_DB", hide_env_values = true, default_value = DEFAULT_DB)]
     pub db: String,
     #[arg(long)]
     pub json: bool,
@@ -20,9 +22,10 @@ pub struct StatusArgs {
 
 #[derive(Args)]
 pub struct MosaicCommandArgs {
-    #[arg(long, default_value = "sqlite://atlas/atlas.db")]
+    /// sqlite://PATH or postgres://USER:PASSWORD@HOST/DB.
+    #[arg(long, env = "VGG_ATLAS_DB", hide_env_values = true, default_value = DEFAULT_DB)]
     pub db: String,
-    #[arg(long, default_value = "atlas")]
+    #[arg(long, default_value = DEFAULT_OUT)]
     pub out: PathBuf,
     /// The run to draw (default: the newest run in the database).
     #[arg(long)]
@@ -35,7 +38,8 @@ pub struct MosaicCommandArgs {
 pub struct QueryArgs {
     /// e.g. "SELECT layer, filter, activation FROM best_filters WHERE rank <= 3"
     pub sql: String,
-    #[arg(long, default_value = "sqlite://atlas/atlas.db")]
+    /// sqlite://PATH or postgres://USER:PASSWORD@HOST/DB.
+    #[arg(long, env = "VGG_ATLAS_DB", hide_env_values = true, default_value = DEFAULT_DB)]
     pub db: String,
     /// table: aligned columns; csv: with a header row; json: an array of row objects.
     #[arg(long, value_enum, default_value = "table")]

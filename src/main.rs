@@ -11,6 +11,7 @@ mod check;
 mod db;
 mod progress;
 mod render;
+mod serve;
 mod visualize;
 mod weights;
 mod worker;
@@ -46,8 +47,11 @@ enum Command {
     /// (Re)builds the atlas (tiles, mosaics, atlas.png, index.html) from the database alone;
     /// works on an unfinished run (missing filters are shown as pending).
     Mosaic(db::MosaicCommandArgs),
-    /// Runs one SQL statement against the database, read-only (see README.md for the schema).
+    /// Runs one SQL statement against the database, read-only (the schema: docs/database.md).
     Query(db::QueryArgs),
+    /// The atlas viewer over HTTP, from the database (read-only), live while a run goes on:
+    /// finished filters appear as they are stored (docs/viewer.md).
+    Serve(serve::ServeArgs),
     /// Filter results per second the coordinator records: simulated workers (no compute, ~50 KB
     /// PNGs) against a real coordinator and store on loopback.
     BenchCoordinator(bench::BenchCoordinatorArgs),
@@ -88,6 +92,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Status(a) => db::status(a),
         Command::Mosaic(a) => db::mosaic(a),
         Command::Query(a) => db::query(a),
+        Command::Serve(a) => serve::serve(a),
         Command::BenchCoordinator(a) => bench::bench_coordinator(a),
         Command::BenchPresets(a) => bench::bench_presets(a),
         Command::CheckDevice(a) => check::check_device(a),

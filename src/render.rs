@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::Args;
-use vgg_atlas_coordinator::standalone::{Event, RenderConfig};
+use vgg_atlas_coordinator::standalone::{Event, RenderConfig, DEFAULT_OUT};
 use vgg_atlas_worker::client::WorkerConfig;
 use vgg_atlas_worker::{fetch, Weights};
 
@@ -19,11 +19,16 @@ pub struct RenderArgs {
     #[arg(long, value_delimiter = ',')]
     pub layers: Vec<String>,
     /// Output folder (the default database lives here too).
-    #[arg(long, default_value = "atlas")]
+    #[arg(long, default_value = DEFAULT_OUT)]
     pub out: PathBuf,
-    /// sqlite://PATH or postgres://...; default sqlite://<out>/atlas.db.
-    #[arg(long)]
+    /// sqlite://PATH or postgres://USER:PASSWORD@HOST/DB [sqlite://<out>/atlas.db].
+    #[arg(long, env = "VGG_ATLAS_DB", hide_env_values = true)]
     pub db: Option<String>,
+    /// Plan only N filters of each layer, spread across it: a first look at the whole network
+    /// in minutes. The same run with the same seeds, so the same command without --sample
+    /// later renders the rest and keeps these.
+    #[arg(long, value_name = "N")]
+    pub sample: Option<usize>,
     /// Workers started in this process (each talks gRPC to the coordinator like a remote one),
     /// taking the `--device`s in turn [one per device]; 0 makes this a pure coordinator.
     #[arg(long)]
@@ -89,6 +94,7 @@ pub async fn render(a: RenderArgs) -> Result<()> {
         lease_seconds: a.lease_seconds,
         max_attempts: a.max_attempts,
         fresh: a.fresh,
+        sample: a.sample,
         stay: a.stay,
         mosaic: a.mosaic.options(),
     }

@@ -33,11 +33,12 @@ pub struct VisualizeArgs {
     /// Filter range A..B (end exclusive), or a single filter N.
     #[arg(long, default_value = "0..16")]
     pub filters: String,
-    #[arg(long)]
+    /// Output folder: a PNG per filter and results.json.
+    #[arg(long, default_value = "out/visualize")]
     pub out: PathBuf,
-    /// Filters optimised at once (one image each).
-    #[arg(long, default_value_t = 16)]
-    pub batch: usize,
+    /// Filters optimised at once, one image each [16 on the CPU, 64 on a GPU].
+    #[arg(long)]
+    pub batch: Option<usize>,
     /// Print a JSON array, one object per filter.
     #[arg(long)]
     pub json: bool,
@@ -98,6 +99,7 @@ pub fn visualize(a: VisualizeArgs) -> Result<()> {
     let out = out.as_path();
     let layer = Layer::by_name(&layer)?;
     let filters = parse_filters(&filters, &layer)?;
+    let batch = batch.unwrap_or(compute.default_batch());
     if batch == 0 {
         bail!("--batch must be at least 1");
     }
@@ -116,6 +118,7 @@ pub fn visualize(a: VisualizeArgs) -> Result<()> {
         .with_context(|| format!("cannot create output folder {}", out.display()))?;
     let mut trunk = compute.trunk(&weights)?;
     let all: Vec<usize> = filters.collect();
+    let mut steps = StepProgress::new(layer.name, all.len(), settings.steps);
     let mut records = Vec::new();
     for chunk in all.chunks(batch) {
         let results = pool.install(|| {
@@ -123,13 +126,14 @@ pub fn visualize(a: VisualizeArgs) -> Result<()> {
                 .iter()
                 .map(|&f| Target::planned(&settings, &layer, f))
                 .collect();
-            ascent::ascend(
+            ascent::ascend_observed(
                 &mut *trunk,
                 weights.preprocess,
                 layer,
                 &targets,
                 &settings,
                 Faults::from_env(),
+                &mut |images| steps.step(images),
             )
         })?;
         for r in results {
@@ -147,16 +151,17 @@ pub fn visualize(a: VisualizeArgs) -> Result<()> {
                 } else {
                     String::new()
                 };
-                eprintln!(
+                steps.say(&format!(
                     "{} filter {:>3}: activation {:>10.3} (start {:>8.3}) {}",
                     r.layer, r.filter, r.activation, r.start_activation, flag
-                );
+                ));
             }
             let mut v = serde_json::to_value(&r)?;
             v["image"] = json!(r.image.as_ref().map(|_| name.clone()));
             records.push(v);
         }
     }
+    steps.finish();
     let doc = json!({"weights_sha256": weights.sha256, "preprocess": weights.preprocess, "settings": settings, "results": records});
     std::fs::write(
         out.join("results.json"),
@@ -172,4 +177,71 @@ pub fn visualize(a: VisualizeArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Step-by-step progress of `visualize`: a bar on a terminal, else a line every 10 s.
+struct StepProgress {
+    bar: Option<indicatif::ProgressBar>,
+    layer: &'static str,
+    done: u64,
+    total: u64,
+    last_line: std::time::Instant,
+}
+
+impl StepProgress {
+    fn new(layer: &'static str, filters: usize, steps: usize) -> StepProgress {
+        let total = (filters * (steps + 1)) as u64;
+        let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+            let bar = indicatif::ProgressBar::new(total);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{prefix} [{bar:30}] {percent:>3}% of image steps, {elapsed} (ETA {eta})",
+                )
+                .expect("a valid template")
+                .progress_chars("=> "),
+            );
+            bar.set_prefix(format!("{layer}, {filters} filters"));
+            bar
+        });
+        StepProgress {
+            bar,
+            layer,
+            done: 0,
+            total,
+            last_line: std::time::Instant::now(),
+        }
+    }
+
+    /// `images` images took one more step.
+    fn step(&mut self, images: usize) {
+        self.done += images as u64;
+        match &self.bar {
+            Some(bar) => bar.set_position(self.done),
+            None if self.last_line.elapsed() >= std::time::Duration::from_secs(10) => {
+                self.last_line = std::time::Instant::now();
+                eprintln!(
+                    "{}: {}% of image steps ({} of {})",
+                    self.layer,
+                    100 * self.done / self.total.max(1),
+                    self.done,
+                    self.total
+                );
+            }
+            None => {}
+        }
+    }
+
+    /// A line for the user, above the bar.
+    fn say(&self, line: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => eprintln!("{line}"),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
 }

@@ -401,3 +401,171 @@ fn resuming_with_other_weights_is_refused() {
     let o = render(&["--weights", &other_s, "--fresh"]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+/// A worker without a token says what to give it; `--no-token` is for a coordinator on a
+/// loopback address only; `--give-up-after` wants a duration with a unit. All before any
+/// connection or weights.
+#[test]
+fn a_worker_without_a_token_needs_no_token_and_a_loopback_coordinator() {
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["--connect", "http://127.0.0.1:9"],
+            "requires a token from its workers",
+        ),
+        (
+            &["--connect", "http://10.1.2.3:50051", "--no-token"],
+            "--no-token is only for a coordinator on a loopback address",
+        ),
+        (
+            &["--connect", "http://coordinator:50051", "--no-token"],
+            "coordinator is not one",
+        ),
+        (
+            &[
+                "--connect",
+                "http://[::1]:9",
+                "--no-token",
+                "--give-up-after",
+                "30",
+            ],
+            "'30' is not a duration",
+        ),
+    ];
+    for (args, want) in cases {
+        let o = Command::new(env!("CARGO_BIN_EXE_vgg-atlas"))
+            .env_remove("VGG_ATLAS_TOKEN")
+            .arg("worker")
+            .args(args)
+            .output()
+            .unwrap();
+        let err = stderr(&o);
+        assert!(!o.status.success(), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: expected '{want}' in: {err}");
+    }
+    let o = vgg_atlas(&[
+        "worker",
+        "--connect",
+        "http://127.0.0.1:9",
+        "--no-token",
+        "--token",
+        "0123456789abcdef0123",
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "--no-token conflicts with --token"
+    );
+}
+
+/// `--give-up-after`: a worker whose coordinator never answers stops, non-zero, saying why,
+/// instead of retrying forever.
+#[test]
+fn a_worker_gives_up_when_no_coordinator_answers() {
+    // A port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("http://127.0.0.1:{port}");
+    let t = std::time::Instant::now();
+    let o = Command::new(env!("CARGO_BIN_EXE_vgg-atlas"))
+        .env_remove("VGG_ATLAS_TOKEN")
+        .args(["worker", "--connect", &addr, "--no-token"])
+        .args(["--give-up-after", "3s", "--threads", "1"])
+        .output()
+        .unwrap();
+    let took = t.elapsed();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "giving up: no coordinator answered at {addr} for 3s since this worker started"
+        )),
+        "{err}"
+    );
+    assert!(
+        took >= std::time::Duration::from_secs(3) && took < std::time::Duration::from_secs(15),
+        "gave up after {took:?}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// `worker --device cpu,cpu` without `--name`: one process, one worker per device, named after
+/// the system's host name (not `$HOSTNAME`, which shells do not export) with the device's place
+/// in the list; both register with a `render --no-token` on loopback, and the run finishes.
+#[test]
+fn one_worker_process_runs_a_worker_per_device_named_after_the_host() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("atlas");
+    let mut render = Command::new(env!("CARGO_BIN_EXE_vgg-atlas"))
+        .env_remove("VGG_ATLAS_TOKEN")
+        .env("RUST_LOG", "vgg_atlas_coordinator=info")
+        .args(["render", "--listen", "127.0.0.1:0", "--no-token"])
+        .args(["--local-workers", "0", "--layers", "block1_conv1"])
+        .args(["--size", "32", "--steps", "4", "--out"])
+        .arg(&out)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(render.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("render printed its address").unwrap();
+        if let Some(rest) = line.split("--connect ").nth(1) {
+            break rest.split([' ', '`']).next().unwrap().to_string();
+        }
+    };
+    let log = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
+    let o = Command::new(env!("CARGO_BIN_EXE_vgg-atlas"))
+        .env_remove("VGG_ATLAS_TOKEN")
+        .env_remove("HOSTNAME")
+        .args(["worker", "--connect", &addr, "--no-token"])
+        .args(["--device", "cpu,cpu", "--batch", "4", "--threads", "2"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(render.wait().unwrap().success());
+    let log = log.join().unwrap();
+    let registered: Vec<String> = log
+        .iter()
+        .filter(|l| l.contains("worker registered"))
+        .filter_map(|l| l.split("worker=").nth(1))
+        .map(|w| w.split([' ', '@']).next().unwrap().to_string())
+        .collect();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok();
+    let mut names = registered.clone();
+    names.sort();
+    match &host {
+        Some(h) => assert_eq!(names, [format!("{h}-0"), format!("{h}-1")], "{log:?}"),
+        None => assert_eq!(names.len(), 2, "{log:?}"),
+    }
+    assert!(!names.iter().any(|n| n.starts_with("worker-")), "{names:?}");
+    // Every result is stored under one of the two, and the run is complete.
+    let db = format!("sqlite://{}", out.join("atlas.db").display());
+    let o = vgg_atlas(&[
+        "query",
+        "--db",
+        &db,
+        "--format",
+        "json",
+        "SELECT worker, COUNT(*) AS n FROM results GROUP BY worker",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let mut total = 0;
+    for r in rows.as_array().unwrap() {
+        let worker = r["worker"].as_str().unwrap();
+        assert!(
+            names
+                .iter()
+                .any(|n| worker.starts_with(&format!("{n}@cpu-"))),
+            "{worker} is not one of {names:?}"
+        );
+        total += r["n"].as_i64().unwrap();
+    }
+    assert_eq!(total, 64);
+}

@@ -2,7 +2,7 @@
 //! coordinator killed and restarted, the network cut, a worker that hangs, a database locked
 //! by someone else, a filter whose ascent goes NaN. Each test prints one `FAULTS` line with
 //! what was injected, how many filters were lost (must be 0) and how many were computed again;
-//! README.md reports them (`cargo test --test faults -- --nocapture | grep FAULTS`).
+//! docs/reliability.md reports them (`cargo test --test faults -- --nocapture | grep FAULTS`).
 
 mod common;
 

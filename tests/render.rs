@@ -573,3 +573,130 @@ fn a_remote_worker_fetches_onnx_weights_as_onnx_and_renders() {
     let rows = status(&db);
     assert_eq!((count(&rows, "done"), count(&rows, "total")), (64, 64));
 }
+
+#[test]
+fn a_sample_renders_every_layer_and_the_whole_run_keeps_it() {
+    // No --out: the default output folder, under the working directory.
+    let cwd = tempfile::tempdir().unwrap();
+    let out = cwd.path().join("out/atlas");
+    let db = format!("sqlite://{}", out.join("atlas.db").display());
+    let args = [&SMALL[..], &["--batch", "4", "--threads", "1"]].concat();
+    let sample = bin()
+        .current_dir(cwd.path())
+        .args(["render", "--sample", "2"])
+        .args(&args)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&sample.stderr);
+    assert!(sample.status.success(), "{said}");
+    assert!(
+        said.contains("a sample: 2 filters of each layer, 4 filters"),
+        "{said}"
+    );
+    assert!(
+        !out.join("atlas.db-wal").exists(),
+        "a finished render folds its write-ahead log into the database"
+    );
+    let picked = query(
+        &db,
+        "SELECT layer, filter, attempts FROM filters ORDER BY layer_index, filter",
+        "csv",
+    );
+    assert_eq!(
+        picked,
+        "layer,filter,attempts\nblock1_conv1,0,1\nblock1_conv1,32,1\nblock2_conv1,0,1\nblock2_conv1,64,1\n",
+        "2 filters of each layer, spread across it, each computed once"
+    );
+    let atlas: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("atlas.json")).unwrap()).unwrap();
+    let drawn: Vec<u64> = atlas["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["filters"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        drawn,
+        [2, 2],
+        "the sample's atlas shows the sampled filters"
+    );
+    let before = finished_at(&out.join("atlas.db"));
+    assert_eq!(before.len(), 4);
+
+    // The same command without --sample: the same run, the other filters added.
+    let whole = bin()
+        .current_dir(cwd.path())
+        .arg("render")
+        .args(&args)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&whole.stderr);
+    assert!(whole.status.success(), "{said}");
+    assert!(
+        said.contains("resuming run") && said.contains("(192 filters)"),
+        "{said}"
+    );
+    let after = finished_at(&out.join("atlas.db"));
+    assert_eq!(after.len(), 64 + 128);
+    for (key, t) in &before {
+        assert_eq!(
+            after.get(key),
+            Some(t),
+            "sampled filter {key:?} was computed again"
+        );
+    }
+    assert_eq!(recomputed(&db), 0, "no filter was leased twice");
+    // A sample of a run whose whole plan is finished renders nothing and changes nothing.
+    let again = bin()
+        .current_dir(cwd.path())
+        .args(["render", "--sample", "3"])
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(finished_at(&out.join("atlas.db")), after);
+}
+
+#[test]
+fn a_sample_of_a_run_with_unfinished_filters_beyond_it_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("atlas.db").display());
+    // Plan the whole run without computing it: a coordinator with no workers, stopped.
+    let (mut render, _) = coordinator(dir.path(), &SMALL);
+    wait_until("the plan is stored", Duration::from_secs(60), || {
+        status_or_empty(&db).is_some_and(|r| count(&r, "total") == 192)
+    });
+    render.kill().unwrap();
+    render.wait().unwrap();
+    let before = query(
+        &db,
+        "SELECT layer, filter, state, attempts FROM filters",
+        "csv",
+    );
+    let out = bin()
+        .args(["render", "--sample", "2", "--out"])
+        .arg(dir.path())
+        .args(SMALL)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        said.contains("already plans 188 unfinished filters beyond this sample")
+            && said.contains("without --sample"),
+        "{said}"
+    );
+    assert_eq!(
+        query(
+            &db,
+            "SELECT layer, filter, state, attempts FROM filters",
+            "csv"
+        ),
+        before,
+        "nothing was changed"
+    );
+}

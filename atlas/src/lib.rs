@@ -374,7 +374,6 @@ pub fn write_layer(out: &Path, layer: &LayerFilters, opts: &Options) -> Result<L
     let panel_tile = ((opts.panel - (cols + 1)) / cols).max(1);
     let mut tiles = Vec::with_capacity(layer.filters.len());
     let mut panel_tiles = Vec::with_capacity(layer.filters.len());
-    let mut entries = Vec::with_capacity(layer.filters.len());
     for f in &layer.filters {
         // Decoded once; both tiles come from the full image, so the small one stays sharp.
         let decoded = decode(f).unwrap_or_else(|why| {
@@ -383,24 +382,60 @@ pub fn write_layer(out: &Path, layer: &LayerFilters, opts: &Options) -> Result<L
         });
         let t = marked(f.status, decoded.as_ref(), opts.tile);
         let p = marked(f.status, decoded.as_ref(), panel_tile);
-        let mut tile_path = None;
         if let (Status::Done | Status::Dead, Some(png)) = (f.status, &f.png) {
-            let rel = format!("tiles/{}/{}.png", layer.name, f.filter);
-            write_bytes(&out.join(&rel), png)?;
-            tile_path = Some(rel);
+            write_bytes(&out.join(tile_path(&layer.name, f.filter)), png)?;
         }
         tiles.push(t);
         panel_tiles.push(p);
-        entries.push(Entry {
+    }
+    let summary = layer_summary(layer, |f| f.png.is_some());
+    let order = by_activation(&layer.filters);
+
+    let in_order: Vec<&RgbImage> = tiles.iter().collect();
+    save(
+        &mosaic(&in_order, opts.tile, opts.margin),
+        &out.join(&summary.mosaic),
+    )?;
+    let sorted: Vec<&RgbImage> = order.iter().map(|&i| &tiles[i]).collect();
+    save(
+        &mosaic(&sorted, opts.tile, opts.margin),
+        &out.join(&summary.mosaic_by_activation),
+    )?;
+    let panel_refs: Vec<&RgbImage> = panel_tiles.iter().collect();
+    let panel = mosaic(&panel_refs, panel_tile, 1);
+
+    Ok(LayerOutput {
+        summary,
+        panel,
+        warnings,
+    })
+}
+
+/// Where a finished filter's full-size image is, relative to the atlas (the folder of the static
+/// atlas, the root of `vgg-atlas serve`).
+pub fn tile_path(layer: &str, filter: u32) -> String {
+    format!("tiles/{layer}/{filter}.png")
+}
+
+/// A layer as `atlas.json` and the viewer list it: its counts, its mosaics' names, and every
+/// filter's entry in filter order with its rank. `has_image` says whether a finished filter's
+/// image is at [`tile_path`]: the static atlas writes it from [`Filter::png`]; `vgg-atlas serve`
+/// answers that path from the store, so the filters it summarises carry no PNG bytes.
+pub fn layer_summary(layer: &LayerFilters, has_image: impl Fn(&Filter) -> bool) -> LayerSummary {
+    let mut entries: Vec<Entry> = layer
+        .filters
+        .iter()
+        .map(|f| Entry {
             filter: f.filter,
             status: f.status,
             rank: None,
-            tile: tile_path,
+            tile: (matches!(f.status, Status::Done | Status::Dead) && has_image(f))
+                .then(|| tile_path(&layer.name, f.filter)),
             attempts: f.attempts,
             failed_reason: f.failed_reason.clone(),
             scores: f.scores.clone(),
-        });
-    }
+        })
+        .collect();
     let order = by_activation(&layer.filters);
     for (rank, &i) in order
         .iter()
@@ -409,39 +444,19 @@ pub fn write_layer(out: &Path, layer: &LayerFilters, opts: &Options) -> Result<L
     {
         entries[i].rank = Some(rank as u32 + 1);
     }
-
-    let in_order: Vec<&RgbImage> = tiles.iter().collect();
-    let mosaic_name = format!("{}.png", layer.name);
-    save(
-        &mosaic(&in_order, opts.tile, opts.margin),
-        &out.join(&mosaic_name),
-    )?;
-    let sorted: Vec<&RgbImage> = order.iter().map(|&i| &tiles[i]).collect();
-    let sorted_name = format!("{}.by-activation.png", layer.name);
-    save(
-        &mosaic(&sorted, opts.tile, opts.margin),
-        &out.join(&sorted_name),
-    )?;
-    let panel_refs: Vec<&RgbImage> = panel_tiles.iter().collect();
-    let panel = mosaic(&panel_refs, panel_tile, 1);
-
     let count = |s: Status| layer.filters.iter().filter(|f| f.status == s).count();
-    Ok(LayerOutput {
-        summary: LayerSummary {
-            name: layer.name.clone(),
-            index: layer.index,
-            filters: layer.filters.len(),
-            done: count(Status::Done) + count(Status::Dead),
-            dead: count(Status::Dead),
-            failed: count(Status::Failed),
-            pending: count(Status::Pending),
-            mosaic: mosaic_name,
-            mosaic_by_activation: sorted_name,
-            entries,
-        },
-        panel,
-        warnings,
-    })
+    LayerSummary {
+        name: layer.name.clone(),
+        index: layer.index,
+        filters: layer.filters.len(),
+        done: count(Status::Done) + count(Status::Dead),
+        dead: count(Status::Dead),
+        failed: count(Status::Failed),
+        pending: count(Status::Pending),
+        mosaic: format!("{}.png", layer.name),
+        mosaic_by_activation: format!("{}.by-activation.png", layer.name),
+        entries,
+    }
 }
 
 /// The block a layer belongs to (`block3` for `block3_conv1`); one row of the overview each.
@@ -457,6 +472,20 @@ struct AtlasData<'a> {
     layers: Vec<&'a LayerSummary>,
 }
 
+/// `atlas.json`: the run, the options and the layers (in any order; written in network order).
+/// The one writer of its shape: the static atlas saves it and inlines it in `index.html`;
+/// `vgg-atlas serve` answers it at `/atlas.json`.
+pub fn atlas_json(run: &Run, opts: &Options, layers: &[&LayerSummary]) -> String {
+    let mut layers = layers.to_vec();
+    layers.sort_by_key(|l| l.index);
+    let data = AtlasData {
+        run,
+        options: opts,
+        layers,
+    };
+    serde_json::to_string(&data).expect("atlas data serialises")
+}
+
 /// Writes `atlas.png`, `atlas.json` and `index.html` for the layers written by [`write_layer`]
 /// (in any order; they are shown in network order).
 pub fn write_index(out: &Path, run: &Run, layers: &[LayerOutput], opts: &Options) -> Result<()> {
@@ -464,20 +493,26 @@ pub fn write_index(out: &Path, run: &Run, layers: &[LayerOutput], opts: &Options
     let mut sorted: Vec<&LayerOutput> = layers.iter().collect();
     sorted.sort_by_key(|l| l.summary.index);
     save(&overview(run, &sorted, opts), &out.join("atlas.png"))?;
-    let data = AtlasData {
-        run,
-        options: opts,
-        layers: sorted.iter().map(|l| &l.summary).collect(),
-    };
-    let json = serde_json::to_string(&data).expect("atlas data serialises");
+    let summaries: Vec<&LayerSummary> = sorted.iter().map(|l| &l.summary).collect();
+    let json = atlas_json(run, opts, &summaries);
     write_bytes(&out.join("atlas.json"), json.as_bytes())?;
     write_bytes(&out.join("index.html"), viewer_html(&json).as_bytes())
 }
 
-/// The viewer page with the atlas data inlined (a `<script>` cannot be closed from inside it).
+/// The placeholder in viewer.html that the static atlas replaces with its data.
+const DATA_SLOT: &str = "/*ATLAS_DATA*/null";
+
+/// The viewer page with the atlas data inlined (a `<script>` cannot be closed from inside it):
+/// `index.html` of the static atlas, which works from `file://` and never polls.
 pub fn viewer_html(json: &str) -> String {
     let safe = json.replace("</", "<\\/").replace("<!--", "<\\!--");
-    include_str!("viewer.html").replace("/*ATLAS_DATA*/null", &safe)
+    include_str!("viewer.html").replace(DATA_SLOT, &safe)
+}
+
+/// The viewer page without data, as `vgg-atlas serve` answers it: it fetches `atlas.json` from
+/// where it was loaded, and again every few seconds, updating what it shows in place.
+pub fn served_viewer_html() -> &'static str {
+    include_str!("viewer.html")
 }
 
 /// The overview's second line: progress and the settings that shaped the pictures.
@@ -623,6 +658,103 @@ mod tests {
             f(5, Status::Done, Some(2.0)),
         ];
         assert_eq!(by_activation(&filters), [4, 1, 5, 3, 2, 0]);
+    }
+
+    #[test]
+    fn the_summary_ranks_finished_filters_and_links_only_their_images() {
+        let f = |filter, status, activation: Option<f32>, png: bool| Filter {
+            filter,
+            status,
+            png: png.then(|| vec![1, 2, 3]),
+            scores: activation.map(|activation| Scores {
+                activation,
+                objective: 0.0,
+                start_activation: 0.0,
+                curve: vec![activation],
+                seconds: 0.0,
+                worker: "w".into(),
+                retries: 0,
+            }),
+            attempts: 1,
+            failed_reason: (status == Status::Failed).then(|| "NaN".to_string()),
+        };
+        let layer = LayerFilters {
+            name: "block1_conv1".into(),
+            index: 0,
+            filters: vec![
+                f(0, Status::Done, Some(1.0), true),
+                f(1, Status::Dead, Some(0.0), true),
+                f(2, Status::Failed, None, false),
+                f(3, Status::Pending, None, false),
+                f(4, Status::Done, Some(3.0), false),
+            ],
+        };
+        let s = layer_summary(&layer, |f| f.png.is_some());
+        let ranks: Vec<Option<u32>> = s.entries.iter().map(|e| e.rank).collect();
+        assert_eq!(ranks, [Some(2), Some(3), None, None, Some(1)]);
+        let tiles: Vec<Option<&str>> = s.entries.iter().map(|e| e.tile.as_deref()).collect();
+        assert_eq!(
+            tiles,
+            [
+                Some("tiles/block1_conv1/0.png"),
+                Some("tiles/block1_conv1/1.png"),
+                None,
+                None,
+                None
+            ],
+            "a finished filter without its image has no tile"
+        );
+        assert_eq!(
+            (s.filters, s.done, s.dead, s.failed, s.pending),
+            (5, 3, 1, 1, 1)
+        );
+        assert_eq!(s.mosaic, "block1_conv1.png");
+        // Served from the store, where every finished filter has its image: the same summary,
+        // with the tile of filter 4 too.
+        let served = layer_summary(&layer, |_| true);
+        assert_eq!(
+            served.entries[4].tile.as_deref(),
+            Some("tiles/block1_conv1/4.png")
+        );
+        assert_eq!(
+            served.entries[2].tile, None,
+            "failed: no image, whatever the source"
+        );
+    }
+
+    #[test]
+    fn atlas_json_lists_layers_in_network_order() {
+        let layer = |name: &str, index| {
+            layer_summary(
+                &LayerFilters {
+                    name: name.into(),
+                    index,
+                    filters: vec![],
+                },
+                |_| true,
+            )
+        };
+        let (a, b) = (layer("block2_conv1", 2), layer("block1_conv1", 0));
+        let run = Run {
+            run_id: "r".into(),
+            weights_sha256: "w".into(),
+            settings: serde_json::json!({"steps": 3}),
+            created_at_ms: 1,
+        };
+        let json: serde_json::Value =
+            serde_json::from_str(&atlas_json(&run, &Options::default(), &[&a, &b])).unwrap();
+        assert_eq!(json["layers"][0]["name"], "block1_conv1");
+        assert_eq!(json["layers"][1]["name"], "block2_conv1");
+        assert_eq!(json["run"]["settings"]["steps"], 3);
+        assert_eq!(json["options"]["tile"], 64);
+    }
+
+    #[test]
+    fn the_served_viewer_has_no_data_and_the_static_one_has_it() {
+        assert_eq!(served_viewer_html().matches(DATA_SLOT).count(), 1);
+        let html = viewer_html(r#"{"run":{"run_id":"abc"},"layers":[]}"#);
+        assert!(!html.contains(DATA_SLOT));
+        assert!(html.contains(r#"let ATLAS = {"run":{"run_id":"abc"},"layers":[]};"#));
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod error;
 pub mod metrics;
 pub mod plan;
 pub mod query;
+pub mod serve;
 pub mod service;
 pub mod standalone;
 pub mod store;

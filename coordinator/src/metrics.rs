@@ -120,7 +120,7 @@ async fn metrics(State(c): State<Ctx>) -> (StatusCode, String) {
     let s = &c.stats;
     for (name, kind, help, value) in [
         (
-            "vgg_atlas_filters_total",
+            "vgg_atlas_filters_planned",
             "gauge",
             "Filters planned in the run.",
             total as u64,

@@ -16,7 +16,7 @@ use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
-use sqlx::{Column, Connection, Executor, Row, TypeInfo, ValueRef};
+use sqlx::{Column, Connection, Executor, Row, Statement, TypeInfo, ValueRef};
 
 use crate::store::{self, redact, Backend};
 use crate::{Error, Result};
@@ -79,12 +79,21 @@ async fn query_sqlite(url: &str, path: &str, sql: &str) -> Result<QueryResult> {
             cause,
         })?;
     let rows = conn.fetch_all(sql).await.map_err(explain)?;
-    conn.close().await.ok();
-
     let columns: Vec<String> = match rows.first() {
         Some(r) => r.columns().iter().map(|c| c.name().to_string()).collect(),
-        None => Vec::new(),
+        // No row to read them from: the prepared statement still names its columns, so a csv
+        // or a table of zero rows keeps its header.
+        None => conn
+            .prepare(sql)
+            .await
+            .map_err(explain)?
+            .columns()
+            .iter()
+            .map(|c| c.name().to_string())
+            .collect(),
     };
+    conn.close().await.ok();
+
     let mut binary = vec![false; columns.len()];
     let mut out = Vec::with_capacity(rows.len());
     for row in &rows {

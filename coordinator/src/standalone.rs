@@ -22,6 +22,13 @@ use vgg_atlas_proto::{Layer, Settings};
 use crate::store::{self, LayerProgress, Store};
 use crate::{draw, metrics, plan, service, Error, Result};
 
+/// Where `render` writes when no `--out` is given: a folder no source folder is named like,
+/// ignored by git and by the Docker build context.
+pub const DEFAULT_OUT: &str = "out/atlas";
+/// The database of a render into [`DEFAULT_OUT`], where `status`, `query`, `mosaic` and `serve`
+/// look when no `--db` (or `VGG_ATLAS_DB`) is given.
+pub const DEFAULT_DB: &str = "sqlite://out/atlas/atlas.db";
+
 /// Everything a render is asked to do, as the user gave it.
 #[derive(Debug, Clone)]
 pub struct RenderConfig {
@@ -48,6 +55,9 @@ pub struct RenderConfig {
     pub max_attempts: i32,
     /// A new run even if this configuration was rendered before.
     pub fresh: bool,
+    /// Plan only this many filters of each layer, spread across it ([`plan::spread`]): the
+    /// same run, so a later render without a sample adds the rest and keeps these.
+    pub sample: Option<usize>,
     /// Keep serving after the run is finished.
     pub stay: bool,
     pub mosaic: vgg_atlas_atlas::Options,
@@ -85,6 +95,11 @@ impl RenderConfig {
     /// Checks the layers, settings, atlas options, token and TLS files; writes nothing.
     pub fn check(self) -> Result<Checked> {
         self.mosaic.check()?;
+        if self.sample == Some(0) {
+            return Err(Error::Render(
+                "--sample 0 plans no filter; give at least 1 (filters per layer)".into(),
+            ));
+        }
         for l in &self.layers {
             self.settings.check(l)?;
         }
@@ -187,13 +202,17 @@ impl Checked {
                 .map(|d| d.as_nanos() as u64)
                 .unwrap_or(1)
         });
-        let spec = plan::plan(
+        let mut spec = plan::plan(
             weights_sha256,
             &cfg.layers,
             &cfg.settings,
             cfg.max_attempts,
             fresh,
         );
+        if let Some(n) = cfg.sample {
+            spec = spec.sample(n);
+            refuse_sample_of_a_bigger_plan(&*store, &spec).await?;
+        }
         if fresh.is_none() {
             refuse_other_weights(
                 &*store,
@@ -205,11 +224,21 @@ impl Checked {
             .await?;
         }
         let created = store.create_or_resume_run(&spec).await?;
+        let planned: i64 = store
+            .progress(&spec.run_id)
+            .await?
+            .iter()
+            .map(|p| p.total)
+            .sum();
         on(Event::Say(format!(
-            "{} run {} ({} filters) in {db}",
+            "{} run {} ({}) in {}",
             if created { "new" } else { "resuming" },
             spec.run_id,
-            spec.filters.len()
+            match cfg.sample {
+                Some(n) => format!("a sample: {n} filters of each layer, {planned} filters"),
+                None => format!("{planned} filters"),
+            },
+            store::redact(&db)
         )));
         let ctx = service::RunContext {
             run_id: spec.run_id.clone(),
@@ -225,9 +254,11 @@ impl Checked {
         let tls = cfg.tls.is_some();
         if cfg.listen.is_some() {
             on(Event::Say(format!(
-                "coordinator listening on {addr}{}; workers join with `vgg-atlas worker --connect {}://{addr}`{}{}",
+                "coordinator listening on {addr}{}; workers join with `vgg-atlas worker --connect {}://{}{}`{}{}",
                 if tls { " with TLS" } else { "" },
                 if tls { "https" } else { "http" },
+                reachable(addr),
+                if token.is_some() { "" } else { " --no-token" },
                 if token.is_some() { " and the same token (--token or VGG_ATLAS_TOKEN)" } else { "" },
                 if tls { ", giving --tls-ca the CA that signed --tls-cert" } else { "" },
             )));
@@ -292,6 +323,13 @@ impl Checked {
                     on(Event::Say(format!("warning: {w}")));
                 }
                 on(Event::Say(drawn.describe(&spec.run_id, &cfg.out)));
+                if cfg.sample.is_some() {
+                    on(Event::Say(
+                        "this was a sample: the same command without --sample renders every \
+                         filter of these layers and keeps the sample's results"
+                            .into(),
+                    ));
+                }
                 if cfg.stay {
                     on(Event::Say(
                         "staying up (--stay): workers that ask are told the run is finished".into(),
@@ -305,12 +343,55 @@ impl Checked {
                         service::retry_after_ms((cfg.lease_seconds * 1000) as i64) as u64 + 1000;
                     tokio::time::sleep(Duration::from_millis(linger)).await;
                 }
+                store.close().await;
                 return Ok(());
             }
             on(Event::Progress(&progress));
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
+}
+
+/// The address a worker on another machine connects to: a wildcard listen address
+/// (0.0.0.0, ::) is reached through this machine's host name.
+fn reachable(addr: SocketAddr) -> String {
+    if !addr.ip().is_unspecified() {
+        return addr.to_string();
+    }
+    let host = gethostname::gethostname().to_string_lossy().into_owned();
+    let host = if host.is_empty() {
+        "THIS-HOST".into()
+    } else {
+        host
+    };
+    format!("{host}:{}", addr.port())
+}
+
+/// A sample render of a run whose plan already holds unfinished filters beyond the sample (a
+/// whole render of it began) would have to render them too before it could finish; say so and
+/// change nothing.
+async fn refuse_sample_of_a_bigger_plan(store: &dyn Store, spec: &store::RunSpec) -> Result<()> {
+    let sampled: std::collections::HashSet<(&str, i32)> = spec
+        .filters
+        .iter()
+        .map(|f| (f.layer.as_str(), f.filter))
+        .collect();
+    let beyond = store
+        .unfinished_filters(&spec.run_id)
+        .await?
+        .into_iter()
+        .filter(|(layer, filter)| !sampled.contains(&(layer.as_str(), *filter)))
+        .count();
+    if beyond > 0 {
+        return Err(Error::Render(format!(
+            "run {} already plans {beyond} unfinished filters beyond this sample (a render of \
+             every filter of these layers began): a sample of it would render them too. Run the \
+             same command without --sample to go on with the whole run, or add --fresh for a \
+             sample in a run of its own; nothing was changed",
+            spec.run_id
+        )));
+    }
+    Ok(())
 }
 
 /// Opens the store for a render. Nothing is written until every input has been checked: the
@@ -386,4 +467,43 @@ async fn refuse_other_weights(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_database_is_in_the_default_output_folder() {
+        assert_eq!(DEFAULT_DB, format!("sqlite://{DEFAULT_OUT}/atlas.db"));
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let first = Path::new(DEFAULT_OUT).components().next().unwrap();
+        let ignored = std::fs::read_to_string(root.join(".gitignore")).unwrap();
+        let name = first.as_os_str().to_str().unwrap();
+        assert!(
+            ignored.lines().any(|l| l.trim_matches('/') == name),
+            "{name} is in .gitignore"
+        );
+        let docker = std::fs::read_to_string(root.join(".dockerignore")).unwrap();
+        assert!(
+            docker.lines().any(|l| l.trim_matches('/') == name),
+            "{name} is in .dockerignore"
+        );
+        for crate_dir in ["atlas", "coordinator", "proto", "worker", "src", "tests"] {
+            assert_ne!(name, crate_dir, "the output folder is no source folder");
+        }
+    }
+
+    #[test]
+    fn a_wildcard_listen_address_is_reached_by_host_name() {
+        assert_eq!(
+            reachable("10.1.2.3:50051".parse().unwrap()),
+            "10.1.2.3:50051"
+        );
+        let wild = reachable("0.0.0.0:50051".parse().unwrap());
+        assert!(
+            wild.ends_with(":50051") && !wild.starts_with("0.0.0.0"),
+            "{wild}"
+        );
+    }
 }

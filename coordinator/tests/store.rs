@@ -160,6 +160,7 @@ macro_rules! store_tests {
 
 store_tests!(
     create_or_resume_is_idempotent,
+    a_whole_run_after_its_sample_adds_the_rest_and_keeps_the_sample,
     resume_with_other_weights_or_settings_is_refused,
     leases_take_one_layer_at_a_time_in_order,
     concurrent_lessees_never_share_a_filter,
@@ -283,6 +284,72 @@ async fn create_or_resume_is_idempotent(db: &TestDb) {
         runs[0].1 > 1_600_000_000_000,
         "created_at_ms is unix milliseconds"
     );
+}
+
+async fn a_whole_run_after_its_sample_adds_the_rest_and_keeps_the_sample(db: &TestDb) {
+    let s = &db.store;
+    let whole = spec("run-1", &[("block1_conv1", 4), ("block1_conv2", 3)], 3);
+    let mut sample = whole.clone();
+    sample.filters.retain(|f| f.filter == 0);
+    assert!(s.create_or_resume_run(&sample).await.unwrap());
+    assert_eq!(
+        s.unfinished_filters("run-1").await.unwrap(),
+        [
+            ("block1_conv1".to_string(), 0),
+            ("block1_conv2".to_string(), 0)
+        ]
+    );
+    for _ in 0..2 {
+        let l = s.lease("run-1", "w1", 4, 0, MINUTE).await.unwrap().unwrap();
+        assert_eq!(filter_ids(&l), [0], "only the sample is planned");
+        s.submit(&outcome(&l, 0, "w1", 2.0), 10).await.unwrap();
+    }
+    assert!(
+        s.is_finished("run-1").await.unwrap(),
+        "the sample is the whole plan"
+    );
+    let before = s.layer_filters("run-1", "block1_conv1").await.unwrap();
+
+    assert!(
+        !s.create_or_resume_run(&whole).await.unwrap(),
+        "the whole run resumes the sample's run"
+    );
+    assert!(!s.is_finished("run-1").await.unwrap());
+    let progress = s.progress("run-1").await.unwrap();
+    assert_eq!(
+        progress
+            .iter()
+            .map(|p| (p.total, p.done))
+            .collect::<Vec<_>>(),
+        [(4, 1), (3, 1)]
+    );
+    let after = s.layer_filters("run-1", "block1_conv1").await.unwrap();
+    let kept = after.iter().find(|r| r.filter == 0).unwrap();
+    assert_eq!(
+        kept.attempts, before[0].attempts,
+        "the sample's filter was not leased again"
+    );
+    assert_eq!(
+        kept.result
+            .as_ref()
+            .map(|r| (r.activation, r.finished_at_ms, r.png.clone())),
+        before[0]
+            .result
+            .as_ref()
+            .map(|r| (r.activation, r.finished_at_ms, r.png.clone())),
+        "the sample's result is unchanged"
+    );
+    let l = s.lease("run-1", "w1", 8, 0, MINUTE).await.unwrap().unwrap();
+    assert_eq!(
+        filter_ids(&l),
+        [1, 2, 3],
+        "only the filters beyond the sample are leased"
+    );
+    let seeds: Vec<i64> = l.filters.iter().map(|&(_, seed)| seed).collect();
+    assert_eq!(seeds, [seed(0, 1), seed(0, 2), seed(0, 3)]);
+    // Resuming the whole run again adds nothing.
+    assert!(!s.create_or_resume_run(&whole).await.unwrap());
+    assert_eq!(s.progress("run-1").await.unwrap()[0].total, 4);
 }
 
 async fn resume_with_other_weights_or_settings_is_refused(db: &TestDb) {
@@ -915,6 +982,14 @@ async fn query_reads_the_views_and_refuses_every_write(db: &TestDb) {
     let parsed: serde_json::Value =
         serde_json::from_str(&best.render(query::Format::Json)).unwrap();
     assert_eq!(parsed[3]["activation"], json!(0.5));
+
+    // No row matches: the columns are still named, so a csv keeps its header.
+    let none = q("SELECT layer, filter, activation FROM best_filters WHERE rank > 1000")
+        .await
+        .unwrap();
+    assert_eq!(none.columns, ["layer", "filter", "activation"]);
+    assert_eq!(none.render(query::Format::Csv), "layer,filter,activation\n");
+    assert_eq!(none.render(query::Format::Json), "[]\n");
 
     // Images come back as bytes, shown by size in a table.
     let image = q("SELECT png FROM results WHERE layer = 'block1_conv1' AND filter = 0")

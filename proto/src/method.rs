@@ -44,7 +44,7 @@ pub enum Optimizer {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Preset {
-    /// The default: lucid's method at 64 steps, chosen by measurement (README.md, "The method and its presets").
+    /// The default: lucid's method at 64 steps, chosen by measurement (docs/method.md).
     Atlas,
     /// The Keras blog's method as first written here: pixels, Lp + TV weight 10, 20 steps.
     Quick,

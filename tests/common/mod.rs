@@ -54,7 +54,14 @@ pub fn coordinator_logged(
         let line = lines.next().expect("render printed its address").unwrap();
         log.lock().unwrap().push(line.clone());
         if let Some(rest) = line.split("--connect ").nth(1) {
-            break rest.split('`').next().unwrap().to_string();
+            break rest
+                .split('`')
+                .next()
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_string();
         }
     };
     // Keep draining stderr so the coordinator never blocks on a full pipe.

@@ -148,9 +148,18 @@ pub struct StoredResult {
 /// tasks (and, for PostgreSQL, many coordinator processes) at once.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync {
-    /// Creates the run and its filters, or finds it already there (`Ok(false)`, nothing inserted).
-    /// A stored run with the same id but other weights or settings is an error.
+    /// Creates the run and its filters (`Ok(true)`), or finds it already there (`Ok(false)`)
+    /// and adds to its plan the filters of `spec` it lacks (a whole run after a sample of it);
+    /// planned filters and their results are never changed. A stored run with the same id but
+    /// other weights or settings is an error.
     async fn create_or_resume_run(&self, spec: &RunSpec) -> Result<bool>;
+
+    /// Closes every connection; on SQLite the last one folds the write-ahead log back into the
+    /// database file, so a finished render leaves one file.
+    async fn close(&self);
+
+    /// The run's filters that are pending or leased, as (layer, filter), in lease order.
+    async fn unfinished_filters(&self, run_id: &str) -> Result<Vec<(String, i32)>>;
 
     /// Leases up to `batch` filters of one layer (the lowest layer with work, then filter
     /// order) that are pending or whose lease expired. A filter whose expired lease used its last
@@ -278,8 +287,9 @@ pub fn require_existing(url: &str) -> Result<()> {
         Backend::Sqlite(path) if !std::path::Path::new(path).is_file() => Err(Error::BadUrl {
             url: url.to_string(),
             reason: format!(
-                "there is no database file at {path}; `render` creates it (give the --db it used; \
-                 the default is sqlite://atlas/atlas.db)"
+                "there is no database file at {path}; `render` creates it (give the --db it used, \
+                 or set VGG_ATLAS_DB; the default is {})",
+                crate::standalone::DEFAULT_DB
             ),
         }),
         _ => Ok(()),
@@ -476,7 +486,10 @@ pub(crate) mod sql {
           finished_at_ms, retries)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)";
     pub const INSERT_FILTER: &str =
-        "INSERT INTO filters (run_id, layer, layer_index, filter, seed) VALUES ($1, $2, $3, $4, $5)";
+        "INSERT INTO filters (run_id, layer, layer_index, filter, seed) VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (run_id, layer, filter) DO NOTHING";
+    pub const UNFINISHED_FILTERS: &str = "SELECT layer, filter FROM filters
+         WHERE run_id = $1 AND state IN ('pending', 'leased') ORDER BY layer_index, filter";
 
     pub const PROGRESS: &str =
         "SELECT layer, layer_index, filters, done, pending, leased, failed, dead

@@ -71,7 +71,8 @@ impl PostgresStore {
         let seeds: Vec<i64> = spec.filters.iter().map(|f| f.seed).collect();
         sqlx::query(
             "INSERT INTO filters (run_id, layer, layer_index, filter, seed)
-             SELECT $1, * FROM UNNEST($2::text[], $3::int[], $4::int[], $5::bigint[])",
+             SELECT $1, * FROM UNNEST($2::text[], $3::int[], $4::int[], $5::bigint[])
+             ON CONFLICT (run_id, layer, filter) DO NOTHING",
         )
         .bind(&spec.run_id)
         .bind(&layers)
@@ -91,6 +92,10 @@ const SUBMIT_ROW: &str = "SELECT f.state, f.lease_id, f.worker, f.attempts, r.ma
      FOR UPDATE OF f";
 
 impl_store!(PostgresStore, Postgres, {
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+
     async fn lease(
         &self,
         run_id: &str,

@@ -6,7 +6,7 @@
 //! filters (`FOR UPDATE SKIP LOCKED` on PostgreSQL), and how a plan's filters are inserted.
 //!
 //! A backend provides `self.pool`, `async fn write(&self) -> Result<Transaction<'static, DB>>`
-//! and `async fn insert_filters(tx, spec)`, and passes its own `lease` to the macro.
+//! and `async fn insert_filters(tx, spec)`, and passes its own `lease` and `close` to the macro.
 
 /// `impl Store for $store` with the shared methods and the backend's `$specific` ones.
 macro_rules! impl_store {
@@ -62,11 +62,23 @@ macro_rules! impl_store {
                         .bind(&spec.run_id)
                         .fetch_one(&mut *tx)
                         .await?;
-                    return check_resume(spec, weights, settings).map(|()| false);
+                    check_resume(spec, weights, settings)?;
                 }
+                // Inserts only what the plan lacks: everything for a new run, the filters beyond
+                // a sample for a resumed one.
                 Self::insert_filters(&mut tx, spec).await?;
                 tx.commit().await?;
-                Ok(true)
+                Ok(inserted)
+            }
+
+            async fn unfinished_filters(
+                &self,
+                run_id: &str,
+            ) -> $crate::Result<Vec<(String, i32)>> {
+                Ok(sqlx::query_as($crate::store::sql::UNFINISHED_FILTERS)
+                    .bind(run_id)
+                    .fetch_all(&self.pool)
+                    .await?)
             }
 
             async fn worker_leases(

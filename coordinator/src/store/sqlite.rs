@@ -24,6 +24,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct SqliteStore {
     pool: SqlitePool,
+    options: SqliteConnectOptions,
 }
 
 impl SqliteStore {
@@ -62,7 +63,7 @@ impl SqliteStore {
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(|cause| Error::Connect {
                 url: url.to_string(),
@@ -76,7 +77,7 @@ impl SqliteStore {
                 url: url.to_string(),
                 cause,
             })?;
-        Ok(Self { pool })
+        Ok(Self { pool, options })
     }
 
     /// A write transaction holding the database's write lock from its first statement.
@@ -107,6 +108,16 @@ const SUBMIT_ROW: &str = "SELECT f.state, f.lease_id, f.worker, f.attempts, r.ma
      WHERE f.run_id = $1 AND f.layer = $2 AND f.filter = $3";
 
 impl_store!(SqliteStore, Sqlite, {
+    async fn close(&self) {
+        self.pool.close().await;
+        // Connections that close at once may each see another still open and leave the
+        // write-ahead log behind; one last connection, alone, folds it in and removes it.
+        use sqlx::Connection;
+        if let Ok(last) = sqlx::SqliteConnection::connect_with(&self.options).await {
+            let _ = last.close().await;
+        }
+    }
+
     async fn lease(
         &self,
         run_id: &str,

@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use vgg_atlas_proto as pb;
@@ -46,19 +46,39 @@ enum SessionEnd {
 
 /// What a worker keeps across reconnects, so that a coordinator restart or a network cut costs
 /// no finished work: its id (its leases are issued to it), results computed but not yet
-/// accepted, and a lease fetched ahead.
+/// accepted, and a lease fetched ahead; and when the coordinator last answered.
 #[derive(Default)]
 struct Carry {
     worker_id: Option<String>,
     unsent: Option<pb::SubmitRequest>,
     next: Option<pb::Lease>,
+    /// When a call to the coordinator last succeeded (`None`: never yet).
+    last_answer: Option<Instant>,
+    /// The connection was lost while computing and the results are in `unsent`, not yet
+    /// offered: one more try is owed before giving up.
+    owe_a_try: bool,
+}
+
+impl Carry {
+    fn answered(&mut self) {
+        self.last_answer = Some(Instant::now());
+        self.owe_a_try = false;
+    }
 }
 
 /// Works for the coordinator until its run is finished. Connection losses are retried with
-/// backoff (up to 5 s between tries), keeping what was computed; a refusal (another protocol
-/// version, the wrong token, an untrusted certificate) is returned.
+/// backoff (up to 5 s between tries) for as long as it takes, keeping what was computed; a
+/// refusal (another protocol version, the wrong token, an untrusted certificate) is returned.
 pub async fn run(cfg: WorkerConfig) -> Result<()> {
+    run_or_give_up(cfg, None).await
+}
+
+/// [`run`], except that with `give_up_after` it stops with an error once no coordinator has
+/// answered for that long: since it started, or since the coordinator's last answer. (Results
+/// computed while the connection was lost are offered once more first.)
+pub async fn run_or_give_up(cfg: WorkerConfig, give_up_after: Option<Duration>) -> Result<()> {
     let endpoint = endpoint(&cfg)?;
+    let started = Instant::now();
     let mut backoff = Duration::from_millis(200);
     let mut engine: Option<Engine> = None;
     let mut carry = Carry::default();
@@ -66,22 +86,80 @@ pub async fn run(cfg: WorkerConfig) -> Result<()> {
         match session(&cfg, &endpoint, &mut engine, &mut carry).await {
             Ok(SessionEnd::Finished) => return Ok(()),
             Err(SessionError::Retry(why)) => {
-                tracing::warn!(
-                    "coordinator {} unreachable or lost ({why}); retrying in {:?}{}",
-                    cfg.connect,
-                    backoff,
-                    match &carry.unsent {
-                        Some(u) => format!(" with {} results to submit", u.results.len()),
-                        None => String::new(),
+                let silent = carry.last_answer.unwrap_or(started).elapsed();
+                let unsent = match &carry.unsent {
+                    Some(u) => format!(" with {} results to submit", u.results.len()),
+                    None => String::new(),
+                };
+                let mut wait = backoff;
+                if let Some(limit) = give_up_after {
+                    if silent >= limit && !std::mem::take(&mut carry.owe_a_try) {
+                        return Err(Error::Invalid(give_up_message(
+                            &cfg.connect,
+                            carry.last_answer.is_some(),
+                            limit,
+                            &why,
+                            carry.unsent.as_ref().map_or(0, |u| u.results.len()),
+                        )));
                     }
+                    // Whole milliseconds, as the log shows them.
+                    wait = wait.min(Duration::from_millis(
+                        limit.saturating_sub(silent).as_millis() as u64,
+                    ));
+                }
+                tracing::warn!(
+                    "coordinator {} unreachable or lost ({why}); retrying in {wait:?}{unsent}",
+                    cfg.connect,
                 );
-                tokio::time::sleep(backoff).await;
+                tokio::time::sleep(wait).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
             Err(SessionError::Fatal(e)) => return Err(e),
         }
     }
 }
+
+/// Why a worker stopped with `--give-up-after`.
+fn give_up_message(
+    connect: &str,
+    ever_answered: bool,
+    limit: Duration,
+    why: &str,
+    unsent: usize,
+) -> String {
+    let since = if ever_answered {
+        "since its last answer"
+    } else {
+        "since this worker started"
+    };
+    let lost = if unsent > 0 {
+        format!("; {unsent} computed results were not submitted")
+    } else {
+        String::new()
+    };
+    format!(
+        "giving up: no coordinator answered at {connect} for {} {since} (--give-up-after); \
+         the last try: {why}{lost}",
+        human(limit)
+    )
+}
+
+/// A duration as an operator writes it: 90s, 30m, 2h, 1h30m, 1.5s.
+fn human(d: Duration) -> String {
+    if d.subsec_millis() != 0 || d.as_secs() == 0 {
+        return format!("{}s", d.as_secs_f64());
+    }
+    let s = d.as_secs();
+    let (h, m, s) = (s / 3600, s / 60 % 60, s % 60);
+    let mut out = String::new();
+    for (n, unit) in [(h, "h"), (m, "m"), (s, "s")] {
+        if n > 0 {
+            out += &format!("{n}{unit}");
+        }
+    }
+    out
+}
+
 enum SessionError {
     Retry(String),
     Fatal(Error),
@@ -188,6 +266,7 @@ async fn session(
         })
         .await?
         .into_inner();
+    carry.answered();
     let run = reg
         .run
         .ok_or_else(|| SessionError::Retry("register answered without a run".into()))?;
@@ -197,6 +276,7 @@ async fn session(
     let sha = settings.weights_sha256.clone();
     if engine.as_ref().map(|e| e.sha256 != sha).unwrap_or(true) {
         let path = weights_for(cfg, &mut client, &sha).await?;
+        carry.answered();
         let weights = Weights::load(&path)?;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(cfg.threads)
@@ -225,7 +305,10 @@ async fn session(
     loop {
         let lease = match carry.next.take() {
             Some(l) => l,
-            None => match poll(client.clone(), worker_id.clone(), cfg.batch, Vec::new()).await? {
+            None => match poll(client.clone(), worker_id.clone(), cfg.batch, Vec::new())
+                .await
+                .inspect(|_| carry.answered())?
+            {
                 Next::Lease(l) => *l,
                 Next::Finished => return Ok(SessionEnd::Finished),
                 Next::Wait(d) => {
@@ -274,20 +357,26 @@ async fn session(
                 done = &mut job => break done.map_err(|e| SessionError::Fatal(Error::Invalid(format!("compute task failed: {e}"))))??,
                 got = async { prefetch.as_mut().expect("guarded").await }, if prefetch.is_some() => {
                     prefetch = None;
+                    if matches!(got, Ok(Ok(_))) {
+                        carry.answered();
+                    }
                     carry.next = prefetched(got);
                 }
                 _ = tick.tick(), if lost.is_none() && stall.is_none() => {
                     let mut ids = vec![lease.lease_id.clone()];
                     ids.extend(carry.next.iter().map(|l| l.lease_id.clone()));
                     match client.heartbeat(pb::HeartbeatRequest { worker_id: worker_id.clone(), lease_ids: ids }).await {
-                        Ok(hb) => for l in hb.into_inner().leases.iter().filter(|l| l.state == pb::LeaseState::Revoked as i32) {
-                            if l.lease_id == lease.lease_id {
-                                tracing::warn!(lease = %lease.lease_id, "lease revoked while computing; its results will be offered anyway");
-                            } else if carry.next.as_ref().is_some_and(|n| n.lease_id == l.lease_id) {
-                                tracing::warn!(lease = %l.lease_id, "prefetched lease revoked before it started; dropped");
-                                carry.next = None;
+                        Ok(hb) => {
+                            carry.answered();
+                            for l in hb.into_inner().leases.iter().filter(|l| l.state == pb::LeaseState::Revoked as i32) {
+                                if l.lease_id == lease.lease_id {
+                                    tracing::warn!(lease = %lease.lease_id, "lease revoked while computing; its results will be offered anyway");
+                                } else if carry.next.as_ref().is_some_and(|n| n.lease_id == l.lease_id) {
+                                    tracing::warn!(lease = %l.lease_id, "prefetched lease revoked before it started; dropped");
+                                    carry.next = None;
+                                }
                             }
-                        },
+                        }
                         Err(status) => match SessionError::from(status) {
                             SessionError::Retry(why) => {
                                 tracing::warn!(lease = %lease.lease_id, "heartbeat failed ({why}); computing on, to submit when the coordinator is back");
@@ -304,7 +393,11 @@ async fn session(
         }
         if let Some(p) = prefetch {
             // Still in flight: it is one short RPC, and a lease it brings must not be left to expire.
-            carry.next = prefetched(p.await);
+            let got = p.await;
+            if matches!(got, Ok(Ok(_))) {
+                carry.answered();
+            }
+            carry.next = prefetched(got);
         }
         let wire: Vec<pb::FilterResult> = results.iter().map(to_wire).collect::<Result<_>>()?;
         let request = pb::SubmitRequest {
@@ -314,6 +407,7 @@ async fn session(
         };
         if let Some(why) = lost {
             carry.unsent = Some(request);
+            carry.owe_a_try = true;
             return Err(SessionError::Retry(why));
         }
         submit(&mut client, request, carry).await?;
@@ -329,7 +423,10 @@ async fn submit(
 ) -> Result<(), SessionError> {
     let lease_id = request.lease_id.clone();
     let outcomes = match client.submit(request.clone()).await {
-        Ok(r) => r.into_inner(),
+        Ok(r) => {
+            carry.answered();
+            r.into_inner()
+        }
         Err(status) => {
             let e = SessionError::from(status);
             if matches!(e, SessionError::Retry(_)) {
@@ -568,5 +665,32 @@ mod tests {
         assert_eq!(WeightsFormat::Onnx.file_name("ab"), "weights-ab.onnx");
         let e = WeightsFormat::of("vgg16.h5").unwrap_err().to_string();
         assert!(e.contains("vgg16.h5") && e.contains(".onnx"), "{e}");
+    }
+
+    #[test]
+    fn giving_up_says_how_long_since_what_and_what_is_lost() {
+        assert_eq!(human(Duration::from_secs(90)), "1m30s");
+        assert_eq!(human(Duration::from_secs(7200)), "2h");
+        assert_eq!(human(Duration::from_millis(1500)), "1.5s");
+        let m = give_up_message(
+            "http://c:50051",
+            false,
+            Duration::from_secs(1800),
+            "refused",
+            0,
+        );
+        assert!(
+            m.contains(
+                "no coordinator answered at http://c:50051 for 30m since this worker started"
+            ) && m.contains("the last try: refused")
+                && !m.contains("not submitted"),
+            "{m}"
+        );
+        let m = give_up_message("http://c:50051", true, Duration::from_secs(3), "cut", 8);
+        assert!(
+            m.contains("3s since its last answer")
+                && m.contains("8 computed results were not submitted"),
+            "{m}"
+        );
     }
 }

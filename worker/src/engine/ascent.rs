@@ -73,6 +73,20 @@ pub fn ascend(
     s: &Settings,
     faults: Faults,
 ) -> Result<Vec<FilterResult>> {
+    ascend_observed(trunk, preprocess, layer, targets, s, faults, &mut |_| {})
+}
+
+/// [`ascend`], calling `on_step(images)` after each step with the number of images that took
+/// it (for a progress display).
+pub fn ascend_observed(
+    trunk: &mut dyn Trunk,
+    preprocess: Preprocess,
+    layer: Layer,
+    targets: &[Target],
+    s: &Settings,
+    faults: Faults,
+    on_step: &mut dyn FnMut(usize),
+) -> Result<Vec<FilterResult>> {
     if targets.is_empty() {
         return Ok(Vec::new());
     }
@@ -90,12 +104,12 @@ pub fn ascend(
         let mut results = Vec::with_capacity(targets.len());
         for part in targets.chunks(fit.max(1)) {
             let mut images = DeviceImages::new(device, preprocess, layer, part, s)?;
-            results.extend(run(&mut images, layer, part, s, faults)?);
+            results.extend(run(&mut images, layer, part, s, faults, on_step)?);
         }
         return Ok(results);
     }
     let mut images = HostImages::new(trunk, preprocess, layer, targets, s);
-    run(&mut images, layer, targets, s, faults)
+    run(&mut images, layer, targets, s, faults, on_step)
 }
 
 /// The ascent of one batch: the same steps, records and retries on every image side.
@@ -105,6 +119,7 @@ fn run(
     targets: &[Target],
     s: &Settings,
     faults: Faults,
+    on_step: &mut dyn FnMut(usize),
 ) -> Result<Vec<FilterResult>> {
     let started = Instant::now();
     let b = targets.len();
@@ -165,6 +180,7 @@ fn run(
             }
             images.update(&vec![false; b], &bad, &vec![false; b], &lr)?;
         }
+        on_step(b);
     }
     let xs = images.images()?;
     let seconds = started.elapsed().as_secs_f32() / b as f32;
