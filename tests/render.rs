@@ -257,6 +257,50 @@ fn listening_beyond_loopback_needs_a_token() {
     );
 }
 
+/// `render --listen 127.0.0.1:P --no-token` says how workers join, and a worker run exactly as
+/// it says joins and finishes the run.
+#[test]
+fn a_no_token_coordinator_says_how_to_join_and_a_worker_that_does_so_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut render = bin()
+        .env_remove("VGG_ATLAS_TOKEN")
+        .args([
+            "render",
+            "--listen",
+            "127.0.0.1:0",
+            "--no-token",
+            "--local-workers",
+            "0",
+        ])
+        .arg("--out")
+        .arg(dir.path())
+        .args(["--layers", "block1_conv1", "--size", "32", "--steps", "2"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(render.stderr.take().unwrap()));
+    let said = loop {
+        let line = lines.next().expect("render says how workers join").unwrap();
+        if line.contains("workers join with") {
+            break line;
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    let command = said.split('`').nth(1).unwrap();
+    let words: Vec<&str> = command.split_whitespace().collect();
+    assert_eq!(&words[..2], ["vgg-atlas", "worker"], "{said}");
+    assert!(words.contains(&"--no-token"), "{said}");
+    let mut w = bin()
+        .env_remove("VGG_ATLAS_TOKEN")
+        .args(&words[1..])
+        .args(["--threads", "1"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(wait(&mut w, Duration::from_secs(120)).success(), "{said}");
+    assert!(wait(&mut render, Duration::from_secs(60)).success());
+}
+
 /// A CA and a certificate for 127.0.0.1 signed by it, made here: (ca.pem, cert.pem, key.pem).
 fn certificates(dir: &std::path::Path) -> (String, String, String) {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
@@ -397,6 +441,15 @@ fn health_and_prometheus_metrics_report_the_run() {
             .unwrap()
     };
     assert_eq!(value("vgg_atlas_results_recorded_total"), 64);
+    assert_eq!(value("vgg_atlas_filters_planned"), 64);
+    // Prometheus reserves `_total` for counters: no gauge may carry it.
+    for gauge in after.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+        let (name, kind) = gauge.split_once(' ').unwrap();
+        assert!(
+            kind != "gauge" || !name.ends_with("_total"),
+            "the gauge {name} ends in _total"
+        );
+    }
     assert_eq!(value("vgg_atlas_workers"), 1);
     assert!(value("vgg_atlas_leases_issued_total") >= 64 / 8);
     assert!(
