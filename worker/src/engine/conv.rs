@@ -10,6 +10,8 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::winograd::{conv3x3_winograd, Tile, WinogradKernel};
+
 /// Geometry of a padded NHWC buffer.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Geom {
@@ -64,6 +66,37 @@ pub struct PackedConv {
     pub bias: Vec<f32>,
     /// OIHW, for single-channel work on the target layer.
     pub oihw: Vec<f32>,
+    /// The kernels transformed for Winograd F(4x4, 3x3), forward and input gradient, where
+    /// it is faster (see [`winograd_pays`]); `None` keeps the direct path.
+    pub winograd: Option<(WinogradKernel, WinogradKernel)>,
+}
+
+/// How the CPU trunk computes its 3x3 convs below the target layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvAlgorithm {
+    /// Winograd F(4x4, 3x3) where it measured faster, the direct path elsewhere (the default).
+    Auto,
+    /// The direct path everywhere, for comparison (`VGG_ATLAS_CONV=direct`).
+    Direct,
+}
+
+impl ConvAlgorithm {
+    /// `VGG_ATLAS_CONV=direct` selects the direct path; anything else (or nothing) is `Auto`.
+    pub fn from_env() -> ConvAlgorithm {
+        match std::env::var("VGG_ATLAS_CONV").as_deref() {
+            Ok("direct") => ConvAlgorithm::Direct,
+            _ => ConvAlgorithm::Auto,
+        }
+    }
+}
+
+/// Where F(4x4, 3x3) beats the direct path, by measurement (`cargo run --release -p
+/// vgg-atlas-worker --example winograd`, 2-core AMD EPYC, 128 px, batch 16): both channel
+/// counts at least 128 (block2_conv2 1.6x, block3 2.1-2.9x, block4 2.7-4.2x, block5 2.2-2.4x);
+/// with 64 channels or fewer it is slower or even (block1_conv2 0.67-0.97x, block2_conv1
+/// 1.02x). The map must hold a few whole tiles (checked per call).
+pub fn winograd_pays(cin: usize, cout: usize) -> bool {
+    cin >= 128 && cout >= 128
 }
 
 impl PackedConv {
@@ -79,6 +112,14 @@ impl PackedConv {
                 }
             }
         }
+        let winograd = (ConvAlgorithm::from_env() == ConvAlgorithm::Auto
+            && winograd_pays(cin, cout))
+        .then(|| {
+            (
+                WinogradKernel::new(Tile::F4, &forward, cin, cout),
+                WinogradKernel::new(Tile::F4, &backward, cout, cin),
+            )
+        });
         PackedConv {
             cin,
             cout,
@@ -86,8 +127,31 @@ impl PackedConv {
             backward,
             bias: bias.to_vec(),
             oihw: oihw.to_vec(),
+            winograd,
         }
     }
+
+    /// `out = conv(x)` (no bias) over padded buffers of geometry `g` with `cin` channels.
+    pub fn conv_forward(&self, g: Geom, x: &[f32], out: &mut [f32]) {
+        match &self.winograd {
+            Some((k, _)) if tiles_fit(g) => conv3x3_winograd(g, x, k, out),
+            _ => conv3x3(g, x, self.cin, &self.forward, self.cout, out),
+        }
+    }
+
+    /// The input gradient of the conv from its output gradient `gy` (geometry `g` with `cout`
+    /// channels) into `out` (`cin` channels).
+    pub fn conv_input_grad(&self, g: Geom, gy: &[f32], out: &mut [f32]) {
+        match &self.winograd {
+            Some((_, k)) if tiles_fit(g) => conv3x3_winograd(g, gy, k, out),
+            _ => conv3x3(g, gy, self.cout, &self.backward, self.cin, out),
+        }
+    }
+}
+
+/// F(4x4, 3x3) computes whole 4x4 tiles: on maps under 8x8 most of a tile is waste.
+fn tiles_fit(g: Geom) -> bool {
+    g.h >= 8 && g.w >= 8
 }
 
 /// `out = conv3x3(x)` over padded buffers of geometry `g` (channels `cin` in, `cout` out),

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use vgg_atlas_proto::layers::{Layer, LayerKind, LAYERS};
 use vgg_atlas_proto::Objective;
 
-use super::conv::{conv3x3, Geom, PackedConv};
+use super::conv::{Geom, PackedConv};
 use super::trunk::{check_request, Scores, Trunk};
 use super::weights::{DenseParams, Weights};
 use crate::{Error, Result};
@@ -194,7 +194,7 @@ impl Trunk for CpuTrunk {
             match *stage {
                 Stage::Conv { layer: l, g } => {
                     let pc = &convs[l];
-                    conv3x3(g, x, pc.cin, &pc.forward, pc.cout, out);
+                    pc.conv_forward(g, x, out);
                     bias_relu(g.with_c(pc.cout), out, &pc.bias);
                 }
                 Stage::Pool { from, to } => max_pool(from, to, x, out, &mut argmax[k]),
@@ -278,14 +278,7 @@ impl Trunk for CpuTrunk {
                     let pc = &convs[l];
                     let go = g.with_c(pc.cout);
                     relu_mask(&mut cur[..go.floats()], &acts[k + 1]);
-                    conv3x3(
-                        go,
-                        &cur[..go.floats()],
-                        pc.cout,
-                        &pc.backward,
-                        pc.cin,
-                        &mut next[..g.floats()],
-                    );
+                    pc.conv_input_grad(go, &cur[..go.floats()], &mut next[..g.floats()]);
                 }
                 Stage::Flatten { from } => unflatten(
                     from,

@@ -31,6 +31,7 @@ pub mod transform;
 pub mod trunk;
 pub mod vgg;
 pub mod weights;
+pub mod winograd;
 
 use cpu_trunk::CpuTrunk;
 use device_trunk::{DeviceTrunk, Precision};
