@@ -228,14 +228,15 @@ fn compact(g: Geom, cin: usize) -> bool {
     cin < 16 || g.h * g.w <= 16 * 16
 }
 
-/// A raw pointer that rayon tasks may share; each task writes disjoint rows.
+/// A raw pointer that rayon tasks may share; each task writes disjoint rows (here and in
+/// `winograd`).
 #[derive(Clone, Copy)]
-struct RowsPtr(*mut f32);
+pub(crate) struct RowsPtr(pub(crate) *mut f32);
 // SAFETY: only used to write rows that no other task writes (see conv_compact).
 unsafe impl Send for RowsPtr {}
 unsafe impl Sync for RowsPtr {}
 impl RowsPtr {
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }

@@ -17,7 +17,7 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::conv::Geom;
+use super::conv::{Geom, RowsPtr as Shared};
 
 /// The transform matrices of one F(m x m, 3 x 3), row-major.
 struct Transform {
@@ -141,18 +141,6 @@ impl WinogradKernel {
             }
         }
         WinogradKernel { tile, cin, cout, u }
-    }
-}
-
-/// A raw pointer that rayon tasks may share; each task writes places no other task writes.
-#[derive(Clone, Copy)]
-struct Shared(*mut f32);
-// SAFETY: only used where every task writes a disjoint part (see conv3x3_winograd).
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
-impl Shared {
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 
