@@ -80,6 +80,17 @@ pub struct Method {
     /// Random scale per step within 1 +- this.
     #[arg(long)]
     pub scale_jitter: Option<f32>,
+    /// Steps over which the step size rises from a tenth of --learning-rate to all of it.
+    #[arg(long)]
+    pub warmup_steps: Option<u32>,
+    /// After the warm-up, lower the step size along a half cosine to a hundredth of it at the
+    /// last step (true or false).
+    #[arg(long)]
+    pub cosine_decay: Option<bool>,
+    /// In the first N blocks (0 to 5), view the image rolled each step: repeated periodically
+    /// and shifted by a random offset over a whole period, so its borders are not special.
+    #[arg(long)]
+    pub roll_blocks: Option<u32>,
 }
 
 impl Method {
@@ -103,6 +114,9 @@ impl Method {
             jitter,
             rotate_degrees,
             scale_jitter,
+            warmup_steps,
+            cosine_decay,
+            roll_blocks,
             objective,
             parameterization,
             optimizer

@@ -8,8 +8,11 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::json;
+use vgg_atlas_atlas::quality;
 use vgg_atlas_proto::{Layer, Preset, Settings};
-use vgg_atlas_worker::engine::ascent;
+use vgg_atlas_worker::engine::ascent::{self, Faults, Target, Watch};
+use vgg_atlas_worker::engine::profile::{Phase, Phases};
+use vgg_atlas_worker::engine::record;
 use vgg_atlas_worker::engine::device_trunk::DeviceTrunk;
 use vgg_atlas_worker::engine::record::FilterResult;
 
@@ -28,6 +31,11 @@ pub struct BenchArgs {
     /// comparison that shows what keeping it there buys.
     #[arg(long)]
     pub host_ascent: bool,
+    /// Also print where the best batch's time went: the network, and each phase the host image
+    /// side runs around it every step (render, transform, regularizers, their backward passes,
+    /// optimiser), plus encoding the PNGs once per filter.
+    #[arg(long)]
+    pub profile: bool,
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -38,7 +46,7 @@ pub struct BenchArgs {
 
 #[derive(Args)]
 pub struct BenchPresetsArgs {
-    /// Layers, comma-separated.
+    /// Layers, comma-separated, or `all` (the 13 conv layers).
     #[arg(
         long,
         value_delimiter = ',',
@@ -46,8 +54,11 @@ pub struct BenchPresetsArgs {
     )]
     pub layers: Vec<String>,
     /// Filters of each layer, A..B.
-    #[arg(long, default_value = "0..4")]
+    #[arg(long, default_value = "0..4", conflicts_with = "sample")]
     pub filters: String,
+    /// Instead of --filters: N filters of each layer spread over it (as `render --sample N`).
+    #[arg(long)]
+    pub sample: Option<usize>,
     /// Presets to compare, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "quick,keras-vis,lucid")]
     pub presets: Vec<String>,
@@ -130,6 +141,7 @@ pub fn bench_presets(a: BenchPresetsArgs) -> Result<()> {
     let BenchPresetsArgs {
         layers,
         filters,
+        sample,
         presets,
         steps,
         size,
@@ -138,10 +150,14 @@ pub fn bench_presets(a: BenchPresetsArgs) -> Result<()> {
         compute,
     } = a;
     let filters = filters.as_str();
-    let layers: Vec<Layer> = layers
-        .iter()
-        .map(|n| Layer::by_name(n.trim()))
-        .collect::<Result<_, _>>()?;
+    let layers: Vec<Layer> = if layers.iter().any(|l| l.trim() == "all") {
+        conv_layers_or(&[])?
+    } else {
+        conv_layers_or(&layers)?
+    };
+    if sample == Some(0) {
+        bail!("--sample must be at least 1");
+    }
     let weights = compute.weights()?;
     let (pool, threads) = compute.pool()?;
     let mut trunk = compute.trunk(&weights)?;
@@ -154,8 +170,10 @@ pub fn bench_presets(a: BenchPresetsArgs) -> Result<()> {
         .collect::<Result<_, _>>()?;
     for &preset in &presets {
         for &layer in &layers {
-            let range = parse_filters(filters, &layer)?;
-            let ids: Vec<usize> = range.collect();
+            let ids: Vec<usize> = match sample {
+                Some(n) => vgg_atlas_coordinator::plan::spread(layer.filters(), n),
+                None => parse_filters(filters, &layer)?.collect(),
+            };
             let mut s = preset.settings();
             s.size = size;
             if let Some(n) = steps {
@@ -170,17 +188,35 @@ pub fn bench_presets(a: BenchPresetsArgs) -> Result<()> {
                 results.iter().map(|r| f(r) as f64).sum::<f64>() / results.len() as f64
             };
             let activation = mean(&|r| r.activation);
+            let finished: Vec<&FilterResult> =
+                results.iter().filter(|r| r.failed_reason.is_none()).collect();
+            let activations: Vec<f64> = finished.iter().map(|r| r.activation as f64).collect();
+            let borders: Vec<f64> = finished
+                .iter()
+                .filter_map(|r| r.image.as_ref().map(quality::border_ratio))
+                .collect();
+            let median_activation = quality::median(&activations).unwrap_or(0.0);
+            let median_border = quality::median(&borders).unwrap_or(1.0);
+            let max_border = borders.iter().copied().fold(1.0f64, f64::max);
+            let weak = quality::weak_count(&activations);
             let row = json!({"preset": preset.name(), "layer": layer.name, "filters": ids.len(),
                 "steps": s.steps, "size": s.size, "threads": threads,
                 "mean_activation": activation, "mean_start_activation": mean(&|r| r.start_activation),
+                "median_activation": median_activation,
                 "seconds_per_filter": secs, "activation_per_second": activation / secs,
-                "dead": results.iter().filter(|r| r.dead).count(),
+                "dead": results.iter().filter(|r| r.dead).count(), "weak": weak,
+                "border_ratio_median": median_border, "border_ratio_max": max_border,
+                "median_curve": (0..s.steps).map(|i| {
+                    let at: Vec<f64> = finished.iter().filter_map(|r| r.curve.get(i).map(|&a| a as f64)).collect();
+                    quality::median(&at).unwrap_or(0.0)
+                }).collect::<Vec<_>>(),
                 "failed": results.iter().filter(|r| r.failed_reason.is_some()).count()});
             if !json {
                 println!(
-                    "{:<10} {:<13} {:>4} steps: mean activation {:>9.1} (start {:>7.1}), {:>6.2} s/filter, {:>8.1} activation/s, {} dead",
-                    preset.name(), layer.name, s.steps, activation, row["mean_start_activation"].as_f64().unwrap_or(0.0),
-                    secs, activation / secs, row["dead"]
+                    "{:<10} {:<13} {:>4} steps: activation mean {:>9.1} median {:>9.1} (start {:>7.1}), {:>6.2} s/filter, {} dead, {} weak, border ratio median {:.2} max {:.2}",
+                    preset.name(), layer.name, s.steps, activation, median_activation,
+                    row["mean_start_activation"].as_f64().unwrap_or(0.0),
+                    secs, row["dead"], weak, median_border, max_border
                 );
             }
             rows.push(row);
@@ -209,11 +245,39 @@ pub fn bench_presets(a: BenchPresetsArgs) -> Result<()> {
     Ok(())
 }
 
+/// One line of `bench --profile`.
+#[derive(Clone)]
+struct ProfileRow {
+    phase: &'static str,
+    seconds: f64,
+    percent: f64,
+}
+
+/// The phases of a batch that took `seconds` in all, the PNG encoding (`png` seconds) after it,
+/// and what no phase covers (the driver's records and bookkeeping).
+fn profile_of(phases: Option<&Phases>, seconds: f64, png: f64) -> Option<Vec<ProfileRow>> {
+    let phases = phases?;
+    let total = seconds + png;
+    let row = |phase, s: f64| ProfileRow {
+        phase,
+        seconds: s,
+        percent: 100.0 * s / total,
+    };
+    let mut rows: Vec<ProfileRow> = Phase::ALL
+        .iter()
+        .map(|&p| row(p.name(), phases.get(p).as_secs_f64()))
+        .collect();
+    rows.push(row("png (once per filter)", png));
+    rows.push(row("other", seconds - phases.total().as_secs_f64()));
+    Some(rows)
+}
+
 pub fn bench(a: BenchArgs) -> Result<()> {
     let BenchArgs {
         layer,
         batch,
         host_ascent,
+        profile,
         json,
         method,
         compute,
@@ -258,7 +322,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     // size, per step, as the dense method would do them.
     let flops_per_filter =
         2.0 * 2.0 * layer.forward_macs(settings.size) as f64 * settings.steps as f64;
-    let mut best: Option<(usize, f64)> = None;
+    let mut best: Option<(usize, f64, Option<Vec<ProfileRow>>)> = None;
     let mut tried = Vec::new();
     for b in batches {
         let filters: Vec<usize> = (0..b).map(|i| i % layer.filters()).collect();
@@ -278,26 +342,61 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             }
             Err(e) => return Err(e.into()),
         }
+        let targets: Vec<Target> = filters
+            .iter()
+            .map(|&f| Target::planned(&settings, &layer, f))
+            .collect();
+        let mut watch = Watch::default();
         let t = Instant::now();
-        pool.install(|| {
-            ascent::visualize(&mut *trunk, weights.preprocess, layer, &filters, &settings)
+        let results = pool.install(|| {
+            ascent::ascend_observed(
+                &mut *trunk,
+                weights.preprocess,
+                layer,
+                &targets,
+                &settings,
+                Faults::default(),
+                &mut watch,
+            )
         })?;
-        let fps = b as f64 / t.elapsed().as_secs_f64();
+        let seconds = t.elapsed().as_secs_f64();
+        let fps = b as f64 / seconds;
+        // What a worker does next with each result: its PNG.
+        let t = Instant::now();
+        for img in results.iter().filter_map(|r| r.image.as_ref()) {
+            record::encode_png(img)?;
+        }
+        let png = t.elapsed().as_secs_f64();
         if !json {
             eprintln!("{} batch {:>3}: {:>8.3} filters/s, {:>7.1} GFLOP/s effective ({} threads, {} px, {} steps)", layer.name, b, fps, fps * flops_per_filter / 1e9, threads, settings.size, settings.steps);
         }
         tried.push(json!({"batch": b, "filters_per_second": fps}));
-        if best.is_none_or(|(_, f)| fps > f) {
-            best = Some((b, fps));
+        if best.as_ref().is_none_or(|(_, f, _)| fps > *f) {
+            best = Some((b, fps, profile_of(watch.phases.as_ref(), seconds, png)));
         }
     }
-    let (b, fps) = best.expect("at least one batch");
+    let (b, fps, phases) = best.expect("at least one batch");
+    if profile && phases.is_none() {
+        bail!("--profile times the phases of the host image side; this device keeps the images on the device (add --host-ascent to profile the host side)");
+    }
     let doc = json!({"layer": layer.name, "batch": b, "filters_per_second": fps, "gflops": fps * flops_per_filter / 1e9,
         "threads": threads, "device": compute.device, "precision": compute.precision, "ascent": if resident { "device" } else { "host" },
-        "fits_in_memory": fits, "size": settings.size, "steps": settings.steps, "tried": tried});
+        "fits_in_memory": fits, "size": settings.size, "steps": settings.steps, "tried": tried,
+        "profile": phases.as_ref().filter(|_| profile).map(|rows| rows.iter()
+            .map(|r| json!({"phase": r.phase, "seconds": r.seconds, "percent": r.percent}))
+            .collect::<Vec<_>>())});
     if json {
         println!("{doc}");
     } else {
+        if let (true, Some(rows)) = (profile, &phases) {
+            println!("{} batch {b}: where the time went (share of the batch's wall time)", layer.name);
+            for row in rows {
+                println!(
+                    "  {:<20} {:>9.3} s {:>6.1}%",
+                    row.phase, row.seconds, row.percent
+                );
+            }
+        }
         println!(
             "{}: best batch {b}, {fps:.3} filters/s, {:.1} GFLOP/s effective",
             layer.name,

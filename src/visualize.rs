@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::json;
+use vgg_atlas_atlas::quality;
 use vgg_atlas_proto::Layer;
-use vgg_atlas_worker::engine::ascent::{self, Faults, Target};
+use vgg_atlas_worker::engine::ascent::{self, Faults, Target, Watch};
 use vgg_atlas_worker::engine::vgg::Vgg16;
 
 use crate::args::{parse_filters, Compute, Method};
@@ -120,6 +121,7 @@ pub fn visualize(a: VisualizeArgs) -> Result<()> {
     let all: Vec<usize> = filters.collect();
     let mut steps = StepProgress::new(layer.name, all.len(), settings.steps);
     let mut records = Vec::new();
+    let (mut activations, mut borders) = (Vec::new(), Vec::new());
     for chunk in all.chunks(batch) {
         let results = pool.install(|| {
             let targets: Vec<Target> = chunk
@@ -133,7 +135,10 @@ pub fn visualize(a: VisualizeArgs) -> Result<()> {
                 &targets,
                 &settings,
                 Faults::from_env(),
-                &mut |images| steps.step(images),
+                &mut Watch {
+                    on_step: Some(&mut |images| steps.step(images)),
+                    phases: None,
+                },
             )
         })?;
         for r in results {
@@ -156,8 +161,14 @@ pub fn visualize(a: VisualizeArgs) -> Result<()> {
                     r.layer, r.filter, r.activation, r.start_activation, flag
                 ));
             }
+            let border = r.image.as_ref().map(quality::border_ratio);
+            if r.failed_reason.is_none() {
+                activations.push(r.activation as f64);
+                borders.extend(border);
+            }
             let mut v = serde_json::to_value(&r)?;
             v["image"] = json!(r.image.as_ref().map(|_| name.clone()));
+            v["border_ratio"] = json!(border);
             records.push(v);
         }
     }
@@ -170,6 +181,17 @@ pub fn visualize(a: VisualizeArgs) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string(&records)?);
     } else {
+        eprintln!(
+            "{}: {} finished, {} dead, {} weak (under a fifth of the median activation); \
+             activation median {:.1}; border ratio median {:.2}, max {:.2}",
+            layer.name,
+            activations.len(),
+            records.iter().filter(|r| r["dead"] == json!(true)).count(),
+            quality::weak_count(&activations),
+            quality::median(&activations).unwrap_or(0.0),
+            quality::median(&borders).unwrap_or(1.0),
+            borders.iter().copied().fold(1.0f64, f64::max),
+        );
         eprintln!(
             "wrote {} images and results.json to {}",
             records.len(),

@@ -15,6 +15,7 @@
 //! the network.
 
 pub mod draw;
+pub mod quality;
 
 use std::path::{Path, PathBuf};
 

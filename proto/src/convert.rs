@@ -27,6 +27,9 @@ impl Settings {
             jitter: self.jitter,
             rotate_degrees: self.rotate_degrees,
             scale_jitter: self.scale_jitter,
+            warmup_steps: self.warmup_steps,
+            cosine_decay: self.cosine_decay,
+            roll_blocks: self.roll_blocks,
         }
     }
 }
@@ -67,7 +70,7 @@ impl TryFrom<&RunSettings> for Settings {
             objective: by_name(
                 "objective",
                 &s.objective,
-                &[PreRelu, PostRelu],
+                &[PreRelu, PostRelu, PostReluWake],
                 Objective::name,
             )?,
             parameterization: by_name(
@@ -90,6 +93,9 @@ impl TryFrom<&RunSettings> for Settings {
             jitter: s.jitter,
             rotate_degrees: s.rotate_degrees,
             scale_jitter: s.scale_jitter,
+            warmup_steps: s.warmup_steps,
+            cosine_decay: s.cosine_decay,
+            roll_blocks: s.roll_blocks,
         })
     }
 }

@@ -15,6 +15,10 @@ pub enum Objective {
     PreRelu,
     /// Mean after the ReLU, as in the Keras tutorial.
     PostRelu,
+    /// Mean after the ReLU while the filter fires anywhere in the image, and before it while
+    /// it is silent: the activation itself is maximised, and a silent filter is still woken
+    /// (post-ReLU alone gives it no gradient).
+    PostReluWake,
 }
 
 /// How the image is represented while it is optimised.
@@ -64,6 +68,7 @@ impl Objective {
         match self {
             Objective::PreRelu => "pre-relu",
             Objective::PostRelu => "post-relu",
+            Objective::PostReluWake => "post-relu-wake",
         }
     }
 }
@@ -136,6 +141,9 @@ impl Preset {
             jitter: 0,
             rotate_degrees: 0.0,
             scale_jitter: 0.0,
+            warmup_steps: 0,
+            cosine_decay: false,
+            roll_blocks: 0,
         };
         match self {
             Preset::Quick => quick,
@@ -197,6 +205,29 @@ pub struct Settings {
     pub rotate_degrees: f32,
     /// ... random scale in 1 ± this.
     pub scale_jitter: f32,
+    /// The step size's schedule: it rises linearly from a tenth of `learning_rate` to all of
+    /// it over the first `warmup_steps` steps (0: it starts at all of it) ...
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub warmup_steps: u32,
+    /// ... and then, if set, falls along a half cosine to a hundredth of it at the last step
+    /// (unset: it stays). (Both are left out of the JSON when unused, so the runs stored
+    /// before they existed keep their identity.)
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub cosine_decay: bool,
+    /// In the first `roll_blocks` blocks of the network, every step views the image rolled: it
+    /// repeats periodically (a Fourier image is periodic) and is shifted by a random offset
+    /// over a whole period, so no part of it sits at the view's border more than another.
+    /// Left out of the JSON when 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub roll_blocks: u32,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
+fn is_false(v: &bool) -> bool {
+    !*v
 }
 
 impl Default for Settings {
@@ -255,6 +286,18 @@ impl Settings {
                 self.learning_rate, self.rmsprop_decay, self.lp_norm_p, self.tv_beta
             )));
         }
+        if self.roll_blocks > 5 {
+            return Err(Error::Invalid(format!(
+                "roll blocks {}: VGG16 has 5 blocks",
+                self.roll_blocks
+            )));
+        }
+        if self.warmup_steps as usize > self.steps {
+            return Err(Error::Invalid(format!(
+                "{} warm-up steps in a run of {} steps: the warm-up must fit in the run",
+                self.warmup_steps, self.steps
+            )));
+        }
         if self.jitter as usize * 2 > self.size
             || !(0.0..=45.0).contains(&self.rotate_degrees)
             || !(0.0..=0.5).contains(&self.scale_jitter)
@@ -266,6 +309,27 @@ impl Settings {
             )));
         }
         Ok(())
+    }
+}
+
+impl Settings {
+    /// Whether the ascent on `layer` views its image rolled (see `roll_blocks`).
+    pub fn rolls(&self, layer: &Layer) -> bool {
+        layer.is_conv() && (layer.pools_before() as u32) < self.roll_blocks
+    }
+
+    /// The step size of step `step` (0-based) of `steps`, from the schedule.
+    pub fn learning_rate_at(&self, step: usize) -> f32 {
+        let base = self.learning_rate;
+        let warmup = self.warmup_steps as usize;
+        if step < warmup {
+            return base * (0.1 + 0.9 * step as f32 / warmup as f32);
+        }
+        if !self.cosine_decay || self.steps <= warmup + 1 {
+            return base;
+        }
+        let t = (step - warmup) as f32 / (self.steps - warmup - 1) as f32;
+        base * (0.01 + 0.99 * 0.5 * (1.0 + (std::f32::consts::PI * t.min(1.0)).cos()))
     }
 }
 

@@ -43,6 +43,9 @@ fn settings() -> RunSettings {
         jitter: 8,
         rotate_degrees: 10.0,
         scale_jitter: 0.1,
+        warmup_steps: 8,
+        cosine_decay: true,
+        roll_blocks: 1,
     }
 }
 

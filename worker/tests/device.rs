@@ -27,7 +27,11 @@ fn device_trunk_scores_and_gradient_equal_the_cpu_trunk() {
     ] {
         let layer = Layer::by_name(name).unwrap();
         let input = net_input(&img, w.preprocess, filters.len());
-        for objective in [Objective::PreRelu, Objective::PostRelu] {
+        for objective in [
+            Objective::PreRelu,
+            Objective::PostRelu,
+            Objective::PostReluWake,
+        ] {
             let n = input.len();
             let (mut g_cpu, mut g_dev) = (vec![0.0f32; n], vec![0.0f32; n]);
             let s_cpu = cpu
@@ -162,6 +166,21 @@ fn the_ascent_on_the_device_follows_the_cpu_one_with_lucids_method() {
         ..Preset::Lucid.settings()
     };
     three_ways_agree("block3_conv1", &[1, 100, 255], &s);
+}
+
+#[test]
+fn the_ascent_on_the_device_follows_the_cpu_one_with_the_default_method() {
+    // The atlas preset: the step-size schedule, post-ReLU woken by pre-ReLU, and on block1 the
+    // rolled view (the image repeated outside itself).
+    let s = Settings {
+        size: 32,
+        steps: 6,
+        warmup_steps: 2,
+        ..Preset::Atlas.settings()
+    };
+    assert!(s.rolls(&Layer::by_name("block1_conv2").unwrap()));
+    three_ways_agree("block1_conv2", &[0, 33], &s);
+    three_ways_agree("block2_conv2", &[5, 90], &s);
 }
 
 #[test]

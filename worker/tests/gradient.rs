@@ -7,6 +7,7 @@ mod common;
 use common::*;
 use rand::{Rng, SeedableRng};
 use vgg_atlas_proto::{Layer, Objective, Preset, Settings};
+use vgg_atlas_worker::engine::conv;
 use vgg_atlas_worker::engine::cpu_trunk::CpuTrunk;
 use vgg_atlas_worker::engine::host_images::{pixel_gradient, regularizers};
 use vgg_atlas_worker::engine::transform::Affine;
@@ -14,7 +15,8 @@ use vgg_atlas_worker::engine::trunk::Trunk;
 
 const SIZE: usize = 16;
 
-/// Objective of image b (the target minus the regularizers, if `s` has them) for pixels `x`.
+/// Objective of image b (the target minus the regularizers, if `s` has them) for pixels `x`
+/// of `size` x `size`.
 fn objective(
     trunk: &mut CpuTrunk,
     layer: Layer,
@@ -22,15 +24,16 @@ fn objective(
     x: &[f32],
     obj: Objective,
     s: &Settings,
+    size: usize,
 ) -> Vec<f64> {
     let pre = weights().preprocess.channels();
-    let n = SIZE * SIZE * 3;
+    let n = size * size * 3;
     let input: Vec<f32> = x
         .chunks_exact(3)
         .flat_map(|p| pre.map(|(src, scale, off)| scale * p[src] + off))
         .collect();
     let scores = trunk
-        .run(layer, filters, SIZE, SIZE, &input, obj, None)
+        .run(layer, filters, size, size, &input, obj, None)
         .unwrap();
     scores
         .iter()
@@ -41,7 +44,7 @@ fn objective(
             } else {
                 sc.post
             } as f64;
-            t - regularizers(&x[b * n..(b + 1) * n], SIZE, s).0
+            t - regularizers(&x[b * n..(b + 1) * n], size, s).0
         })
         .collect()
 }
@@ -49,19 +52,20 @@ fn objective(
 fn check(layer: &str, obj: Objective, s: &Settings) {
     // Small: ReLUs and pools switch inside larger intervals (the error grows linearly with h);
     // along the gradient the difference still stands far above f32 rounding.
-    check_h(layer, obj, s, 0.01)
+    check_h(layer, obj, s, 0.01, SIZE)
 }
 
-fn check_h(layer: &str, obj: Objective, s: &Settings, h: f32) {
+/// Checks the gradient of image side `size` along the gradient itself, with step `h`.
+fn check_h(layer: &str, obj: Objective, s: &Settings, h: f32, size: usize) {
     let layer = Layer::by_name(layer).unwrap();
     let filters = [3usize, 7];
-    let n = SIZE * SIZE * 3;
+    let n = size * size * 3;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     // A smooth image plus mild noise: pure noise puts many max-pool inputs near a tie.
     let x: Vec<f32> = (0..2 * n)
         .map(|i| {
             let (p, c) = ((i % n) / 3, i % 3);
-            let (y, xx) = ((p / SIZE) as f32, (p % SIZE) as f32);
+            let (y, xx) = ((p / size) as f32, (p % size) as f32);
             128.0
                 + 60.0 * (xx / 3.0 + c as f32).sin() * (y / 4.0 - i as f32 / n as f32).cos()
                 + rng.random::<f32>() * 8.0
@@ -76,16 +80,16 @@ fn check_h(layer: &str, obj: Objective, s: &Settings, h: f32) {
             .collect();
         let mut g = vec![0.0f32; 2 * n];
         trunk
-            .run(layer, &filters, SIZE, SIZE, &input, obj, Some(&mut g))
+            .run(layer, &filters, size, size, &input, obj, Some(&mut g))
             .unwrap();
         let grads: Vec<Vec<f64>> = (0..2)
             .map(|b| {
                 pixel_gradient(
                     &g[b * n..(b + 1) * n],
-                    &regularizers(&x[b * n..(b + 1) * n], SIZE, s).1,
+                    &regularizers(&x[b * n..(b + 1) * n], size, s).1,
                     &pre,
                     &Affine::IDENTITY,
-                    SIZE,
+                    size,
                 )
             })
             .collect();
@@ -101,8 +105,8 @@ fn check_h(layer: &str, obj: Objective, s: &Settings, h: f32) {
         let plus: Vec<f32> = x.iter().zip(&v).map(|(a, d)| a + h * d).collect();
         let minus: Vec<f32> = x.iter().zip(&v).map(|(a, d)| a - h * d).collect();
         let (fp, fm) = (
-            objective(&mut trunk, layer, &filters, &plus, obj, s),
-            objective(&mut trunk, layer, &filters, &minus, obj, s),
+            objective(&mut trunk, layer, &filters, &plus, obj, s, size),
+            objective(&mut trunk, layer, &filters, &minus, obj, s, size),
         );
         for b in 0..2 {
             let numeric = (fp[b] - fm[b]) / (2.0 * h as f64);
@@ -143,6 +147,19 @@ fn network_gradient_matches_finite_differences_pre_relu() {
     }
 }
 
+/// At 64 px every conv from block2_conv2 to block4_conv2 has maps of 8x8 or more and 128+
+/// channels on both sides, so the CPU trunk computes them, forward and input gradient, with
+/// Winograd F(4x4, 3x3) (unless VGG_ATLAS_CONV=direct): the gradient through six of them.
+#[test]
+fn network_gradient_matches_finite_differences_through_winograd() {
+    assert!(
+        conv::winograd_pays(256, 512) && conv::ConvAlgorithm::from_env() == conv::ConvAlgorithm::Auto,
+        "this test checks the Winograd path; run it without VGG_ATLAS_CONV=direct"
+    );
+    check_h("block4_conv2", Objective::PreRelu, &no_regularizers(), 0.01, 64);
+    check_h("block3_conv3", Objective::PostRelu, &no_regularizers(), 0.01, 32);
+}
+
 #[test]
 fn network_gradient_matches_finite_differences_post_relu() {
     check("block2_conv1", Objective::PostRelu, &no_regularizers());
@@ -157,6 +174,7 @@ fn full_objective_gradient_matches_finite_differences() {
         Objective::PreRelu,
         &Preset::Quick.settings(),
         1.0,
+        SIZE,
     );
     // TV with beta != 2 exercises the general power.
     check_h(
@@ -167,6 +185,7 @@ fn full_objective_gradient_matches_finite_differences() {
             ..Preset::Quick.settings()
         },
         1.0,
+        SIZE,
     );
 }
 
@@ -231,4 +250,50 @@ fn total_variation_reaches_the_last_row_and_column() {
         grad[left] < 0.0 && grad[above] < 0.0,
         "its neighbours are pulled up"
     );
+}
+
+/// post-relu-wake is post-ReLU on an image where the filter fires and pre-ReLU where it is
+/// silent: on a flat grey image some of block1_conv1's filters fire and some are silent.
+#[test]
+fn the_woken_objective_is_pre_relu_while_silent_and_post_relu_while_firing() {
+    let layer = Layer::by_name("block1_conv1").unwrap();
+    let size = 8;
+    let n = size * size * 3;
+    let pre = weights().preprocess.channels();
+    let grey: Vec<f32> = (0..size * size)
+        .flat_map(|_| pre.map(|(src, scale, off)| scale * [128.0f32, 128.0, 128.0][src] + off))
+        .collect();
+    let filters: Vec<usize> = (0..layer.filters()).collect();
+    let input: Vec<f32> = grey.iter().copied().cycle().take(n * filters.len()).collect();
+    let mut trunk = CpuTrunk::new(weights());
+    pool().install(|| {
+        let mut run = |obj: Objective| {
+            let mut g = vec![0.0f32; input.len()];
+            let scores = trunk
+                .run(layer, &filters, size, size, &input, obj, Some(&mut g))
+                .unwrap();
+            (scores, g)
+        };
+        let (scores, g_pre) = run(Objective::PreRelu);
+        let (_, g_post) = run(Objective::PostRelu);
+        let (woken, g_wake) = run(Objective::PostReluWake);
+        let silent: Vec<usize> = (0..filters.len()).filter(|&f| scores[f].post == 0.0).collect();
+        let firing: Vec<usize> = (0..filters.len()).filter(|&f| scores[f].post > 0.0).collect();
+        assert!(
+            !silent.is_empty() && !firing.is_empty(),
+            "the test needs both kinds: {} silent, {} firing",
+            silent.len(),
+            firing.len()
+        );
+        let image = |g: &[f32], f: usize| g[f * n..(f + 1) * n].to_vec();
+        for &f in &silent {
+            assert_eq!(woken[f].target(Objective::PostReluWake), scores[f].pre);
+            assert_eq!(image(&g_wake, f), image(&g_pre, f), "silent filter {f}");
+            assert!(image(&g_pre, f).iter().any(|v| *v != 0.0));
+        }
+        for &f in &firing {
+            assert_eq!(woken[f].target(Objective::PostReluWake), scores[f].post);
+            assert_eq!(image(&g_wake, f), image(&g_post, f), "firing filter {f}");
+        }
+    });
 }

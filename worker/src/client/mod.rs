@@ -16,7 +16,7 @@ use vgg_atlas_proto::{Layer, Settings};
 use crate::engine::ascent::{self, Faults, Target};
 use crate::engine::device_trunk::Precision;
 use crate::engine::fetch;
-use crate::engine::record::FilterResult;
+use crate::engine::record::{self, FilterResult};
 use crate::engine::trunk::Trunk;
 use crate::engine::weights::{hex, Weights};
 use crate::{Error, Result};
@@ -514,15 +514,7 @@ fn prefetched(
 
 fn to_wire(r: &FilterResult) -> Result<pb::FilterResult> {
     let png = match &r.image {
-        Some(img) => {
-            let mut bytes = Vec::new();
-            img.write_to(
-                &mut std::io::Cursor::new(&mut bytes),
-                image::ImageFormat::Png,
-            )
-            .map_err(|e| Error::Invalid(format!("cannot encode PNG: {e}")))?;
-            bytes
-        }
+        Some(img) => record::encode_png(img)?,
         None => Vec::new(),
     };
     Ok(pb::FilterResult {

@@ -18,6 +18,7 @@ use super::device_images::DeviceImages;
 use super::device_trunk::DeviceTrunk;
 use super::host_images::HostImages;
 use super::image_side::ImageSide;
+use super::profile::Phases;
 pub use super::image_side::Target;
 use super::record::{FilterResult, Record};
 use super::transform::Affine;
@@ -73,11 +74,28 @@ pub fn ascend(
     s: &Settings,
     faults: Faults,
 ) -> Result<Vec<FilterResult>> {
-    ascend_observed(trunk, preprocess, layer, targets, s, faults, &mut |_| {})
+    ascend_observed(
+        trunk,
+        preprocess,
+        layer,
+        targets,
+        s,
+        faults,
+        &mut Watch::default(),
+    )
 }
 
-/// [`ascend`], calling `on_step(images)` after each step with the number of images that took
-/// it (for a progress display).
+/// What a caller may watch of an ascent.
+#[derive(Default)]
+pub struct Watch<'a> {
+    /// Called after each step with the number of images that took it (a progress display).
+    pub on_step: Option<&'a mut (dyn FnMut(usize) + Send)>,
+    /// The wall time of each phase, summed over the steps of every batch; `None` after an
+    /// ascent on a device that keeps its images (it does not measure them).
+    pub phases: Option<Phases>,
+}
+
+/// [`ascend`], reporting to `watch` as it goes.
 pub fn ascend_observed(
     trunk: &mut dyn Trunk,
     preprocess: Preprocess,
@@ -85,7 +103,7 @@ pub fn ascend_observed(
     targets: &[Target],
     s: &Settings,
     faults: Faults,
-    on_step: &mut dyn FnMut(usize),
+    watch: &mut Watch,
 ) -> Result<Vec<FilterResult>> {
     if targets.is_empty() {
         return Ok(Vec::new());
@@ -104,12 +122,12 @@ pub fn ascend_observed(
         let mut results = Vec::with_capacity(targets.len());
         for part in targets.chunks(fit.max(1)) {
             let mut images = DeviceImages::new(device, preprocess, layer, part, s)?;
-            results.extend(run(&mut images, layer, part, s, faults, on_step)?);
+            results.extend(run(&mut images, layer, part, s, faults, watch)?);
         }
         return Ok(results);
     }
     let mut images = HostImages::new(trunk, preprocess, layer, targets, s);
-    run(&mut images, layer, targets, s, faults, on_step)
+    run(&mut images, layer, targets, s, faults, watch)
 }
 
 /// The ascent of one batch: the same steps, records and retries on every image side.
@@ -119,12 +137,14 @@ fn run(
     targets: &[Target],
     s: &Settings,
     faults: Faults,
-    on_step: &mut dyn FnMut(usize),
+    watch: &mut Watch,
 ) -> Result<Vec<FilterResult>> {
     let started = Instant::now();
     let b = targets.len();
     let mut records: Vec<Record> = (0..b).map(|_| Record::new(s.steps)).collect();
-    let mut lr = vec![s.learning_rate; b];
+    // Each image's step size relative to the schedule's: halved at each retry.
+    let mut lr_scale = vec![1.0f32; b];
+    let roll = s.rolls(&layer).then_some(s.size);
     let poison = targets
         .iter()
         .position(|t| faults.nan_filter == Some(t.filter));
@@ -137,7 +157,14 @@ fn run(
                 if step == 0 || step == s.steps {
                     Affine::IDENTITY
                 } else {
-                    Affine::random(t.seed, step, s.jitter, s.rotate_degrees, s.scale_jitter)
+                    Affine::random(
+                        t.seed,
+                        step,
+                        s.jitter,
+                        s.rotate_degrees,
+                        s.scale_jitter,
+                        roll,
+                    )
                 }
             })
             .collect();
@@ -165,24 +192,38 @@ fn run(
             stepped[i] = true;
         }
         for i in (0..b).filter(|&i| restore[i]) {
-            lr[i] *= 0.5;
+            lr_scale[i] *= 0.5;
         }
         if !want_grad {
             break;
         }
+        let lr: Vec<f32> = lr_scale
+            .iter()
+            .map(|f| f * s.learning_rate_at(step))
+            .collect();
         let finite = images.update(&good, &restore, &stepped, &lr)?;
         // A step that made an image non-finite is undone, with a smaller step next time.
         let bad: Vec<bool> = (0..b).map(|i| stepped[i] && !finite[i]).collect();
         if bad.iter().any(|&v| v) {
             for i in (0..b).filter(|&i| bad[i]) {
                 records[i].retry(step, "non-finite image");
-                lr[i] *= 0.5;
+                lr_scale[i] *= 0.5;
             }
             images.update(&vec![false; b], &bad, &vec![false; b], &lr)?;
         }
-        on_step(b);
+        if let Some(f) = watch.on_step.as_mut() {
+            f(b);
+        }
     }
     let xs = images.images()?;
+    watch.phases = match (watch.phases.take(), images.phases()) {
+        (Some(mut sum), Some(p)) => {
+            sum.add(p);
+            Some(sum)
+        }
+        (None, p) => p.cloned(),
+        (Some(_), None) => None,
+    };
     let seconds = started.elapsed().as_secs_f32() / b as f32;
     Ok(records
         .into_iter()

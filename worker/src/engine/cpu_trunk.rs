@@ -247,7 +247,8 @@ impl Trunk for CpuTrunk {
                         .zip(filters)
                         .zip(&scores)
                     {
-                        let through = objective == Objective::PreRelu || !relu || sc.pre > 0.0;
+                        // Wake's silent case (pre <= 0) is the pre-ReLU gradient.
+                        let through = objective != Objective::PostRelu || !relu || sc.pre > 0.0;
                         let row = &d.weight[f * inputs..(f + 1) * inputs];
                         for (g, &wv) in gb.iter_mut().zip(row) {
                             *g = if through { wv } else { 0.0 };
@@ -414,7 +415,12 @@ impl ConvTarget<'_> {
             .zip(pre.par_iter())
             .for_each(|((gi, &f), p)| {
                 gi.fill(0.0);
-                let through_relu = objective == Objective::PreRelu;
+                let silent = || !p.iter().enumerate().any(|(i, &v)| self.interior(i) && v > 0.0);
+                let through_relu = match objective {
+                    Objective::PreRelu => true,
+                    Objective::PostRelu => false,
+                    Objective::PostReluWake => silent(),
+                };
                 let gpre: Vec<f32> = p
                     .iter()
                     .enumerate()

@@ -107,7 +107,7 @@ impl ImageSide for DeviceImages<'_> {
         let view = if affines.iter().all(Affine::is_identity) {
             self.x.clone()
         } else {
-            // Outside the image, mid grey.
+            // Outside the image, mid grey (or, rolled, the image again).
             self.grid.apply(&self.x, affines, 127.5)?
         };
         let input = self.input_map.apply(&view)?;
@@ -442,11 +442,10 @@ impl Basis {
                 .contiguous()?
                 .reshape((b * 3 * s, k))?)
         };
-        // lucid divides the image by 4.
+        // (cw and sw hold lucid's division of the image by 4.)
         let lin = rows(yr)?
             .matmul(&self.cw)?
             .add(&rows(yi)?.matmul(&self.sw)?)?
-            .affine(0.25, 0.0)?
             .reshape((b, 3, s, s))?;
         // Decorrelated colour, then the sigmoid, scaled to 0..255.
         let pre = lin
@@ -516,8 +515,16 @@ impl Grid {
         })
     }
 
-    /// Image b of `x` (`[B, S, S, 3]`) through `affines[b]`; outside the image, `fill`.
+    /// Image b of `x` (`[B, S, S, 3]`) through `affines[b]`; outside the image, `fill`, or the
+    /// image repeated where the affines wrap (they all do or none does: one layer's settings).
     fn apply(&self, x: &Tensor, affines: &[Affine], fill: f32) -> Result<Tensor> {
+        let wrap = affines.iter().any(|a| a.wrap);
+        if wrap && !affines.iter().all(|a| a.wrap) {
+            return Err(Error::Invalid(
+                "a batch mixes rolled and unrolled views; the driver gives one batch one kind"
+                    .into(),
+            ));
+        }
         let size = self.size;
         let (b, dev) = (affines.len(), x.device().clone());
         let col = |f: &dyn Fn(&Affine) -> f32| -> Result<Tensor> {
@@ -558,7 +565,16 @@ impl Grid {
             (0.0, 1.0, gx.mul(&fy)?),
             (1.0, 1.0, fx.mul(&fy)?),
         ] {
-            let (xx, yy) = (x0.affine(1.0, dx)?, y0.affine(1.0, dy)?);
+            let (mut xx, mut yy) = (x0.affine(1.0, dx)?, y0.affine(1.0, dy)?);
+            if wrap {
+                // v mod size, for the whole numbers v the taps are.
+                let modulo = |v: &Tensor| -> Result<Tensor> {
+                    let periods = v.affine(1.0 / size as f64, 0.0)?.floor()?;
+                    Ok(v.sub(&periods.affine(size as f64, 0.0)?)?)
+                };
+                xx = modulo(&xx)?;
+                yy = modulo(&yy)?;
+            }
             let inside = xx
                 .ge(0.0f32)?
                 .mul(&xx.le(last as f32)?)?

@@ -287,8 +287,19 @@ impl DeviceTrunk {
         let grad = if want_grad {
             // d(mean)/d(selected) is 1/pixels; after the ReLU, where it is open.
             let mut g = selected.ones_like()?.affine(1.0 / pixels as f64, 0.0)?;
-            if objective == Objective::PostRelu && relu {
-                g = g.mul(&open(&selected)?)?;
+            match objective {
+                _ if !relu => {}
+                Objective::PreRelu => {}
+                Objective::PostRelu => g = g.mul(&open(&selected)?)?,
+                // Where the image's filter fires anywhere, after the ReLU; else before it.
+                Objective::PostReluWake => {
+                    let firing = open(&post_mean)?.unsqueeze(1)?;
+                    let silent = firing.affine(-1.0, 1.0)?;
+                    let mask = open(&selected)?
+                        .broadcast_mul(&firing)?
+                        .broadcast_add(&silent)?;
+                    g = g.mul(&mask)?;
+                }
             }
             let g = self.backward(back(&g.to_dtype(dtype)?)?, &pre, &pools, layer.index, b)?;
             Some(g.to_dtype(DType::F32)?)

@@ -9,6 +9,7 @@ use vgg_atlas_proto::{Layer, Parameterization, Settings};
 use super::fourier::Fourier;
 use super::image_side::{Evaluation, ImageSide, Target};
 use super::optim::OptState;
+use super::profile::{Phase, Phases};
 use super::record::start_pixels;
 use super::transform::Affine;
 use super::trunk::{Scores, Trunk};
@@ -29,8 +30,6 @@ struct Image {
     x: Vec<f32>,
     /// Pre-sigmoid values of a Fourier image, for its backward pass.
     pre: Vec<f32>,
-    /// What the network sees this step: `x` through this step's transform.
-    view: Vec<f32>,
     affine: Affine,
     /// The gradient of the objective w.r.t. the parameters, from the last evaluation.
     grad: Vec<f64>,
@@ -48,6 +47,7 @@ pub struct HostImages<'a> {
     /// The network's input and its gradient, `[B, S, S, 3]`, reused across steps.
     input: Vec<f32>,
     grad: Vec<f32>,
+    phases: Phases,
 }
 
 impl<'a> HostImages<'a> {
@@ -73,7 +73,6 @@ impl<'a> HostImages<'a> {
                     params,
                     x: Vec::new(),
                     pre: Vec::new(),
-                    view: Vec::new(),
                     affine: Affine::IDENTITY,
                     grad: Vec::new(),
                 }
@@ -90,13 +89,14 @@ impl<'a> HostImages<'a> {
             images,
             input: vec![0.0; n],
             grad: vec![0.0; n],
+            phases: Phases::default(),
         }
     }
 }
 
 impl Image {
-    /// Renders the image from its parameters, and the network's view of it through `affine`.
-    fn prepare(&mut self, s: &Settings, fourier: Option<&Fourier>, affine: Affine) {
+    /// Renders the image from its parameters.
+    fn render(&mut self, fourier: Option<&Fourier>) {
         match fourier {
             Some(f) => {
                 let (rgb, pre) = f.render(&self.params);
@@ -104,38 +104,6 @@ impl Image {
                 self.pre = pre;
             }
             None => self.x.clone_from(&self.params),
-        }
-        self.affine = affine;
-        // Outside the image, mid grey.
-        self.view = affine.apply(&self.x, s.size, 127.5);
-    }
-
-    /// The gradient of the objective w.r.t. the parameters, from the network gradient `g_net`
-    /// (w.r.t. the transformed, preprocessed view) and the regularizers' gradient.
-    fn gradient(
-        &self,
-        g_net: &[f32],
-        reg_grad: &[f64],
-        chans: &Channels,
-        fourier: Option<&Fourier>,
-        size: usize,
-        poisoned: bool,
-    ) -> Vec<f64> {
-        let mut total = pixel_gradient(g_net, reg_grad, chans, &self.affine, size);
-        if poisoned {
-            total[0] = f64::NAN;
-        }
-        // To the parameters: the pixels themselves, or back through the Fourier basis (the
-        // image is 255 x its sigmoid output).
-        match fourier {
-            None => total,
-            Some(f) => {
-                let g_rgb: Vec<f32> = total.iter().map(|&v| (v * 255.0) as f32).collect();
-                f.backward(&self.pre, &g_rgb)
-                    .into_iter()
-                    .map(f64::from)
-                    .collect()
-            }
         }
     }
 }
@@ -151,54 +119,111 @@ impl ImageSide for HostImages<'_> {
         let s = &self.settings;
         let n = s.size * s.size * 3;
         let fourier = self.fourier.as_ref();
-        self.images
-            .par_iter_mut()
-            .zip(affines.par_iter())
-            .zip(active.par_iter())
-            .filter(|(_, &on)| on)
-            .for_each(|((im, &a), _)| im.prepare(s, fourier, a));
         let chans = self.chans;
-        self.input
-            .par_chunks_mut(n)
-            .zip(self.images.par_iter())
-            .for_each(|(inp, im)| {
-                for (px, rgb) in inp.chunks_exact_mut(3).zip(im.view.chunks_exact(3)) {
-                    for (c, &(src, scale, off)) in chans.iter().enumerate() {
-                        px[c] = scale * rgb[src] + off;
+        let phases = &mut self.phases;
+        let images = &mut self.images;
+        let on = |i: &usize| active[*i];
+        phases.time(Phase::Render, || {
+            images
+                .par_iter_mut()
+                .enumerate()
+                .filter(|(i, _)| on(i))
+                .for_each(|(_, im)| im.render(fourier))
+        });
+        phases.time(Phase::Transform, || {
+            images
+                .par_iter_mut()
+                .zip(self.input.par_chunks_mut(n))
+                .zip(affines.par_iter())
+                .enumerate()
+                .filter(|(i, _)| on(i))
+                .for_each(|(_, ((im, inp), &a))| {
+                    im.affine = a;
+                    // Outside the image, mid grey.
+                    let view = a.apply(&im.x, s.size, 127.5);
+                    for (px, rgb) in inp.chunks_exact_mut(3).zip(view.chunks_exact(3)) {
+                        for (c, &(src, scale, off)) in chans.iter().enumerate() {
+                            px[c] = scale * rgb[src] + off;
+                        }
                     }
-                }
+                })
+        });
+        let trunk = &mut self.trunk;
+        let (layer, filters, input) = (self.layer, &self.filters, &self.input);
+        let grad = &mut self.grad;
+        let scores: Vec<Scores> = phases.time(Phase::Network, || {
+            trunk.run(
+                layer,
+                filters,
+                s.size,
+                s.size,
+                input,
+                s.objective,
+                want_grad.then_some(&mut grad[..]),
+            )
+        })?;
+        let regs: Vec<(f64, Vec<f64>)> = phases.time(Phase::Regularizers, || {
+            images
+                .par_iter()
+                .enumerate()
+                .map(|(i, im)| {
+                    if on(&i) {
+                        regularizers(&im.x, s.size, s)
+                    } else {
+                        (0.0, Vec::new())
+                    }
+                })
+                .collect()
+        });
+        let regularizers: Vec<f64> = regs.iter().map(|r| r.0).collect();
+        if !want_grad {
+            return Ok(Evaluation {
+                scores,
+                regularizers,
+                grad_finite: vec![true; images.len()],
             });
-        let scores: Vec<Scores> = self.trunk.run(
-            self.layer,
-            &self.filters,
-            s.size,
-            s.size,
-            &self.input,
-            s.objective,
-            want_grad.then_some(&mut self.grad[..]),
-        )?;
-        let per_image: Vec<(f64, bool)> = self
-            .images
-            .par_iter_mut()
-            .zip(self.grad.par_chunks(n))
-            .zip(active.par_iter())
+        }
+        phases.time(Phase::TransformBackward, || {
+            images
+                .par_iter_mut()
+                .zip(grad.par_chunks(n))
+                .zip(regs.par_iter())
+                .enumerate()
+                .filter(|(i, _)| on(i))
+                .for_each(|(i, ((im, g_net), (_, reg_grad)))| {
+                    im.grad = pixel_gradient(g_net, reg_grad, &chans, &im.affine, s.size);
+                    if poison == Some(i) {
+                        im.grad[0] = f64::NAN;
+                    }
+                })
+        });
+        // To the parameters: the pixels themselves, or back through the Fourier basis (the
+        // image is 255 x its sigmoid output).
+        if let Some(f) = fourier {
+            phases.time(Phase::RenderBackward, || {
+                images
+                    .par_iter_mut()
+                    .enumerate()
+                    .filter(|(i, _)| on(i))
+                    .for_each(|(_, im)| {
+                        let g_rgb: Vec<f32> = im.grad.iter().map(|&v| (v * 255.0) as f32).collect();
+                        im.grad = f
+                            .backward(&im.pre, &g_rgb)
+                            .into_iter()
+                            .map(f64::from)
+                            .collect();
+                    })
+            });
+        }
+        let grad_finite = images
+            .iter()
             .enumerate()
-            .map(|(i, ((im, g_net), &on))| {
-                if !on {
-                    return (0.0, true);
-                }
-                let (reg, reg_grad) = regularizers(&im.x, s.size, s);
-                if !want_grad {
-                    return (reg, true);
-                }
-                im.grad = im.gradient(g_net, &reg_grad, &chans, fourier, s.size, poison == Some(i));
-                (reg, im.grad.iter().all(|v| v.is_finite()))
-            })
+            .map(|(i, im)| !on(&i) || im.grad.iter().all(|v| v.is_finite()))
             .collect();
         Ok(Evaluation {
             scores,
-            regularizers: per_image.iter().map(|p| p.0).collect(),
-            grad_finite: per_image.iter().map(|p| p.1).collect(),
+            regularizers,
+            grad_finite,
         })
     }
 
@@ -210,8 +235,9 @@ impl ImageSide for HostImages<'_> {
         lr: &[f32],
     ) -> Result<Vec<bool>> {
         let s = &self.settings;
-        Ok(self
-            .images
+        let images = &mut self.images;
+        Ok(self.phases.time(Phase::Optimiser, || {
+            images
             .par_iter_mut()
             .enumerate()
             .map(|(i, im)| {
@@ -227,11 +253,16 @@ impl ImageSide for HostImages<'_> {
                 }
                 im.params.iter().all(|v| v.is_finite())
             })
-            .collect())
+            .collect()
+        }))
     }
 
     fn images(&mut self) -> Result<Vec<Vec<f32>>> {
         Ok(self.images.iter().map(|im| im.x.clone()).collect())
+    }
+
+    fn phases(&self) -> Option<&Phases> {
+        Some(&self.phases)
     }
 }
 

@@ -4,6 +4,7 @@
 
 use vgg_atlas_proto::{filter_seed, Layer, Settings};
 
+use super::profile::Phases;
 use super::transform::Affine;
 use super::trunk::Scores;
 use crate::Result;
@@ -67,4 +68,10 @@ pub trait ImageSide {
 
     /// The images as last rendered: 0..255 RGB, HWC, one vector per image.
     fn images(&mut self) -> Result<Vec<Vec<f32>>>;
+
+    /// The wall time of each phase of the steps so far, where the side measures it (the host
+    /// does; a device side, whose kernels run asynchronously, does not).
+    fn phases(&self) -> Option<&Phases> {
+        None
+    }
 }

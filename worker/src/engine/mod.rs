@@ -5,6 +5,7 @@
 //! | the method: steps, seeds, records, retries, results | [`ascent`] (the driver) and [`record`] |
 //! | what a backend does with the images (render, transform, regularize, step) | [`image_side`] (the trait), [`host_images`] (CPU loops), [`device_images`] (candle tensors) |
 //! | the optimisers | [`optim`] (host), the `Opt` of [`device_images`] (device) |
+//! | where a step's time goes (`bench --profile`) | [`profile`], timed in [`host_images`] |
 //! | lucid's parameterisation, the random transforms | [`fourier`], [`transform`] |
 //! | the network on the CPU (forward and input gradient) | [`cpu_trunk`], with its GEMM convs in [`conv`] |
 //! | the network on a GPU | [`device_trunk`], over candle's VGG16 in [`vgg`] |
@@ -26,6 +27,7 @@ pub mod host_images;
 pub mod image_side;
 mod onnx;
 pub mod optim;
+pub mod profile;
 pub mod record;
 pub mod transform;
 pub mod trunk;

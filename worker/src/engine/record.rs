@@ -5,6 +5,7 @@ use rand::{Rng, SeedableRng};
 use vgg_atlas_proto::{Layer, Parameterization, Settings};
 
 use super::trunk::Scores;
+use crate::{Error, Result};
 
 /// What the engine returns per filter.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -117,6 +118,17 @@ impl Record {
             image,
         }
     }
+}
+
+/// An image as PNG bytes, as a worker sends it.
+pub fn encode_png(img: &image::RgbImage) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )
+    .map_err(|e| Error::Invalid(format!("cannot encode PNG: {e}")))?;
+    Ok(bytes)
 }
 
 /// The start image in pixels: `(uniform(0,1) - 0.5) * 20 + 128`, RGB, from the filter's seed.

@@ -1,8 +1,9 @@
 //! Transformation robustness: each ascent step looks at the image through a small random affine
 //! transform (jitter, rotation, scale), as lucid and tf-keras-vis do, so the optimisation cannot
 //! rely on pixel-exact high-frequency patterns. The transform is bilinear resampling of an
-//! interleaved RGB image onto a canvas of the same size, with a constant fill outside; its
-//! gradient is the exact adjoint (the same weights, scattered back).
+//! interleaved RGB image onto a canvas of the same size, with a constant fill outside, or, for
+//! a rolled view, the image repeated periodically outside; its gradient is the exact adjoint
+//! (the same weights, scattered back).
 
 use rand::{Rng, SeedableRng};
 
@@ -15,6 +16,9 @@ pub struct Affine {
     pub angle: f32,
     pub shift_x: f32,
     pub shift_y: f32,
+    /// The image repeats periodically outside itself (a Fourier image is periodic), instead of
+    /// the fill: a rolled view.
+    pub wrap: bool,
 }
 
 impl Affine {
@@ -23,6 +27,7 @@ impl Affine {
         angle: 0.0,
         shift_x: 0.0,
         shift_y: 0.0,
+        wrap: false,
     };
 
     pub fn is_identity(&self) -> bool {
@@ -31,21 +36,28 @@ impl Affine {
 
     /// The transform of one step of one filter: jitter in whole pixels (`-jitter..=jitter` each
     /// way), rotation uniform in `±rotate_degrees`, scale uniform in `1 ± scale_jitter`; all
-    /// from a stream seeded by (filter seed, step), so it is reproducible anywhere.
+    /// from a stream seeded by (filter seed, step), so it is reproducible anywhere. With
+    /// `roll_size`, the view is rolled: the image of that side repeats periodically and the
+    /// shift is uniform over a whole period (`0..size` each way), so every part of the image is
+    /// as often at the view's border as any other.
     pub fn random(
         filter_seed: u64,
         step: usize,
         jitter: u32,
         rotate_degrees: f32,
         scale_jitter: f32,
+        roll_size: Option<usize>,
     ) -> Affine {
-        if jitter == 0 && rotate_degrees == 0.0 && scale_jitter == 0.0 {
+        if jitter == 0 && rotate_degrees == 0.0 && scale_jitter == 0.0 && roll_size.is_none() {
             return Self::IDENTITY;
         }
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
             filter_seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
         );
-        let j = jitter as i32;
+        let j = match roll_size {
+            Some(size) => size as i32 / 2,
+            None => jitter as i32,
+        };
         let shift_x = rng.random_range(-j..=j) as f32;
         let shift_y = rng.random_range(-j..=j) as f32;
         let angle = if rotate_degrees > 0.0 {
@@ -64,6 +76,7 @@ impl Affine {
             angle,
             shift_x,
             shift_y,
+            wrap: roll_size.is_some(),
         }
     }
 
@@ -78,6 +91,11 @@ impl Affine {
         let (x0, y0) = (sx.floor(), sy.floor());
         let (fx, fy) = (sx - x0, sy - y0);
         let at = |xx: f32, yy: f32| {
+            if self.wrap {
+                let n = size as i64;
+                let (xw, yw) = ((xx as i64).rem_euclid(n), (yy as i64).rem_euclid(n));
+                return Some((yw as usize * size + xw as usize) * 3);
+            }
             (xx >= 0.0 && yy >= 0.0 && (xx as usize) < size && (yy as usize) < size)
                 .then(|| (yy as usize * size + xx as usize) * 3)
         };
@@ -89,7 +107,8 @@ impl Affine {
         ]
     }
 
-    /// The transformed image (RGB interleaved, `size` x `size`); outside the input, `fill`.
+    /// The transformed image (RGB interleaved, `size` x `size`); outside the input, `fill`
+    /// (or, rolled, the input again).
     pub fn apply(&self, input: &[f32], size: usize, fill: f32) -> Vec<f32> {
         if self.is_identity() {
             return input.to_vec();
@@ -164,11 +183,36 @@ mod tests {
     }
 
     #[test]
+    fn a_rolled_view_repeats_the_image_instead_of_the_fill() {
+        let size = 8;
+        let img = image(size, 2);
+        let t = Affine {
+            shift_x: 3.0,
+            shift_y: -2.0,
+            wrap: true,
+            ..Affine::IDENTITY
+        };
+        let out = t.apply(&img, size, -9.0);
+        // Output (x, y) shows input ((x - 3) mod 8, (y + 2) mod 8): every pixel, none filled.
+        for y in 0..size {
+            for x in 0..size {
+                let (sx, sy) = ((x + size - 3) % size, (y + 2) % size);
+                assert_eq!(out[(y * size + x) * 3 + 2], img[(sy * size + sx) * 3 + 2]);
+            }
+        }
+        let mut sorted_in = img.clone();
+        let mut sorted_out = out.clone();
+        sorted_in.sort_by(f32::total_cmp);
+        sorted_out.sort_by(f32::total_cmp);
+        assert_eq!(sorted_in, sorted_out, "a whole-pixel roll is a permutation");
+    }
+
+    #[test]
     fn adjoint_is_the_transpose() {
         // <T x, y> == <x, T* y> for random x, y: the gradient of the transform is exact.
         let size = 12;
         for seed in 0..5 {
-            let t = Affine::random(seed, 3, 4, 10.0, 0.1);
+            let t = Affine::random(seed, 3, 4, 10.0, 0.1, (seed % 2 == 1).then_some(size));
             let x = image(size, 10 + seed);
             let y = image(size, 20 + seed);
             let tx = t.apply(&x, size, 0.0);
@@ -184,15 +228,21 @@ mod tests {
 
     #[test]
     fn random_transforms_are_reproducible_and_in_range() {
-        let a = Affine::random(7, 3, 4, 5.0, 0.1);
-        assert_eq!(a, Affine::random(7, 3, 4, 5.0, 0.1));
-        assert_ne!(a, Affine::random(7, 4, 4, 5.0, 0.1));
+        let a = Affine::random(7, 3, 4, 5.0, 0.1, None);
+        assert_eq!(a, Affine::random(7, 3, 4, 5.0, 0.1, None));
+        assert_ne!(a, Affine::random(7, 4, 4, 5.0, 0.1, None));
         for step in 0..100 {
-            let t = Affine::random(1, step, 4, 5.0, 0.1);
+            let t = Affine::random(1, step, 4, 5.0, 0.1, None);
             assert!(t.shift_x.abs() <= 4.0 && t.shift_x.fract() == 0.0);
             assert!(t.angle.abs() <= 5f32.to_radians() + 1e-6);
             assert!((0.9..=1.1).contains(&t.scale));
         }
-        assert!(Affine::random(1, 0, 0, 0.0, 0.0).is_identity());
+        assert!(Affine::random(1, 0, 0, 0.0, 0.0, None).is_identity());
+        // Rolled: shifts over the whole period, both signs, and a wrapping view.
+        let rolled: Vec<Affine> = (0..200)
+            .map(|step| Affine::random(1, step, 4, 0.0, 0.0, Some(32)))
+            .collect();
+        assert!(rolled.iter().all(|t| t.wrap && t.shift_x.abs() <= 16.0));
+        assert!(rolled.iter().any(|t| t.shift_x > 8.0) && rolled.iter().any(|t| t.shift_y < -8.0));
     }
 }

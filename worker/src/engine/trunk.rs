@@ -22,6 +22,8 @@ impl Scores {
         match objective {
             Objective::PreRelu => self.pre,
             Objective::PostRelu => self.post,
+            Objective::PostReluWake if self.post > 0.0 => self.post,
+            Objective::PostReluWake => self.pre,
         }
     }
 }
