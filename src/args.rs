@@ -80,7 +80,8 @@ pub struct Method {
     /// Random scale per step within 1 +- this.
     #[arg(long)]
     pub scale_jitter: Option<f32>,
-    /// Steps over which the step size rises from a tenth of --learning-rate to all of it.
+    /// Steps over which the step size rises from a tenth of --learning-rate to all of it (at
+    /// most half of --steps).
     #[arg(long)]
     pub warmup_steps: Option<u32>,
     /// After the warm-up, lower the step size along a half cosine to a hundredth of it at the

@@ -101,10 +101,20 @@ fn render_ends_with_the_atlas_and_its_counts_match_the_database() {
         let name = l["name"].as_str().unwrap();
         let n = l["filters"].as_u64().unwrap() as usize;
         // Every filter has a full-size tile, byte for byte what the database holds.
+        // Each has the border ratio the coordinator computed from it.
         for e in l["entries"].as_array().unwrap() {
             let tile = dir.join(e["tile"].as_str().unwrap());
             let img = image::open(&tile).unwrap();
             assert_eq!(img.width(), 32, "{}", tile.display());
+            let stored = e["border_ratio"]
+                .as_f64()
+                .expect("atlas.json has border_ratio");
+            let computed = vgg_atlas_atlas::quality::border_ratio(&img.to_rgb8());
+            assert!(
+                (stored - computed).abs() <= 1e-4,
+                "{}: stored {stored}, computed {computed}",
+                tile.display()
+            );
         }
         for mosaic in [format!("{name}.png"), format!("{name}.by-activation.png")] {
             let m = image::open(dir.join(&mosaic)).unwrap();
@@ -187,6 +197,7 @@ fn mosaic_rebuilds_a_partial_run_from_the_database_with_pending_tiles() {
                 failed_reason: (i == 10).then(|| "NaN in the gradient".to_string()),
                 retries: 0,
                 png: png(16, filter as u8 * 20),
+                border_ratio: Some(1.0),
             };
             s.submit(&outcome, store::now_ms()).await.unwrap();
         }
@@ -487,6 +498,18 @@ fn the_viewer_works_from_file_in_headless_chromium() {
             .expect("atlas.json has retries")
             .to_string()),
         "the viewer shows the steps retried"
+    );
+    let shown: f64 = scores["border ratio"]
+        .as_str()
+        .expect("the viewer shows the border ratio")
+        .parse()
+        .unwrap();
+    let stored = entry["border_ratio"]
+        .as_f64()
+        .expect("atlas.json has border_ratio");
+    assert!(
+        (shown - stored).abs() <= 0.0051,
+        "border ratio shown {shown}, stored {stored}"
     );
     let curve_points = b
         .eval("document.querySelector('#curve polyline').getAttribute('points').split(' ').length");
@@ -933,16 +956,34 @@ fn serve_refuses_what_it_cannot_serve_with_a_clear_message() {
     );
 }
 
-/// A database from before migration 0002 (the image in `results.image`, no `retries`) is served
-/// as it is, never migrated; when a newer vgg-atlas migrates it meanwhile, serve follows.
-#[test]
-fn serve_shows_a_database_from_before_migration_0002_without_migrating_it() {
-    let tmp = tempfile::tempdir().unwrap();
-    // Today's store, one filter finished and one leased, taken back to migration 0001.
-    let new = tmp.path().join("new.db");
-    let image = png(16, 40);
+/// The `layer_summary` view as migration 0001 made it (0003 added columns to it).
+fn layer_summary_of_0001() -> &'static str {
+    let sql = include_str!("../migrations/sqlite/0001_store.sql");
+    let start = sql
+        .find("CREATE VIEW layer_summary")
+        .expect("0001 creates layer_summary");
+    let len = sql[start..].find(';').unwrap() + 1;
+    &sql[start..start + len]
+}
+
+/// SQL that takes today's SQLite schema back to the one before migration 0003: no
+/// `results.border_ratio` (nor its index), and `layer_summary` as 0001 made it.
+fn before_0003() -> String {
+    format!(
+        "DROP VIEW layer_summary;
+         DROP INDEX results_border_ratio;
+         ALTER TABLE results DROP COLUMN border_ratio;
+         {}
+         DELETE FROM _sqlx_migrations WHERE version >= 3;",
+        layer_summary_of_0001()
+    )
+}
+
+/// Today's store at `path`, one filter of block1_conv1 finished (`image`, 2 retries, a border
+/// ratio) and one leased.
+fn store_with_one_result(path: &Path, image: &[u8]) {
     tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let s = store::connect(&format!("sqlite://{}", new.display()))
+        let s = store::connect(&format!("sqlite://{}", path.display()))
             .await
             .unwrap();
         let spec = vgg_atlas_coordinator::plan::plan(
@@ -976,14 +1017,32 @@ fn serve_shows_a_database_from_before_migration_0002_without_migrating_it() {
             dead: false,
             failed_reason: None,
             retries: 2,
-            png: image.clone(),
+            png: image.to_vec(),
+            border_ratio: Some(1.25),
         };
         s.submit(&outcome, store::now_ms()).await.unwrap();
+        s.close().await;
     });
-    let downgrade = "ALTER TABLE results RENAME COLUMN png TO image;
-                     ALTER TABLE results DROP COLUMN retries;
-                     DELETE FROM _sqlx_migrations WHERE version = 2;";
-    if sqlite3(&new, &[], downgrade).is_none() {
+}
+
+/// A database from before migration 0002 (the image in `results.image`, no `retries`, no
+/// `border_ratio`) is served as it is, never migrated; when a newer vgg-atlas migrates it
+/// meanwhile, serve follows.
+#[test]
+fn serve_shows_a_database_from_before_migration_0002_without_migrating_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Today's store, one filter finished and one leased, taken back to migration 0001.
+    let new = tmp.path().join("new.db");
+    let image = png(16, 40);
+    store_with_one_result(&new, &image);
+    let downgrade = format!(
+        "{}
+         ALTER TABLE results RENAME COLUMN png TO image;
+         ALTER TABLE results DROP COLUMN retries;
+         DELETE FROM _sqlx_migrations WHERE version >= 2;",
+        before_0003()
+    );
+    if sqlite3(&new, &[], &downgrade).is_none() {
         return;
     }
     let path = tmp.path().join("old.db");
@@ -1000,6 +1059,11 @@ fn serve_shows_a_database_from_before_migration_0002_without_migrating_it() {
             &entries[0]["activation"]
         ),
         (&json!("done"), &json!(0), &json!(2.5))
+    );
+    assert_eq!(
+        entries[0].get("border_ratio"),
+        Some(&Value::Null),
+        "no border ratio in this database: null"
     );
     assert_eq!(entries[0]["tile"], "tiles/block1_conv1/0.png");
     assert_eq!(entries[1]["status"], "pending");
@@ -1028,9 +1092,48 @@ fn serve_shows_a_database_from_before_migration_0002_without_migrating_it() {
     assert!(columns.lines().any(|c| c == "png"), "migrated: {columns}");
     let atlas = server.get("/atlas.json").json();
     assert_eq!(atlas["layers"][0]["entries"][0]["retries"], 0);
+    assert_eq!(
+        atlas["layers"][0]["entries"][0].get("border_ratio"),
+        Some(&Value::Null),
+        "a result stored before the column has none"
+    );
     assert_eq!(server.get("/tiles/block1_conv1/0.png").body, image);
     let health = server.get("/healthz");
     assert_eq!(health.status, 200, "{}", health.text());
+}
+
+/// A database from before migration 0003 (no `results.border_ratio`) is served as it is, its
+/// border ratios null, and left unmigrated.
+#[test]
+fn serve_shows_a_database_from_before_migration_0003_without_migrating_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let new = tmp.path().join("new.db");
+    let image = png(16, 40);
+    store_with_one_result(&new, &image);
+    if sqlite3(&new, &[], &before_0003()).is_none() {
+        return;
+    }
+    let path = tmp.path().join("old.db");
+    quiet_copy(&new, &path).unwrap();
+    let before = file_state(&path);
+    let db = format!("sqlite://{}", path.display());
+    let server = Served::start(&db, &[]);
+    let atlas = server.get("/atlas.json").json();
+    let e = &atlas["layers"][0]["entries"][0];
+    assert_eq!(
+        (&e["status"], &e["retries"], e.get("border_ratio")),
+        (&json!("done"), &json!(2), Some(&Value::Null))
+    );
+    assert_eq!(server.get("/tiles/block1_conv1/0.png").body, image);
+    let log = server.stop();
+    assert!(
+        log.iter().any(|l| l.contains("before migration 0003")),
+        "serve says the schema is old: {log:?}"
+    );
+    let after = file_state(&path);
+    assert!(before.0 == after.0, "serve wrote the old database");
+    assert_eq!(before.1, after.1);
+    assert!(!wal_files(&path)[0].exists(), "serve created a -wal file");
 }
 
 /// The served viewer polls: a filter that finishes while the page is open appears in it, without
@@ -1074,6 +1177,7 @@ fn serve_is_live_a_filter_that_finishes_appears_in_the_open_viewer() {
                     failed_reason: None,
                     retries: 0,
                     png: png(16, filter as u8 * 10),
+                    border_ratio: Some(1.0 + filter as f32 / 8.0),
                 };
                 assert_eq!(
                     s.submit(&outcome, store::now_ms()).await.unwrap(),
@@ -1158,6 +1262,7 @@ fn serve_is_live_a_filter_that_finishes_appears_in_the_open_viewer() {
         );
         assert_eq!(scores["activation"], json!("13.000"));
         assert_eq!(scores["rank in layer"], json!("4 of 16"));
+        assert_eq!(scores["border ratio"], json!("2.50"));
         b.wait_for("(() => { const i = document.getElementById('detail-img'); return !i.hidden && i.complete && i.naturalWidth === 16; })()");
         assert_eq!(
             b.eval("document.querySelector('nav a.layer .count').textContent"),
@@ -1347,6 +1452,7 @@ fn serve_reads_a_run_from_postgres() {
                 failed_reason: None,
                 retries: 1,
                 png: png(16, 70 + filter as u8),
+                border_ratio: Some(1.5 + filter as f32),
             };
             s.submit(&outcome, store::now_ms()).await.unwrap();
         }
@@ -1361,9 +1467,15 @@ fn serve_reads_a_run_from_postgres() {
     );
     let e = &l["entries"];
     assert_eq!(
-        (&e[0]["status"], &e[0]["activation"], &e[0]["retries"]),
-        (&json!("done"), &json!(1.5), &json!(1))
+        (
+            &e[0]["status"],
+            &e[0]["activation"],
+            &e[0]["retries"],
+            &e[0]["border_ratio"]
+        ),
+        (&json!("done"), &json!(1.5), &json!(1), &json!(1.5))
     );
+    assert_eq!(e[2]["border_ratio"], Value::Null, "pending: no scores");
     assert_eq!(e[1]["status"], "dead");
     assert_eq!(e[2]["status"], "pending");
     assert_eq!(server.get("/tiles/block1_conv1/1.png").body, png(16, 71));

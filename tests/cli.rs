@@ -56,12 +56,16 @@ fn visualize_writes_a_png_per_filter_and_the_json_contract() {
         assert!(row["dead"].is_boolean() && row["failed"].is_null());
         let png = image::open(dir.path().join(format!("block2_conv1_{f:04}.png"))).unwrap();
         assert_eq!((png.width(), png.height()), (32, 32));
+        let border = row["border_ratio"].as_f64().expect("border_ratio");
+        let want = vgg_atlas_atlas::quality::border_ratio(&png.to_rgb8());
+        assert!((border - want).abs() < 1e-9, "{border} vs {want}");
     }
     let saved: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("results.json")).unwrap())
             .unwrap();
     assert_eq!(saved["settings"]["steps"], 4);
-    assert_eq!(saved["settings"]["objective"], "pre-relu");
+    assert_eq!(saved["settings"]["objective"], "post-relu-wake");
+    assert_eq!(saved["settings"]["roll_blocks"], 2);
 }
 
 #[test]

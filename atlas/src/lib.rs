@@ -71,6 +71,9 @@ pub struct Scores {
     pub worker: String,
     /// Steps the worker retried with a smaller step after a non-finite value.
     pub retries: u32,
+    /// The image's border ratio ([`quality::border_ratio`]: about 1 is good, higher means busy
+    /// borders); `null` in `atlas.json` when unknown (a result stored before the store kept it).
+    pub border_ratio: Option<f32>,
 }
 
 /// One filter as the atlas sees it.
@@ -646,6 +649,7 @@ mod tests {
                 seconds: 0.0,
                 worker: String::new(),
                 retries: 0,
+                border_ratio: None,
             }),
             attempts: 1,
             failed_reason: None,
@@ -675,6 +679,7 @@ mod tests {
                 seconds: 0.0,
                 worker: "w".into(),
                 retries: 0,
+                border_ratio: None,
             }),
             attempts: 1,
             failed_reason: (status == Status::Failed).then(|| "NaN".to_string()),
@@ -748,6 +753,53 @@ mod tests {
         assert_eq!(json["layers"][1]["name"], "block2_conv1");
         assert_eq!(json["run"]["settings"]["steps"], 3);
         assert_eq!(json["options"]["tile"], 64);
+    }
+
+    #[test]
+    fn an_unknown_border_ratio_is_null_in_atlas_json() {
+        let scores = |border_ratio| Scores {
+            activation: 1.0,
+            objective: 1.0,
+            start_activation: 0.5,
+            curve: vec![1.0],
+            seconds: 0.1,
+            worker: "w".into(),
+            retries: 0,
+            border_ratio,
+        };
+        let layer = LayerFilters {
+            name: "block1_conv1".into(),
+            index: 0,
+            filters: [Some(1.5), None]
+                .into_iter()
+                .enumerate()
+                .map(|(k, b)| Filter {
+                    filter: k as u32,
+                    status: Status::Done,
+                    png: None,
+                    scores: Some(scores(b)),
+                    attempts: 1,
+                    failed_reason: None,
+                })
+                .collect(),
+        };
+        let s = layer_summary(&layer, |_| true);
+        let run = Run {
+            run_id: "r".into(),
+            weights_sha256: "w".into(),
+            settings: serde_json::json!({}),
+            created_at_ms: 1,
+        };
+        let json: serde_json::Value =
+            serde_json::from_str(&atlas_json(&run, &Options::default(), &[&s])).unwrap();
+        let entries = &json["layers"][0]["entries"];
+        assert_eq!(entries[0]["border_ratio"], 1.5);
+        assert_eq!(
+            entries[1].get("border_ratio"),
+            Some(&serde_json::Value::Null),
+            "kept, as null: {}",
+            entries[1]
+        );
     }
 
     #[test]

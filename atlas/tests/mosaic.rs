@@ -34,6 +34,7 @@ fn scores(activation: f32) -> Scores {
         seconds: 0.25,
         worker: "w1".into(),
         retries: 0,
+        border_ratio: Some(1.25),
     }
 }
 
@@ -244,6 +245,7 @@ fn overview_and_index_hold_every_layer_in_network_order() {
     assert_eq!(json["layers"][0]["dead"], 1);
     assert_eq!(json["layers"][1]["failed"], 1);
     assert_eq!(json["layers"][0]["entries"][0]["activation"], 1.0);
+    assert_eq!(json["layers"][0]["entries"][0]["border_ratio"], 1.25);
     assert_eq!(json["run"]["run_id"], "0123456789abcdef");
 
     let html = std::fs::read_to_string(dir.path().join("index.html")).unwrap();

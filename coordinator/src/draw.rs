@@ -110,6 +110,7 @@ fn atlas_filter(r: FilterRecord) -> atlas::Filter {
                 seconds: res.seconds,
                 worker: res.worker,
                 retries: res.retries,
+                border_ratio: res.border_ratio,
             }),
         ),
         None => (None, None),

@@ -21,7 +21,8 @@
 //!   runs in a read-only transaction.
 //!
 //! A database from before migration `0002` (the image in `results.image`, no
-//! `results.retries`) is served as it is (retries shown as 0) and left unmigrated; the schema is
+//! `results.retries`) is served as it is (retries shown as 0) and left unmigrated, and so is one
+//! from before `0003` (no `results.border_ratio`: border ratios shown as null); the schema is
 //! looked at again when a query finds it changed (a render of this version migrated it).
 
 use std::path::{Path, PathBuf};
@@ -94,18 +95,26 @@ impl std::fmt::Display for RunListing {
     }
 }
 
-/// Where the results' columns are: the schema since migration 0002, or the one before it.
+/// Where the results' columns are: the schema since migration 0003, or one before it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Schema {
     /// `png`, or `image` before migration 0002.
     png: &'static str,
     /// `results.retries` exists (since migration 0002).
     retries: bool,
+    /// `results.border_ratio` exists (since migration 0003).
+    border_ratio: bool,
 }
 
 impl Schema {
+    const CURRENT: Schema = Schema {
+        png: "png",
+        retries: true,
+        border_ratio: true,
+    };
+
     fn current(self) -> bool {
-        self.png == "png" && self.retries
+        self == Self::CURRENT
     }
 }
 
@@ -164,6 +173,7 @@ type FilterRow = (
     Option<bool>,
     Option<String>,
     Option<i32>,
+    Option<f32>,
 );
 
 impl Viewer {
@@ -196,10 +206,7 @@ impl Viewer {
                 created_at_ms: 0,
             },
             runs: Vec::new(),
-            schema: Mutex::new(Schema {
-                png: "png",
-                retries: true,
-            }),
+            schema: Mutex::new(Schema::CURRENT),
         };
         let schema = viewer.detect_schema().await?;
         *viewer.schema.lock().expect("schema lock") = schema;
@@ -239,20 +246,39 @@ impl Viewer {
     /// What the user should know about the schema, if anything (an older one, served as it is).
     pub fn schema_note(&self) -> Option<String> {
         let schema = *self.schema.lock().expect("schema lock");
-        (!schema.current()).then(|| {
-            format!(
-                "{} has the schema from before migration 0002 (the image in results.{}{}); it is \
-                 served as it is, with retries shown as 0. serve never migrates; `vgg-atlas status \
-                 --db URL` (or a render) brings it up to date",
-                self.url,
-                schema.png,
-                if schema.retries {
-                    ""
-                } else {
-                    ", no results.retries"
-                }
-            )
-        })
+        if schema.current() {
+            return None;
+        }
+        let mut missing = Vec::new();
+        let mut shown = Vec::new();
+        if schema.png != "png" {
+            missing.push(format!("the image in results.{}", schema.png));
+        }
+        if !schema.retries {
+            missing.push("no results.retries".to_string());
+            shown.push("retries shown as 0");
+        }
+        if !schema.border_ratio {
+            missing.push("no results.border_ratio".to_string());
+            shown.push("border ratios as null");
+        }
+        let migration = if schema.png != "png" || !schema.retries {
+            "0002"
+        } else {
+            "0003"
+        };
+        let shown = if shown.is_empty() {
+            String::new()
+        } else {
+            format!(", with {}", shown.join(" and "))
+        };
+        Some(format!(
+            "{} has the schema from before migration {migration} ({}); it is served as it \
+             is{shown}. serve never migrates; `vgg-atlas status --db URL` (or a render) brings it \
+             up to date",
+            self.url,
+            missing.join(", "),
+        ))
     }
 
     /// `atlas.json` of the run as the store holds it now.
@@ -326,12 +352,17 @@ impl Viewer {
         let sql = format!(
             "SELECT f.layer, f.layer_index, f.filter, f.state, f.attempts, f.failed_reason,
                     r.activation, r.objective, r.start_activation, r.curve, r.seconds, r.dead,
-                    r.worker, {}
+                    r.worker, {}, {}
              FROM filters f
              LEFT JOIN results r ON r.run_id = f.run_id AND r.layer = f.layer AND r.filter = f.filter
              WHERE f.run_id = $1
              ORDER BY f.layer_index, f.layer, f.filter",
-            if schema.retries { "r.retries" } else { "0" }
+            if schema.retries { "r.retries" } else { "0" },
+            if schema.border_ratio {
+                "r.border_ratio"
+            } else {
+                "CAST(NULL AS REAL)"
+            }
         );
         let run_id = self.run.run_id.as_str();
         on_db!(self, |c| sqlx::query_as::<_, FilterRow>(&sql)
@@ -411,6 +442,7 @@ impl Viewer {
         Ok(Schema {
             png,
             retries: has("results", "retries"),
+            border_ratio: has("results", "border_ratio"),
         })
     }
 
@@ -496,6 +528,7 @@ fn atlas_filter(run_id: &str, row: FilterRow) -> Result<atlas::Filter> {
         dead,
         worker,
         retries,
+        border_ratio,
     ) = row;
     let scores = match (
         activation,
@@ -525,6 +558,7 @@ fn atlas_filter(run_id: &str, row: FilterRow) -> Result<atlas::Filter> {
             seconds,
             worker,
             retries: retries.unwrap_or(0).max(0) as u32,
+            border_ratio,
         }),
         _ => None,
     };

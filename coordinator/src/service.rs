@@ -260,7 +260,7 @@ impl pb::Coordinator for CoordinatorService {
                 ),
                 Some(layer) => match check_png(&r, self.run.settings.size) {
                     Err(why) => (pb::SubmitOutcome::Rejected, why),
-                    Ok(()) => {
+                    Ok(border_ratio) => {
                         let submission = store::Submission {
                             run_id: self.run.run_id.clone(),
                             layer: layer.clone(),
@@ -276,6 +276,7 @@ impl pb::Coordinator for CoordinatorService {
                             failed_reason: r.failed_reason,
                             retries: r.retries,
                             png: r.png,
+                            border_ratio,
                         };
                         match self.store.submit(&submission, now_ms()).await {
                             Ok(store::SubmitOutcome::NotLeased) => (
@@ -379,10 +380,12 @@ fn to_wire(o: store::SubmitOutcome) -> (pb::SubmitOutcome, String) {
     }
 }
 
-/// A finished filter's image must be a PNG of the run's size; a failed one carries none.
-fn check_png(r: &pb::FilterResult, size: u32) -> Result<(), String> {
+/// A finished filter's image must be a PNG of the run's size; a failed one carries none. Gives
+/// the image's border ratio ([`vgg_atlas_atlas::quality::border_ratio`], stored with the
+/// result), computed from the image decoded here; `None` for a failed filter.
+fn check_png(r: &pb::FilterResult, size: u32) -> Result<Option<f32>, String> {
     if r.failed_reason.is_some() {
-        return Ok(());
+        return Ok(None);
     }
     let img = image::load_from_memory_with_format(&r.png, image::ImageFormat::Png)
         .map_err(|e| format!("filter {}: the image is not a valid PNG ({e})", r.filter))?;
@@ -394,5 +397,7 @@ fn check_png(r: &pb::FilterResult, size: u32) -> Result<(), String> {
             img.height()
         ));
     }
-    Ok(())
+    Ok(Some(
+        vgg_atlas_atlas::quality::border_ratio(&img.to_rgb8()) as f32
+    ))
 }

@@ -77,13 +77,18 @@ struct Fixture {
 }
 
 async fn fixture(lease_ms: i64) -> Fixture {
+    fixture_sized(lease_ms, SIZE).await
+}
+
+/// A fixture whose run renders `size` x `size` images.
+async fn fixture_sized(lease_ms: i64, size: u32) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let store = store::connect(&format!("sqlite://{}", dir.path().join("a.db").display()))
         .await
         .unwrap();
     let layers = [Layer::by_name("block1_conv1").unwrap()];
     let settings = Settings {
-        size: SIZE as usize,
+        size: size as usize,
         steps: 2,
         ..Settings::default()
     };
@@ -350,6 +355,96 @@ async fn bad_results_are_rejected_and_nothing_is_stored() {
         outcomes(&submit(&mut c, &w, &l, good).await),
         [pb::SubmitOutcome::Recorded; 4]
     );
+    coord.server.abort();
+}
+
+fn encode(img: &image::RgbImage) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )
+    .unwrap();
+    bytes
+}
+
+/// The coordinator computes each recorded image's border ratio from the PNG it was sent and
+/// stores it with the result: what `quality::border_ratio` says of that PNG.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submitted_image_is_stored_with_its_border_ratio() {
+    use vgg_atlas_atlas::quality;
+    const SIDE: u32 = 48;
+    let f = fixture_sized(60_000, SIDE).await;
+    let coord = serve(f.store.clone(), f.ctx.clone()).await;
+    let mut c = client(&coord.url).await;
+    let w = register(&mut c, "w").await;
+    let l = lease(&mut c, &w, 4).await;
+    let ids = filters(&l);
+    let noise = |x: u32, y: u32, c: u32| ((x * 7919 + y * 104_729 + c * 31) % 251) as u8;
+    let band = |x: u32, y: u32| {
+        let b = quality::BORDER_BAND;
+        x < b || y < b || x >= SIDE - b || y >= SIDE - b
+    };
+    let textured = |inside: bool, border: bool| {
+        image::RgbImage::from_fn(SIDE, SIDE, |x, y| {
+            let busy = if band(x, y) { border } else { inside };
+            image::Rgb(if busy {
+                [noise(x, y, 0), noise(x, y, 1), noise(x, y, 2)]
+            } else {
+                [120, 80, 200]
+            })
+        })
+    };
+    let images = [
+        textured(false, true), // busy borders around a calm middle: far above 1
+        textured(true, false), // a calm frame around a busy middle: under 1
+        textured(true, true),  // the same everywhere: about 1
+        // Smooth gradients with a few strokes, closer to a real tile.
+        image::RgbImage::from_fn(SIDE, SIDE, |x, y| {
+            image::Rgb([
+                (x * 5) as u8,
+                (y * 5) as u8,
+                if (x + 2 * y) % 13 == 0 { 255 } else { 60 },
+            ])
+        }),
+    ];
+    let pngs: Vec<Vec<u8>> = images.iter().map(encode).collect();
+    let results = ids
+        .iter()
+        .zip(&pngs)
+        .map(|(&i, png)| pb::FilterResult {
+            png: png.clone(),
+            ..result(i, 2.0)
+        })
+        .collect();
+    assert_eq!(
+        outcomes(&submit(&mut c, &w, &l, results).await),
+        [pb::SubmitOutcome::Recorded; 4]
+    );
+    let mut stored = Vec::new();
+    for (&i, png) in ids.iter().zip(&pngs) {
+        let r = f
+            .store
+            .result(&f.ctx.run_id, "block1_conv1", i as i32)
+            .await
+            .unwrap()
+            .unwrap();
+        let decoded = image::load_from_memory_with_format(png, image::ImageFormat::Png)
+            .unwrap()
+            .to_rgb8();
+        let expected = quality::border_ratio(&decoded);
+        let got = r
+            .border_ratio
+            .expect("a recorded result has a border ratio") as f64;
+        assert!(
+            (got - expected).abs() <= 1e-4,
+            "filter {i}: stored {got}, the PNG's border ratio is {expected}"
+        );
+        stored.push(got);
+    }
+    assert!(stored[0] > 5.0, "busy borders: {stored:?}");
+    assert!(stored[1] < 0.5, "calm frame: {stored:?}");
+    assert!((stored[2] - 1.0).abs() < 0.2, "even texture: {stored:?}");
     coord.server.abort();
 }
 

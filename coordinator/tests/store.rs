@@ -93,25 +93,7 @@ impl TestDb {
 
     /// `None` (after saying so) when no server is configured outside CI.
     async fn postgres() -> Option<TestDb> {
-        let base = match std::env::var(POSTGRES_ENV) {
-            Ok(url) if !url.is_empty() => url,
-            _ if std::env::var_os("CI").is_some() => {
-                panic!("{POSTGRES_ENV} is not set under CI: .ci/run should start PostgreSQL and export it")
-            }
-            _ => {
-                eprintln!("skipped: set {POSTGRES_ENV}=postgres://USER:PASSWORD@HOST:PORT/DB to run the PostgreSQL store tests");
-                return None;
-            }
-        };
-        let schema = format!("store_test_{}", uuid::Uuid::new_v4().simple());
-        let admin = PgPool::connect(&base).await.expect(POSTGRES_ENV);
-        sqlx::query(&format!("CREATE SCHEMA {schema}"))
-            .execute(&admin)
-            .await
-            .unwrap();
-        admin.close().await;
-        let separator = if base.contains('?') { '&' } else { '?' };
-        let url = format!("{base}{separator}options=-c%20search_path%3D{schema}");
+        let (url, schema) = fresh_postgres_schema().await?;
         let store = store::connect(&url).await.unwrap();
         let pool = PgPool::connect(&url).await.unwrap();
         Some(TestDb {
@@ -131,6 +113,33 @@ impl TestDb {
                 .unwrap();
         }
     }
+}
+
+/// The URL of a fresh, empty schema on the test server (its search path set to it) and the
+/// schema's name; `None` (after saying so) when no server is configured outside CI.
+async fn fresh_postgres_schema() -> Option<(String, String)> {
+    let base = match std::env::var(POSTGRES_ENV) {
+        Ok(url) if !url.is_empty() => url,
+        _ if std::env::var_os("CI").is_some() => {
+            panic!(
+                "{POSTGRES_ENV} is not set under CI: .ci/run should start PostgreSQL and export it"
+            )
+        }
+        _ => {
+            eprintln!("skipped: set {POSTGRES_ENV}=postgres://USER:PASSWORD@HOST:PORT/DB to run the PostgreSQL store tests");
+            return None;
+        }
+    };
+    let schema = format!("store_test_{}", uuid::Uuid::new_v4().simple());
+    let admin = PgPool::connect(&base).await.expect(POSTGRES_ENV);
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+    let separator = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{separator}options=-c%20search_path%3D{schema}");
+    Some((url, schema))
 }
 
 /// Declares each test body once per backend: `sqlite::NAME` and `postgres::NAME`.
@@ -178,6 +187,8 @@ store_tests!(
     query_reads_the_views_and_refuses_every_write,
     layer_filters_and_run_info_feed_the_atlas,
     a_lease_the_worker_never_heard_of_is_reclaimed,
+    a_result_keeps_its_border_ratio,
+    layer_summary_has_the_median_weak_filters_and_border_ratios,
 );
 
 /// A run over `layers` = `[(name, filter count)]`, layer_index in the order given.
@@ -224,6 +235,7 @@ fn outcome(lease: &Lease, filter: i32, worker: &str, activation: f32) -> Submiss
         failed_reason: None,
         retries: 0,
         png: format!("png of {filter} by {worker}").into_bytes(),
+        border_ratio: Some(1.0),
     }
 }
 
@@ -231,6 +243,7 @@ fn failure(lease: &Lease, filter: i32, worker: &str, reason: &str) -> Submission
     Submission {
         failed_reason: Some(reason.to_string()),
         retries: 0,
+        border_ratio: None,
         ..outcome(lease, filter, worker, 0.0)
     }
 }
@@ -935,6 +948,17 @@ async fn progress_counts_every_state(db: &TestDb) {
 
 /// Leases everything and records `activations[layer][filter]` (`None`: leave it leased).
 async fn finish(s: &Arc<dyn Store>, run: &RunSpec, activations: &[&[Option<f32>]]) {
+    let results: Vec<Vec<Option<(f32, Option<f32>)>>> = activations
+        .iter()
+        .map(|layer| layer.iter().map(|a| a.map(|a| (a, Some(1.0)))).collect())
+        .collect();
+    let results: Vec<&[Option<(f32, Option<f32>)>]> = results.iter().map(Vec::as_slice).collect();
+    finish_with(s, run, &results).await;
+}
+
+/// Leases everything and records `results[layer][filter]` = (activation, border ratio) (`None`:
+/// leave it leased). A filter whose activation is 0 is dead.
+async fn finish_with(s: &Arc<dyn Store>, run: &RunSpec, results: &[&[Option<(f32, Option<f32>)>]]) {
     s.create_or_resume_run(run).await.unwrap();
     while let Some(lease) = s.lease(&run.run_id, "w1", 16, 0, MINUTE).await.unwrap() {
         let index = run
@@ -944,9 +968,10 @@ async fn finish(s: &Arc<dyn Store>, run: &RunSpec, activations: &[&[Option<f32>]
             .unwrap()
             .layer_index as usize;
         for (filter, _) in &lease.filters {
-            if let Some(activation) = activations[index][*filter as usize] {
+            if let Some((activation, border_ratio)) = results[index][*filter as usize] {
                 let result = Submission {
                     dead: activation == 0.0,
+                    border_ratio,
                     ..outcome(&lease, *filter, "w1", activation)
                 };
                 s.submit(&result, 10).await.unwrap();
@@ -1180,6 +1205,218 @@ async fn layer_summary_and_failed_filters_views(db: &TestDb) {
         "run-1"
     );
     assert_eq!(failed, vec![("block1_conv1".into(), 2, "dead".into())]);
+}
+
+async fn a_result_keeps_its_border_ratio(db: &TestDb) {
+    let s = &db.store;
+    s.create_or_resume_run(&spec("run-1", &[("block1_conv1", 4)], 3))
+        .await
+        .unwrap();
+    let l = s.lease("run-1", "w", 4, 0, MINUTE).await.unwrap().unwrap();
+    // A NaN border ratio is refused like any non-finite score, and nothing is written.
+    let nan = Submission {
+        border_ratio: Some(f32::NAN),
+        ..outcome(&l, 3, "w", 2.0)
+    };
+    let err = s.submit(&nan, 5).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::NonFinite {
+                field: "border ratio",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    for (filter, border_ratio) in [
+        (0, Some(1.375)),
+        (1, None),
+        (2, Some(12.5)),
+        (3, Some(0.75)),
+    ] {
+        let r = Submission {
+            border_ratio,
+            ..outcome(&l, filter, "w", 2.0)
+        };
+        assert_eq!(s.submit(&r, 5).await.unwrap(), SubmitOutcome::Recorded);
+    }
+    let stored: Vec<Option<f32>> = s
+        .layer_filters("run-1", "block1_conv1")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.result.expect("finished").border_ratio)
+        .collect();
+    assert_eq!(stored, [Some(1.375), None, Some(12.5), Some(0.75)]);
+    let column = fetch_all!(
+        db,
+        (i32, Option<f32>),
+        "SELECT filter, border_ratio FROM results WHERE run_id = $1 ORDER BY filter",
+        "run-1"
+    );
+    assert_eq!(
+        column,
+        [
+            (0, Some(1.375)),
+            (1, None),
+            (2, Some(12.5)),
+            (3, Some(0.75))
+        ]
+    );
+}
+
+async fn layer_summary_has_the_median_weak_filters_and_border_ratios(db: &TestDb) {
+    use vgg_atlas_atlas::quality;
+    let run = spec(
+        "run-1",
+        &[
+            ("block1_conv1", 6),
+            ("block1_conv2", 7),
+            ("block2_conv1", 2),
+        ],
+        3,
+    );
+    let odd = [
+        Some((100.0, Some(1.0))),
+        Some((100.0, Some(1.5))),
+        Some((150.0, None)), // a result without a border ratio: left out of those figures
+        Some((19.0, Some(3.0))),
+        Some((20.0, Some(1.25))),
+        None, // stays leased: not finished, in no figure
+    ];
+    // An even count (the median of the middle two); the dead filter (0) is weak; no result has
+    // a border ratio.
+    let even = [
+        Some((4.0, None)),
+        Some((0.0, None)),
+        Some((6.0, None)),
+        None,
+        Some((1.0, None)),
+        Some((3.0, None)),
+        Some((2.0, None)),
+    ];
+    finish_with(&db.store, &run, &[&odd, &even, &[None, None]]).await;
+    // Another run's results in the same layer count only for that run.
+    finish_with(
+        &db.store,
+        &spec("run-2", &[("block1_conv1", 3)], 3),
+        &[&[
+            Some((1000.0, Some(9.0))),
+            Some((1000.0, Some(9.0))),
+            Some((1.0, Some(9.0))),
+        ]],
+    )
+    .await;
+
+    // The view's figures mean what quality's do.
+    let figures = |results: &[Option<(f32, Option<f32>)>]| {
+        let activations: Vec<f64> = results.iter().flatten().map(|r| r.0 as f64).collect();
+        let borders: Vec<f64> = results
+            .iter()
+            .flatten()
+            .filter_map(|r| r.1.map(f64::from))
+            .collect();
+        (
+            quality::median(&activations),
+            quality::weak_count(&activations) as i64,
+            quality::median(&borders),
+            borders.iter().copied().reduce(f64::max).map(|m| m as f32),
+        )
+    };
+    assert_eq!(figures(&odd), (Some(100.0), 1, Some(1.375), Some(3.0)));
+    assert_eq!(figures(&even), (Some(2.5), 1, None, None));
+    assert_eq!(figures(&[None, None]), (None, 0, None, None));
+
+    let summary = fetch_all!(
+        db,
+        (
+            String,
+            i64,
+            i64,
+            i64,
+            Option<f64>,
+            i64,
+            Option<f64>,
+            Option<f32>
+        ),
+        "SELECT layer, filters, done, leased, median_activation, weak, median_border_ratio,
+                max_border_ratio
+         FROM layer_summary WHERE run_id = $1 ORDER BY layer_index",
+        "run-1"
+    );
+    let expected = |layer: &str, filters, done, leased, results: &[Option<(f32, Option<f32>)>]| {
+        let (median, weak, median_border, max_border) = figures(results);
+        (
+            layer.to_string(),
+            filters,
+            done,
+            leased,
+            median,
+            weak,
+            median_border,
+            max_border,
+        )
+    };
+    assert_eq!(
+        summary,
+        [
+            expected("block1_conv1", 6, 5, 1, &odd),
+            expected("block1_conv2", 7, 6, 1, &even),
+            expected("block2_conv1", 2, 0, 2, &[None, None]),
+        ]
+    );
+    let other = fetch_all!(
+        db,
+        (Option<f64>, i64, Option<f64>, Option<f32>),
+        "SELECT median_activation, weak, median_border_ratio, max_border_ratio
+         FROM layer_summary WHERE run_id = $1",
+        "run-2"
+    );
+    assert_eq!(other, [(Some(1000.0), 1, Some(9.0), Some(9.0))]);
+
+    // The example of docs/database.md: layers with weak filters or busy borders.
+    let flagged = query::query(
+        &db.url,
+        "SELECT layer, done, weak, median_activation, median_border_ratio, max_border_ratio
+         FROM layer_summary
+         WHERE weak > 0 OR median_border_ratio > 1.2 OR max_border_ratio > 1.6
+         ORDER BY layer_index",
+    )
+    .await
+    .unwrap();
+    let mut layers: Vec<&str> = flagged
+        .rows
+        .iter()
+        .map(|r| r[0].as_str().unwrap())
+        .collect();
+    layers.sort();
+    assert_eq!(layers, ["block1_conv1", "block1_conv1", "block1_conv2"]);
+
+    // Every column of the view from before, in the same order, then the new ones.
+    let all = query::query(&db.url, "SELECT * FROM layer_summary")
+        .await
+        .unwrap();
+    assert_eq!(
+        all.columns,
+        [
+            "run_id",
+            "layer",
+            "layer_index",
+            "filters",
+            "done",
+            "pending",
+            "leased",
+            "failed",
+            "dead",
+            "mean_activation",
+            "max_activation",
+            "median_activation",
+            "weak",
+            "median_border_ratio",
+            "max_border_ratio",
+        ]
+    );
 }
 
 async fn non_finite_scores_are_refused(db: &TestDb) {
@@ -1437,8 +1674,13 @@ async fn a_database_from_before_the_png_column_opens_and_resumes() {
         .unwrap()
         .expect("the old result is still there");
     assert_eq!(
-        (stored.activation, stored.png.as_slice(), stored.retries),
-        (2.5, b"\x89PNG".as_slice(), 0)
+        (
+            stored.activation,
+            stored.png.as_slice(),
+            stored.retries,
+            stored.border_ratio
+        ),
+        (2.5, b"\x89PNG".as_slice(), 0, None)
     );
     let resumed = RunSpec {
         weights_sha256: "abc".into(),
@@ -1455,4 +1697,216 @@ async fn a_database_from_before_the_png_column_opens_and_resumes() {
         .unwrap()
         .expect("the unfinished filter is leased");
     assert_eq!(lease.filters, [(1, 1)]);
+}
+
+/// Runs SQL with binds on either backend, panicking on an error.
+macro_rules! execute {
+    ($db:expr, $sql:expr $(, $bind:expr)* $(,)?) => {
+        match &$db.pool {
+            Pool::Sqlite(pool) => sqlx::query($sql)$(.bind($bind))*.execute(pool).await.map(|_| ()),
+            Pool::Postgres(pool) => sqlx::query($sql)$(.bind($bind))*.execute(pool).await.map(|_| ()),
+        }
+        .expect($sql)
+    };
+}
+
+/// A database as an older release left it: the migrations of `migrations/<dialect>/` up to
+/// `last` applied, no more. [`OldDb::open`] opens today's store on it, which migrates it.
+struct OldDb {
+    url: String,
+    pool: Pool,
+    dir: Option<tempfile::TempDir>,
+    schema: Option<String>,
+}
+
+/// The migrations of `dialect` numbered up to `last`, copied into a folder of their own.
+fn migrations_up_to(dialect: &str, last: u32) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let all = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../migrations")
+        .join(dialect);
+    let mut copied = 0;
+    for entry in std::fs::read_dir(&all).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        let version: u32 = name.split('_').next().unwrap().parse().unwrap();
+        if version <= last {
+            std::fs::copy(&path, dir.path().join(&name)).unwrap();
+            copied += 1;
+        }
+    }
+    assert_eq!(copied, last, "migrations 1..={last} of {dialect}");
+    dir
+}
+
+impl OldDb {
+    async fn sqlite(last: u32) -> OldDb {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("atlas.db");
+        let pool = SqlitePool::connect_with(
+            sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(&path)
+                .create_if_missing(true),
+        )
+        .await
+        .unwrap();
+        let migrations = migrations_up_to("sqlite", last);
+        sqlx::migrate::Migrator::new(migrations.path())
+            .await
+            .unwrap()
+            .run(&pool)
+            .await
+            .unwrap();
+        OldDb {
+            url: format!("sqlite://{}", path.display()),
+            pool: Pool::Sqlite(pool),
+            dir: Some(dir),
+            schema: None,
+        }
+    }
+
+    async fn postgres(last: u32) -> Option<OldDb> {
+        let (url, schema) = fresh_postgres_schema().await?;
+        let pool = PgPool::connect(&url).await.unwrap();
+        let migrations = migrations_up_to("postgres", last);
+        sqlx::migrate::Migrator::new(migrations.path())
+            .await
+            .unwrap()
+            .run(&pool)
+            .await
+            .unwrap();
+        Some(OldDb {
+            url,
+            pool: Pool::Postgres(pool),
+            dir: None,
+            schema: Some(schema),
+        })
+    }
+
+    /// Today's store on the database: it applies the migrations the database lacks.
+    async fn open(self) -> TestDb {
+        let store = store::connect(&self.url).await.unwrap();
+        TestDb {
+            store,
+            url: self.url,
+            pool: self.pool,
+            _dir: self.dir,
+            schema: self.schema,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_database_from_before_the_border_ratio_opens_with_its_results() {
+    a_database_from_before_the_border_ratio_opens_with_its_results(OldDb::sqlite(2).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_database_from_before_the_border_ratio_opens_with_its_results() {
+    let Some(old) = OldDb::postgres(2).await else {
+        return;
+    };
+    a_database_from_before_the_border_ratio_opens_with_its_results(old).await;
+}
+
+/// A database written by the release before `0003_border_ratio` (migrations 0001 and 0002): two
+/// results stored by it and one filter pending. Today's store migrates it; the old results have
+/// no border ratio (NULL), `layer_summary` has their activations but no border figures, and the
+/// run resumes, its next result with a border ratio.
+async fn a_database_from_before_the_border_ratio_opens_with_its_results(old: OldDb) {
+    let run = spec("run-1", &[("block1_conv1", 3)], 3);
+    execute!(
+        old,
+        "INSERT INTO runs (run_id, weights_sha256, settings, max_attempts, created_at_ms)
+         VALUES ($1, $2, $3, 3, 1)",
+        &run.run_id,
+        &run.weights_sha256,
+        &run.settings_json,
+    );
+    for (filter, state, worker) in [
+        (0, "done", Some("w")),
+        (1, "done", Some("w")),
+        (2, "pending", None),
+    ] {
+        execute!(
+            old,
+            "INSERT INTO filters (run_id, layer, layer_index, filter, seed, state, attempts, worker)
+             VALUES ($1, 'block1_conv1', 0, $2, $3, $4, $5, $6)",
+            &run.run_id,
+            filter,
+            seed(0, filter),
+            state,
+            i32::from(state == "done"),
+            worker,
+        );
+    }
+    for (filter, activation) in [(0, 4.0f32), (1, 2.0)] {
+        execute!(
+            old,
+            "INSERT INTO results (run_id, layer, filter, activation, objective, start_activation,
+                                  curve, seconds, dead, worker, png, finished_at_ms, retries)
+             VALUES ($1, 'block1_conv1', $2, $3, 1.0, 0.5, '[0.5]', 0.1, $4, 'w', $5, 7, $6)",
+            &run.run_id,
+            filter,
+            activation,
+            false,
+            b"\x89PNG".to_vec(),
+            filter + 1,
+        );
+    }
+
+    let db = old.open().await;
+    let s = &db.store;
+    let old_results = || async {
+        let mut stored = Vec::new();
+        for filter in [0, 1] {
+            let r = s
+                .result("run-1", "block1_conv1", filter)
+                .await
+                .unwrap()
+                .unwrap();
+            stored.push((r.activation, r.retries, r.png, r.border_ratio));
+        }
+        stored
+    };
+    let before = [
+        (4.0, 1, b"\x89PNG".to_vec(), None),
+        (2.0, 2, b"\x89PNG".to_vec(), None),
+    ];
+    assert_eq!(old_results().await, before, "kept, with no border ratio");
+    let summary = || async {
+        fetch_all!(
+            db,
+            (i64, Option<f64>, i64, Option<f64>, Option<f32>),
+            "SELECT done, median_activation, weak, median_border_ratio, max_border_ratio
+             FROM layer_summary WHERE run_id = $1",
+            "run-1"
+        )
+    };
+    assert_eq!(summary().await, [(2, Some(3.0), 0, None, None)]);
+
+    // The run resumes; its new result has a border ratio, and the figures count only it.
+    assert!(!s.create_or_resume_run(&run).await.unwrap(), "resumed");
+    let lease = s
+        .lease("run-1", "w2", 8, 10, MINUTE)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(lease.filters, [(2, seed(0, 2))]);
+    let new = Submission {
+        border_ratio: Some(1.5),
+        ..outcome(&lease, 2, "w2", 3.0)
+    };
+    assert_eq!(s.submit(&new, 20).await.unwrap(), SubmitOutcome::Recorded);
+    assert_eq!(
+        s.result("run-1", "block1_conv1", 2)
+            .await
+            .unwrap()
+            .unwrap()
+            .border_ratio,
+        Some(1.5)
+    );
+    assert_eq!(old_results().await, before);
+    assert_eq!(summary().await, [(3, Some(3.0), 0, Some(1.5), Some(1.5))]);
+    db.cleanup().await;
 }

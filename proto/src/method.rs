@@ -48,7 +48,9 @@ pub enum Optimizer {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Preset {
-    /// The default: lucid's method at 64 steps, chosen by measurement (docs/method.md).
+    /// The default: lucid's image side at 64 steps, with a larger warmed-up step size, the
+    /// post-ReLU objective woken by pre-ReLU, and blocks 1-2 rolled; chosen by measurement
+    /// (docs/method.md).
     Atlas,
     /// The Keras blog's method as first written here: pixels, Lp + TV weight 10, 20 steps.
     Quick,
@@ -154,9 +156,17 @@ impl Preset {
                 rotate_degrees: 1.0,
                 ..quick
             },
+            // lucid's image side at 64 steps, with what measured best at that length
+            // (docs/method.md): 8x the step size after an 8-step warm-up, the activation
+            // itself as the objective (woken by pre-ReLU while silent), and the images of
+            // block1 and block2 rolled, so their borders are not special.
             Preset::Atlas => Settings {
                 preset: Preset::Atlas,
                 steps: 64,
+                objective: Objective::PostReluWake,
+                learning_rate: 0.4,
+                warmup_steps: 8,
+                roll_blocks: 2,
                 ..Preset::Lucid.settings()
             },
             Preset::Lucid => Settings {
@@ -206,7 +216,8 @@ pub struct Settings {
     /// ... random scale in 1 ± this.
     pub scale_jitter: f32,
     /// The step size's schedule: it rises linearly from a tenth of `learning_rate` to all of
-    /// it over the first `warmup_steps` steps (0: it starts at all of it) ...
+    /// it over the first `warmup_steps` steps, at most half the run (0: it starts at all of
+    /// it) ...
     #[serde(default, skip_serializing_if = "is_zero")]
     pub warmup_steps: u32,
     /// ... and then, if set, falls along a half cosine to a hundredth of it at the last step
@@ -292,12 +303,6 @@ impl Settings {
                 self.roll_blocks
             )));
         }
-        if self.warmup_steps as usize > self.steps {
-            return Err(Error::Invalid(format!(
-                "{} warm-up steps in a run of {} steps: the warm-up must fit in the run",
-                self.warmup_steps, self.steps
-            )));
-        }
         if self.jitter as usize * 2 > self.size
             || !(0.0..=45.0).contains(&self.rotate_degrees)
             || !(0.0..=0.5).contains(&self.scale_jitter)
@@ -321,7 +326,9 @@ impl Settings {
     /// The step size of step `step` (0-based) of `steps`, from the schedule.
     pub fn learning_rate_at(&self, step: usize) -> f32 {
         let base = self.learning_rate;
-        let warmup = self.warmup_steps as usize;
+        // At most half the run, so `--steps 4` with a preset's warm-up still climbs to the full
+        // step size.
+        let warmup = (self.warmup_steps as usize).min(self.steps / 2);
         if step < warmup {
             return base * (0.1 + 0.9 * step as f32 / warmup as f32);
         }
@@ -357,8 +364,59 @@ mod tests {
     fn the_settings_json_of_stored_runs_does_not_change() {
         assert_eq!(
             serde_json::to_string(&Preset::Atlas.settings()).unwrap(),
-            r#"{"preset":"atlas","size":128,"steps":64,"seed":0,"objective":"pre-relu","parameterization":"fourier","optimizer":"adam","learning_rate":0.05,"rmsprop_decay":0.95,"lp_norm_p":6.0,"lp_norm_weight":0.0,"tv_beta":2.0,"tv_weight":0.0,"fourier_decay":1.0,"jitter":8,"rotate_degrees":10.0,"scale_jitter":0.1}"#
+            r#"{"preset":"atlas","size":128,"steps":64,"seed":0,"objective":"post-relu-wake","parameterization":"fourier","optimizer":"adam","learning_rate":0.4,"rmsprop_decay":0.95,"lp_norm_p":6.0,"lp_norm_weight":0.0,"tv_beta":2.0,"tv_weight":0.0,"fourier_decay":1.0,"jitter":8,"rotate_degrees":10.0,"scale_jitter":0.1,"warmup_steps":8,"roll_blocks":2}"#
         );
+        // The presets without the schedule or the roll keep the JSON they had before those
+        // fields existed, so their stored runs keep their ids.
+        assert_eq!(
+            serde_json::to_string(&Preset::Lucid.settings()).unwrap(),
+            r#"{"preset":"lucid","size":128,"steps":256,"seed":0,"objective":"pre-relu","parameterization":"fourier","optimizer":"adam","learning_rate":0.05,"rmsprop_decay":0.95,"lp_norm_p":6.0,"lp_norm_weight":0.0,"tv_beta":2.0,"tv_weight":0.0,"fourier_decay":1.0,"jitter":8,"rotate_degrees":10.0,"scale_jitter":0.1}"#
+        );
+        let old: Settings = serde_json::from_str(r#"{"preset":"atlas","size":128,"steps":64,"seed":0,"objective":"pre-relu","parameterization":"fourier","optimizer":"adam","learning_rate":0.05,"rmsprop_decay":0.95,"lp_norm_p":6.0,"lp_norm_weight":0.0,"tv_beta":2.0,"tv_weight":0.0,"fourier_decay":1.0,"jitter":8,"rotate_degrees":10.0,"scale_jitter":0.1}"#).unwrap();
+        assert_eq!((old.warmup_steps, old.cosine_decay, old.roll_blocks), (0, false, 0));
+    }
+
+    #[test]
+    fn the_step_size_warms_up_then_stays_or_decays_along_a_cosine() {
+        let s = Settings {
+            learning_rate: 0.4,
+            steps: 64,
+            warmup_steps: 8,
+            cosine_decay: false,
+            ..Settings::default()
+        };
+        assert!((s.learning_rate_at(0) - 0.04).abs() < 1e-6);
+        assert!((s.learning_rate_at(4) - 0.22).abs() < 1e-6);
+        assert_eq!(s.learning_rate_at(8), 0.4);
+        assert_eq!(s.learning_rate_at(63), 0.4);
+        let c = Settings {
+            cosine_decay: true,
+            ..s.clone()
+        };
+        assert_eq!(c.learning_rate_at(8), 0.4);
+        assert!((c.learning_rate_at(63) - 0.004).abs() < 1e-6);
+        let mid = c.learning_rate_at(35);
+        assert!(mid < 0.4 && mid > 0.004 && mid < c.learning_rate_at(20));
+        let flat = Settings {
+            warmup_steps: 0,
+            ..Preset::Lucid.settings()
+        };
+        assert!((0..256).all(|i| flat.learning_rate_at(i) == 0.05));
+        // A short run warms up over half its steps at most.
+        let short = Settings { steps: 4, ..s };
+        assert!(short.check(&Layer::by_name("block1_conv1").unwrap()).is_ok());
+        assert!((short.learning_rate_at(0) - 0.04).abs() < 1e-6);
+        assert!((short.learning_rate_at(1) - 0.22).abs() < 1e-6);
+        assert_eq!(short.learning_rate_at(2), 0.4);
+    }
+
+    #[test]
+    fn the_atlas_preset_rolls_blocks_1_and_2_only() {
+        let s = Preset::Atlas.settings();
+        let rolls = |name| s.rolls(&Layer::by_name(name).unwrap());
+        assert!(rolls("block1_conv1") && rolls("block1_conv2") && rolls("block2_conv2"));
+        assert!(!rolls("block3_conv1") && !rolls("block5_conv3") && !rolls("fc1"));
+        assert!(!Preset::Lucid.settings().rolls(&Layer::by_name("block1_conv1").unwrap()));
     }
 
     #[test]

@@ -73,6 +73,9 @@ pub struct Submission {
     /// Steps the worker retried with a smaller step after a non-finite value.
     pub retries: u32,
     pub png: Vec<u8>,
+    /// The image's border ratio ([`vgg_atlas_atlas::quality::border_ratio`]), computed by the
+    /// coordinator from `png`; `None` for a failed submission.
+    pub border_ratio: Option<f32>,
 }
 
 /// What [`Store::submit`] did with a submission.
@@ -142,6 +145,9 @@ pub struct StoredResult {
     pub finished_at_ms: i64,
     /// Steps retried with a smaller step after a non-finite value.
     pub retries: u32,
+    /// The image's border ratio (about 1 is good); `None` for a result stored before the
+    /// column existed (migration 0003).
+    pub border_ratio: Option<f32>,
 }
 
 /// The coordinator's persistent state. Every method is one transaction, safe to call from many
@@ -310,9 +316,11 @@ fn check_finite(r: &Submission) -> Result<()> {
         ("seconds", r.seconds),
     ];
     let curve = r.curve.iter().map(|&v| ("curve", v));
+    let border = r.border_ratio.map(|v| ("border ratio", v));
     match scores
         .into_iter()
         .chain(curve)
+        .chain(border)
         .find(|(_, v)| !v.is_finite())
     {
         None => Ok(()),
@@ -483,8 +491,8 @@ pub(crate) mod sql {
          WHERE run_id = $1 AND layer = $2 AND filter = $3";
     pub const INSERT_RESULT: &str = "INSERT INTO results
          (run_id, layer, filter, activation, objective, start_activation, curve, seconds, dead, worker, png,
-          finished_at_ms, retries)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)";
+          finished_at_ms, retries, border_ratio)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)";
     pub const INSERT_FILTER: &str =
         "INSERT INTO filters (run_id, layer, layer_index, filter, seed) VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (run_id, layer, filter) DO NOTHING";
@@ -500,7 +508,7 @@ pub(crate) mod sql {
         "SELECT run_id, weights_sha256, settings, created_at_ms FROM runs WHERE run_id = $1";
     pub const LAYER_FILTERS: &str = "SELECT f.filter, f.state, f.attempts, f.failed_reason,
                 r.activation, r.objective, r.start_activation, r.curve, r.seconds, r.dead, r.worker,
-                r.png, r.finished_at_ms, r.retries
+                r.png, r.finished_at_ms, r.retries, r.border_ratio
          FROM filters f
          LEFT JOIN results r ON r.run_id = f.run_id AND r.layer = f.layer AND r.filter = f.filter
          WHERE f.run_id = $1 AND f.layer = $2
@@ -546,6 +554,7 @@ pub(crate) type LayerFilterRow = (
     Option<Vec<u8>>,
     Option<i64>,
     Option<i32>,
+    Option<f32>,
 );
 
 fn filter_record(run_id: &str, layer: &str, row: LayerFilterRow) -> Result<FilterRecord> {
@@ -564,6 +573,7 @@ fn filter_record(run_id: &str, layer: &str, row: LayerFilterRow) -> Result<Filte
         png,
         finished,
         retries,
+        border_ratio,
     ) = row;
     let result = match (
         activation, objective, start, curve, seconds, dead, worker, png, finished, retries,
@@ -593,6 +603,7 @@ fn filter_record(run_id: &str, layer: &str, row: LayerFilterRow) -> Result<Filte
             png,
             finished_at_ms,
             retries: retries.max(0) as u32,
+            border_ratio,
         }),
         (None, None, None, None, None, None, None, None, None, None) => None,
         _ => {

@@ -182,6 +182,7 @@ macro_rules! impl_store {
                             .bind(&r.png)
                             .bind(now_ms)
                             .bind(r.retries as i32)
+                            .bind(r.border_ratio)
                             .execute(&mut *tx)
                             .await?;
                         sqlx::query(sql::SUBMIT_DONE)
