@@ -11,9 +11,9 @@ use serde_json::json;
 use vgg_atlas_atlas::quality;
 use vgg_atlas_proto::{Layer, Preset, Settings};
 use vgg_atlas_worker::engine::ascent::{self, Faults, Target, Watch};
+use vgg_atlas_worker::engine::device_trunk::DeviceTrunk;
 use vgg_atlas_worker::engine::profile::{Phase, Phases};
 use vgg_atlas_worker::engine::record;
-use vgg_atlas_worker::engine::device_trunk::DeviceTrunk;
 use vgg_atlas_worker::engine::record::FilterResult;
 
 use crate::args::{conv_layers_or, parse_filters, runtime, Compute, Method};
@@ -188,8 +188,10 @@ pub fn bench_presets(a: BenchPresetsArgs) -> Result<()> {
                 results.iter().map(|r| f(r) as f64).sum::<f64>() / results.len() as f64
             };
             let activation = mean(&|r| r.activation);
-            let finished: Vec<&FilterResult> =
-                results.iter().filter(|r| r.failed_reason.is_none()).collect();
+            let finished: Vec<&FilterResult> = results
+                .iter()
+                .filter(|r| r.failed_reason.is_none())
+                .collect();
             let activations: Vec<f64> = finished.iter().map(|r| r.activation as f64).collect();
             let borders: Vec<f64> = finished
                 .iter()
@@ -389,7 +391,10 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         println!("{doc}");
     } else {
         if let (true, Some(rows)) = (profile, &phases) {
-            println!("{} batch {b}: where the time went (share of the batch's wall time)", layer.name);
+            println!(
+                "{} batch {b}: where the time went (share of the batch's wall time)",
+                layer.name
+            );
             for row in rows {
                 println!(
                     "  {:<20} {:>9.3} s {:>6.1}%",

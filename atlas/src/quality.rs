@@ -34,10 +34,8 @@ pub fn border_ratio(img: &RgbImage) -> f64 {
                 .map(|c| (r[c] - p[c]).powi(2) + (d[c] - p[c]).powi(2))
                 .sum::<f64>()
                 .sqrt();
-            let edge = x < BORDER_BAND
-                || y < BORDER_BAND
-                || x >= w - BORDER_BAND
-                || y >= h - BORDER_BAND;
+            let edge =
+                x < BORDER_BAND || y < BORDER_BAND || x >= w - BORDER_BAND || y >= h - BORDER_BAND;
             if edge {
                 border += g;
                 nb += 1;

@@ -373,7 +373,10 @@ mod tests {
             r#"{"preset":"lucid","size":128,"steps":256,"seed":0,"objective":"pre-relu","parameterization":"fourier","optimizer":"adam","learning_rate":0.05,"rmsprop_decay":0.95,"lp_norm_p":6.0,"lp_norm_weight":0.0,"tv_beta":2.0,"tv_weight":0.0,"fourier_decay":1.0,"jitter":8,"rotate_degrees":10.0,"scale_jitter":0.1}"#
         );
         let old: Settings = serde_json::from_str(r#"{"preset":"atlas","size":128,"steps":64,"seed":0,"objective":"pre-relu","parameterization":"fourier","optimizer":"adam","learning_rate":0.05,"rmsprop_decay":0.95,"lp_norm_p":6.0,"lp_norm_weight":0.0,"tv_beta":2.0,"tv_weight":0.0,"fourier_decay":1.0,"jitter":8,"rotate_degrees":10.0,"scale_jitter":0.1}"#).unwrap();
-        assert_eq!((old.warmup_steps, old.cosine_decay, old.roll_blocks), (0, false, 0));
+        assert_eq!(
+            (old.warmup_steps, old.cosine_decay, old.roll_blocks),
+            (0, false, 0)
+        );
     }
 
     #[test]
@@ -404,7 +407,9 @@ mod tests {
         assert!((0..256).all(|i| flat.learning_rate_at(i) == 0.05));
         // A short run warms up over half its steps at most.
         let short = Settings { steps: 4, ..s };
-        assert!(short.check(&Layer::by_name("block1_conv1").unwrap()).is_ok());
+        assert!(short
+            .check(&Layer::by_name("block1_conv1").unwrap())
+            .is_ok());
         assert!((short.learning_rate_at(0) - 0.04).abs() < 1e-6);
         assert!((short.learning_rate_at(1) - 0.22).abs() < 1e-6);
         assert_eq!(short.learning_rate_at(2), 0.4);
@@ -416,7 +421,9 @@ mod tests {
         let rolls = |name| s.rolls(&Layer::by_name(name).unwrap());
         assert!(rolls("block1_conv1") && rolls("block1_conv2") && rolls("block2_conv2"));
         assert!(!rolls("block3_conv1") && !rolls("block5_conv3") && !rolls("fc1"));
-        assert!(!Preset::Lucid.settings().rolls(&Layer::by_name("block1_conv1").unwrap()));
+        assert!(!Preset::Lucid
+            .settings()
+            .rolls(&Layer::by_name("block1_conv1").unwrap()));
     }
 
     #[test]

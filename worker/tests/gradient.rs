@@ -153,11 +153,24 @@ fn network_gradient_matches_finite_differences_pre_relu() {
 #[test]
 fn network_gradient_matches_finite_differences_through_winograd() {
     assert!(
-        conv::winograd_pays(256, 512) && conv::ConvAlgorithm::from_env() == conv::ConvAlgorithm::Auto,
+        conv::winograd_pays(256, 512)
+            && conv::ConvAlgorithm::from_env() == conv::ConvAlgorithm::Auto,
         "this test checks the Winograd path; run it without VGG_ATLAS_CONV=direct"
     );
-    check_h("block4_conv2", Objective::PreRelu, &no_regularizers(), 0.01, 64);
-    check_h("block3_conv3", Objective::PostRelu, &no_regularizers(), 0.01, 32);
+    check_h(
+        "block4_conv2",
+        Objective::PreRelu,
+        &no_regularizers(),
+        0.01,
+        64,
+    );
+    check_h(
+        "block3_conv3",
+        Objective::PostRelu,
+        &no_regularizers(),
+        0.01,
+        32,
+    );
 }
 
 #[test]
@@ -264,7 +277,12 @@ fn the_woken_objective_is_pre_relu_while_silent_and_post_relu_while_firing() {
         .flat_map(|_| pre.map(|(src, scale, off)| scale * [128.0f32, 128.0, 128.0][src] + off))
         .collect();
     let filters: Vec<usize> = (0..layer.filters()).collect();
-    let input: Vec<f32> = grey.iter().copied().cycle().take(n * filters.len()).collect();
+    let input: Vec<f32> = grey
+        .iter()
+        .copied()
+        .cycle()
+        .take(n * filters.len())
+        .collect();
     let mut trunk = CpuTrunk::new(weights());
     pool().install(|| {
         let mut run = |obj: Objective| {
@@ -277,8 +295,12 @@ fn the_woken_objective_is_pre_relu_while_silent_and_post_relu_while_firing() {
         let (scores, g_pre) = run(Objective::PreRelu);
         let (_, g_post) = run(Objective::PostRelu);
         let (woken, g_wake) = run(Objective::PostReluWake);
-        let silent: Vec<usize> = (0..filters.len()).filter(|&f| scores[f].post == 0.0).collect();
-        let firing: Vec<usize> = (0..filters.len()).filter(|&f| scores[f].post > 0.0).collect();
+        let silent: Vec<usize> = (0..filters.len())
+            .filter(|&f| scores[f].post == 0.0)
+            .collect();
+        let firing: Vec<usize> = (0..filters.len())
+            .filter(|&f| scores[f].post > 0.0)
+            .collect();
         assert!(
             !silent.is_empty() && !firing.is_empty(),
             "the test needs both kinds: {} silent, {} firing",

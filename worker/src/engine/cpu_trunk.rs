@@ -415,7 +415,11 @@ impl ConvTarget<'_> {
             .zip(pre.par_iter())
             .for_each(|((gi, &f), p)| {
                 gi.fill(0.0);
-                let silent = || !p.iter().enumerate().any(|(i, &v)| self.interior(i) && v > 0.0);
+                let silent = || {
+                    !p.iter()
+                        .enumerate()
+                        .any(|(i, &v)| self.interior(i) && v > 0.0)
+                };
                 let through_relu = match objective {
                     Objective::PreRelu => true,
                     Objective::PostRelu => false,

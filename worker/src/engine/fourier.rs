@@ -156,7 +156,13 @@ impl Fourier {
                 *xv = sv * sc;
             }
             // [Yr; Yi] = [[C, -S], [S, C]] [Xr; Xi]: the complex inverse DFT along the rows.
-            matmul((2 * s, k, 2 * s), &mut y, (&self.rows, 2 * s, 1), (&x, k, 1), false);
+            matmul(
+                (2 * s, k, 2 * s),
+                &mut y,
+                (&self.rows, 2 * s, 1),
+                (&x, k, 1),
+                false,
+            );
             // x = Yr Cw + Yi Sw along the columns (lucid divides the image by 4, folded in).
             let out = &mut lin[c * s * s..(c + 1) * s * s];
             matmul((s, s, k), out, (&y[..plane], k, 1), (&self.cw, s, 1), false);
@@ -202,7 +208,13 @@ impl Fourier {
             matmul((s, k, s), g_yi, (gl, s, 1), (&self.sw, 1, s), false);
             // [gXr; gXi] = [[C, -S], [S, C]]ᵀ [gYr; gYi], then the frequency scale.
             let g = &mut grad[2 * c * plane..2 * (c + 1) * plane];
-            matmul((2 * s, k, 2 * s), g, (&self.rows, 1, 2 * s), (&g_y, k, 1), false);
+            matmul(
+                (2 * s, k, 2 * s),
+                g,
+                (&self.rows, 1, 2 * s),
+                (&g_y, k, 1),
+                false,
+            );
             for (gv, sc) in g.iter_mut().zip(self.scale.iter().cycle()) {
                 *gv *= sc;
             }
@@ -224,8 +236,14 @@ fn matmul(
 ) {
     let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
     assert!(dst.len() >= m * n, "matmul: destination too small");
-    assert!(a.len() > last(m, depth, a_rs, a_cs), "matmul: left operand too small");
-    assert!(b.len() > last(depth, n, b_rs, b_cs), "matmul: right operand too small");
+    assert!(
+        a.len() > last(m, depth, a_rs, a_cs),
+        "matmul: left operand too small"
+    );
+    assert!(
+        b.len() > last(depth, n, b_rs, b_cs),
+        "matmul: right operand too small"
+    );
     // SAFETY: every index the product touches is in bounds (the asserts above), and dst does
     // not alias a or b (a &mut and two & borrows).
     unsafe {

@@ -238,22 +238,22 @@ impl ImageSide for HostImages<'_> {
         let images = &mut self.images;
         Ok(self.phases.time(Phase::Optimiser, || {
             images
-            .par_iter_mut()
-            .enumerate()
-            .map(|(i, im)| {
-                if good[i] {
-                    im.last_good.copy_from_slice(&im.params);
-                }
-                if restore[i] {
-                    im.params.copy_from_slice(&im.last_good);
-                    im.opt = OptState::new(s.optimizer, im.params.len());
-                }
-                if step[i] {
-                    im.opt.ascend(&mut im.params, &im.grad, lr[i], s);
-                }
-                im.params.iter().all(|v| v.is_finite())
-            })
-            .collect()
+                .par_iter_mut()
+                .enumerate()
+                .map(|(i, im)| {
+                    if good[i] {
+                        im.last_good.copy_from_slice(&im.params);
+                    }
+                    if restore[i] {
+                        im.params.copy_from_slice(&im.last_good);
+                        im.opt = OptState::new(s.optimizer, im.params.len());
+                    }
+                    if step[i] {
+                        im.opt.ascend(&mut im.params, &im.grad, lr[i], s);
+                    }
+                    im.params.iter().all(|v| v.is_finite())
+                })
+                .collect()
         }))
     }
 

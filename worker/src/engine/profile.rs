@@ -91,7 +91,9 @@ mod tests {
             7
         });
         assert_eq!(v, 7);
-        p.time(Phase::Optimiser, || std::thread::sleep(Duration::from_millis(2)));
+        p.time(Phase::Optimiser, || {
+            std::thread::sleep(Duration::from_millis(2))
+        });
         assert!(p.get(Phase::Network) >= Duration::from_millis(5));
         assert!(p.get(Phase::Render).is_zero());
         let mut q = Phases::default();
