@@ -228,6 +228,67 @@ fn compact(g: Geom, cin: usize) -> bool {
     cin < 16 || g.h * g.w <= 16 * 16
 }
 
+/// A row-major operand of a matrix product: its values with the strides of a row and of a
+/// column (a transpose is the same values with the strides swapped).
+pub(crate) struct Operand<'a> {
+    pub values: &'a [f32],
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+/// `dst = a b` (`dst += a b` with `accumulate`) with `a` m x k and `b` k x n; `dst` is m x n,
+/// row-major. On the `gemm` crate with `parallelism`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    a: Operand,
+    b: Operand,
+    accumulate: bool,
+    parallelism: Parallelism,
+) {
+    let last = |o: &Operand, rows: usize, cols: usize| {
+        (rows.max(1) - 1) * o.row_stride + (cols.max(1) - 1) * o.col_stride
+    };
+    assert!(
+        dst.len() >= m * n
+            && last(&a, m, k) < a.values.len().max(1)
+            && last(&b, k, n) < b.values.len().max(1),
+        "matmul operands too small for {m}x{k} times {k}x{n}"
+    );
+    // SAFETY: the assertion above keeps every element gemm reads or writes inside its slice.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.values.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.values.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// Every thread of the current rayon pool, for a [`matmul`] that is the only work running.
+pub(crate) fn rayon_threads() -> Parallelism {
+    Parallelism::Rayon(rayon::current_num_threads())
+}
+
 /// A raw pointer that rayon tasks may share; each task writes disjoint rows (here and in
 /// `winograd`).
 #[derive(Clone, Copy)]

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use vgg_atlas_proto::layers::{Layer, LayerKind, LAYERS};
 use vgg_atlas_proto::Objective;
 
-use super::conv::{Geom, PackedConv};
+use super::conv::{matmul, rayon_threads, Geom, Operand, PackedConv};
 use super::trunk::{check_request, Scores, Trunk};
 use super::weights::{DenseParams, Weights};
 use crate::{Error, Result};
@@ -510,51 +510,6 @@ fn unflatten(from: Geom, g: &[f32], out: &mut [f32]) {
     }
 }
 
-/// A row-major operand of a matrix product: its values with the strides of a row and of a
-/// column (a transpose is the same values with the strides swapped).
-struct Operand<'a> {
-    values: &'a [f32],
-    row_stride: usize,
-    col_stride: usize,
-}
-
-/// `dst = a b` with `a` m x k and `b` k x n; `dst` is m x n, row-major.
-fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], a: Operand, b: Operand) {
-    let last = |o: &Operand, rows: usize, cols: usize| {
-        (rows.max(1) - 1) * o.row_stride + (cols.max(1) - 1) * o.col_stride
-    };
-    assert!(
-        dst.len() >= m * n
-            && last(&a, m, k) < a.values.len().max(1)
-            && last(&b, k, n) < b.values.len().max(1),
-        "matmul operands too small for {m}x{k} times {k}x{n}"
-    );
-    // SAFETY: the assertion above keeps every element gemm reads or writes inside its slice.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.values.as_ptr(),
-            a.col_stride as isize,
-            a.row_stride as isize,
-            b.values.as_ptr(),
-            b.col_stride as isize,
-            b.row_stride as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::Rayon(rayon::current_num_threads()),
-        );
-    }
-}
-
 /// `out = relu(x W^T + b)` for a batch of row vectors.
 fn dense_forward(d: &DenseParams, batch: usize, x: &[f32], out: &mut [f32]) {
     let x = Operand {
@@ -568,7 +523,16 @@ fn dense_forward(d: &DenseParams, batch: usize, x: &[f32], out: &mut [f32]) {
         row_stride: 1,
         col_stride: d.inputs,
     };
-    matmul(batch, d.outputs, d.inputs, out, x, w_t);
+    matmul(
+        batch,
+        d.outputs,
+        d.inputs,
+        out,
+        x,
+        w_t,
+        false,
+        rayon_threads(),
+    );
     for row in out.chunks_exact_mut(d.outputs) {
         for (v, &b) in row.iter_mut().zip(&d.bias) {
             *v = (*v + b).max(0.0);
@@ -588,7 +552,16 @@ fn dense_backward(d: &DenseParams, batch: usize, gout: &[f32], gin: &mut [f32]) 
         row_stride: d.inputs,
         col_stride: 1,
     };
-    matmul(batch, d.inputs, d.outputs, gin, gout, w);
+    matmul(
+        batch,
+        d.inputs,
+        d.outputs,
+        gin,
+        gout,
+        w,
+        false,
+        rayon_threads(),
+    );
 }
 
 /// Filter f's kernel as `[tap][cin]`.

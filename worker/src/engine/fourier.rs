@@ -10,6 +10,8 @@
 
 use rand::{Rng, SeedableRng};
 
+use super::conv::{matmul, Operand};
+
 /// ImageNet's colour correlation, square root of its SVD (lucid's `color_correlation_svd_sqrt`).
 const COLOR_SVD_SQRT: [[f32; 3]; 3] =
     [[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]];
@@ -156,7 +158,7 @@ impl Fourier {
                 *xv = sv * sc;
             }
             // [Yr; Yi] = [[C, -S], [S, C]] [Xr; Xi]: the complex inverse DFT along the rows.
-            matmul(
+            mm(
                 (2 * s, k, 2 * s),
                 &mut y,
                 (&self.rows, 2 * s, 1),
@@ -165,8 +167,8 @@ impl Fourier {
             );
             // x = Yr Cw + Yi Sw along the columns (lucid divides the image by 4, folded in).
             let out = &mut lin[c * s * s..(c + 1) * s * s];
-            matmul((s, s, k), out, (&y[..plane], k, 1), (&self.cw, s, 1), false);
-            matmul((s, s, k), out, (&y[plane..], k, 1), (&self.sw, s, 1), true);
+            mm((s, s, k), out, (&y[..plane], k, 1), (&self.cw, s, 1), false);
+            mm((s, s, k), out, (&y[plane..], k, 1), (&self.sw, s, 1), true);
         }
         // Decorrelated colour, then the sigmoid.
         let mut pre = vec![0.0f32; 3 * s * s];
@@ -204,11 +206,11 @@ impl Fourier {
             let gl = &g_lin[c * s * s..(c + 1) * s * s];
             // [gYr; gYi] = [gl Cwᵀ; gl Swᵀ].
             let (g_yr, g_yi) = g_y.split_at_mut(plane);
-            matmul((s, k, s), g_yr, (gl, s, 1), (&self.cw, 1, s), false);
-            matmul((s, k, s), g_yi, (gl, s, 1), (&self.sw, 1, s), false);
+            mm((s, k, s), g_yr, (gl, s, 1), (&self.cw, 1, s), false);
+            mm((s, k, s), g_yi, (gl, s, 1), (&self.sw, 1, s), false);
             // [gXr; gXi] = [[C, -S], [S, C]]ᵀ [gYr; gYi], then the frequency scale.
             let g = &mut grad[2 * c * plane..2 * (c + 1) * plane];
-            matmul(
+            mm(
                 (2 * s, k, 2 * s),
                 g,
                 (&self.rows, 1, 2 * s),
@@ -223,52 +225,30 @@ impl Fourier {
     }
 }
 
-/// `dst = A B` (or `dst += A B` with `accumulate`) for `(m, n, depth)`: `dst` is `m x n`,
-/// row-major and contiguous; `A` (`m x depth`) and `B` (`depth x n`) are given as (slice, row
-/// stride, column stride), so a transposed operand is the same slice with its strides swapped.
-/// On the `gemm` crate, one thread (the callers run one image per rayon task).
-fn matmul(
+/// `dst = A B` (`+=` with `accumulate`) for `(m, n, depth)`, the operands as (slice, row stride,
+/// column stride): [`matmul`] on one thread (the callers run one image per rayon task).
+fn mm(
     (m, n, depth): (usize, usize, usize),
     dst: &mut [f32],
     (a, a_rs, a_cs): (&[f32], usize, usize),
     (b, b_rs, b_cs): (&[f32], usize, usize),
     accumulate: bool,
 ) {
-    let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
-    assert!(dst.len() >= m * n, "matmul: destination too small");
-    assert!(
-        a.len() > last(m, depth, a_rs, a_cs),
-        "matmul: left operand too small"
+    let op = |values, row_stride, col_stride| Operand {
+        values,
+        row_stride,
+        col_stride,
+    };
+    matmul(
+        m,
+        n,
+        depth,
+        dst,
+        op(a, a_rs, a_cs),
+        op(b, b_rs, b_cs),
+        accumulate,
+        gemm::Parallelism::None,
     );
-    assert!(
-        b.len() > last(depth, n, b_rs, b_cs),
-        "matmul: right operand too small"
-    );
-    // SAFETY: every index the product touches is in bounds (the asserts above), and dst does
-    // not alias a or b (a &mut and two & borrows).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            depth,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
 }
 
 #[cfg(test)]
