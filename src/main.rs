@@ -9,6 +9,7 @@ mod args;
 mod bench;
 mod check;
 mod db;
+mod examples;
 mod progress;
 mod render;
 mod serve;
@@ -36,6 +37,10 @@ enum Command {
     },
     /// Which filters of a layer a real image excites most (mean post-ReLU activation).
     Probe(visualize::ProbeArgs),
+    /// The real images that excite each filter most: every image of a folder once through the
+    /// conv layers; each filter's top K (with the crop where it fired most) and each image's
+    /// strongest filters go into the database (tables filter_examples, image_filters).
+    Examples(examples::ExamplesArgs),
     /// Synthesize the image that excites each filter most: a PNG per filter in --out.
     Visualize(visualize::VisualizeArgs),
     /// Render every filter of the chosen layers as a resumable, distributed batch job.
@@ -86,6 +91,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Weights { action } => weights::weights(action),
         Command::Probe(a) => visualize::probe(a),
+        Command::Examples(a) => examples::examples(a),
         Command::Visualize(a) => visualize::visualize(a),
         Command::Render(a) => args::runtime()?.block_on(render::render(*a)),
         Command::Worker(a) => worker::worker(a),

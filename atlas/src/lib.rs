@@ -87,6 +87,39 @@ pub struct Filter {
     pub attempts: u32,
     /// Why it failed (or why its last attempt failed, for a pending retry).
     pub failed_reason: Option<String>,
+    /// The real images that excite it most (`vgg-atlas examples`), best first; empty when no
+    /// examples pass with the run's weights is stored.
+    pub examples: Vec<Example>,
+}
+
+/// A real image that excites a filter: its rank among the filter's examples (1 = the
+/// strongest), the image's path in the examples folder, the activation, and the receptive field
+/// of the filter's strongest position (`[left, top, width, height]` in the image as the network
+/// saw it, fitted to a square), with that crop as a PNG.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    pub rank: u32,
+    pub image: String,
+    pub activation: f32,
+    pub crop_box: [u32; 4],
+    /// Whether the crop exists: the pass makes the crops at its end, and a file it could not
+    /// read again then has none.
+    pub cropped: bool,
+    /// The crop's PNG bytes for the static atlas to write; `None` where the caller serves the
+    /// crop at [`example_path`] itself (`vgg-atlas serve`).
+    pub crop: Option<Vec<u8>>,
+}
+
+/// An example in `atlas.json` and the viewer: the crop's path instead of its bytes.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExampleEntry {
+    pub rank: u32,
+    pub image: String,
+    pub activation: f32,
+    #[serde(rename = "box")]
+    pub crop_box: [u32; 4],
+    /// The crop's path; `null` while it is not made yet.
+    pub crop: Option<String>,
 }
 
 /// A layer's filters, in filter order, all of them (pending ones included).
@@ -297,6 +330,9 @@ pub struct Entry {
     pub failed_reason: Option<String>,
     #[serde(flatten)]
     pub scores: Option<Scores>,
+    /// Its real-image examples, best first (absent when there are none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub examples: Vec<ExampleEntry>,
 }
 
 /// One layer in `atlas.json` and the viewer.
@@ -311,6 +347,10 @@ pub struct LayerSummary {
     pub pending: usize,
     pub mosaic: String,
     pub mosaic_by_activation: String,
+    /// `<layer>.examples.png`: each filter's strongest example crop, in filter order; only
+    /// when the layer has examples.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mosaic_examples: Option<String>,
     pub entries: Vec<Entry>,
 }
 
@@ -407,12 +447,71 @@ pub fn write_layer(out: &Path, layer: &LayerFilters, opts: &Options) -> Result<L
     )?;
     let panel_refs: Vec<&RgbImage> = panel_tiles.iter().collect();
     let panel = mosaic(&panel_refs, panel_tile, 1);
+    if let Some(name) = &summary.mosaic_examples {
+        save(
+            &examples_mosaic(out, layer, opts, &mut warnings)?,
+            &out.join(name),
+        )?;
+    }
 
     Ok(LayerOutput {
         summary,
         panel,
         warnings,
     })
+}
+
+/// Writes every example crop of the layer under `examples/<layer>/` and returns the layer's
+/// examples mosaic: each filter's strongest crop (a pending tile where it has none).
+fn examples_mosaic(
+    out: &Path,
+    layer: &LayerFilters,
+    opts: &Options,
+    warnings: &mut Vec<String>,
+) -> Result<RgbImage> {
+    let dir = out.join("examples").join(&layer.name);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|source| Error::Write {
+            path: dir.clone(),
+            source,
+        })?;
+    }
+    create_dir(&dir)?;
+    let mut tiles = Vec::with_capacity(layer.filters.len());
+    for f in &layer.filters {
+        let mut tile = None;
+        for e in &f.examples {
+            let Some(png) = e.crop.as_ref().filter(|_| e.cropped) else {
+                continue;
+            };
+            write_bytes(&out.join(example_path(&layer.name, f.filter, e.rank)), png)?;
+            if tile.is_none() {
+                match image::load_from_memory_with_format(png, image::ImageFormat::Png) {
+                    // Crops of the first layers are a few pixels: scaled up without blurring.
+                    Ok(img) => {
+                        tile = Some(imageops::resize(
+                            &img.to_rgb8(),
+                            opts.tile,
+                            opts.tile,
+                            imageops::FilterType::Nearest,
+                        ))
+                    }
+                    Err(e) => warnings.push(format!(
+                        "{}: filter {}: the stored example crop does not decode ({e})",
+                        layer.name, f.filter
+                    )),
+                }
+            }
+        }
+        tiles.push(tile.unwrap_or_else(|| draw::pending_tile(opts.tile)));
+    }
+    let refs: Vec<&RgbImage> = tiles.iter().collect();
+    Ok(mosaic(&refs, opts.tile, opts.margin))
+}
+
+/// Where an example's crop is, relative to the atlas (as [`tile_path`]).
+pub fn example_path(layer: &str, filter: u32, rank: u32) -> String {
+    format!("examples/{layer}/{filter}-{rank}.png")
 }
 
 /// Where a finished filter's full-size image is, relative to the atlas (the folder of the static
@@ -438,6 +537,19 @@ pub fn layer_summary(layer: &LayerFilters, has_image: impl Fn(&Filter) -> bool) 
             attempts: f.attempts,
             failed_reason: f.failed_reason.clone(),
             scores: f.scores.clone(),
+            examples: f
+                .examples
+                .iter()
+                .map(|e| ExampleEntry {
+                    rank: e.rank,
+                    image: e.image.clone(),
+                    activation: e.activation,
+                    crop_box: e.crop_box,
+                    crop: e
+                        .cropped
+                        .then(|| example_path(&layer.name, f.filter, e.rank)),
+                })
+                .collect(),
         })
         .collect();
     let order = by_activation(&layer.filters);
@@ -459,6 +571,11 @@ pub fn layer_summary(layer: &LayerFilters, has_image: impl Fn(&Filter) -> bool) 
         pending: count(Status::Pending),
         mosaic: format!("{}.png", layer.name),
         mosaic_by_activation: format!("{}.by-activation.png", layer.name),
+        mosaic_examples: layer
+            .filters
+            .iter()
+            .any(|f| !f.examples.is_empty())
+            .then(|| format!("{}.examples.png", layer.name)),
         entries,
     }
 }
@@ -653,6 +770,7 @@ mod tests {
             }),
             attempts: 1,
             failed_reason: None,
+            examples: vec![],
         };
         let filters = [
             f(0, Status::Pending, None),
@@ -683,6 +801,7 @@ mod tests {
             }),
             attempts: 1,
             failed_reason: (status == Status::Failed).then(|| "NaN".to_string()),
+            examples: vec![],
         };
         let layer = LayerFilters {
             name: "block1_conv1".into(),
@@ -780,6 +899,7 @@ mod tests {
                     scores: Some(scores(b)),
                     attempts: 1,
                     failed_reason: None,
+                    examples: vec![],
                 })
                 .collect(),
         };

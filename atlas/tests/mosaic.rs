@@ -2,7 +2,9 @@
 //! the marks of dead, failed and pending filters, the files written, and the overview.
 
 use image::{Rgb, RgbImage};
-use vgg_atlas_atlas::{self as atlas, draw, Filter, LayerFilters, Options, Run, Scores, Status};
+use vgg_atlas_atlas::{
+    self as atlas, draw, Example, Filter, LayerFilters, Options, Run, Scores, Status,
+};
 
 /// A distinct image per filter: a gradient whose colours depend on `k`.
 fn image_for(k: u32, side: u32) -> RgbImage {
@@ -74,6 +76,7 @@ fn layer(
                 attempts: 1,
                 failed_reason: (status == Status::Failed)
                     .then(|| "NaN in the gradient".to_string()),
+                examples: vec![],
             }
         })
         .collect();
@@ -316,4 +319,96 @@ fn a_table_puts_each_image_in_its_row_and_column_and_leaves_missing_ones_empty()
     assert_eq!(*t.get_pixel(16 + 3, 16 + 3), image::Rgb([0, 0, 255]));
     assert_eq!(*t.get_pixel(16 + 3, 4), draw::BACKGROUND);
     assert_eq!(*t.get_pixel(4, 16 + 3), draw::BACKGROUND);
+}
+
+#[test]
+fn examples_are_written_listed_and_drawn_as_a_mosaic_of_the_strongest_crops() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut l = layer("block1_conv1", 0, 4, 16, &[], &[], &[]);
+    // Filter 1 has two examples (a red 3x3 crop first), filter 3 one (a blue 2x3 edge crop);
+    // filters 0 and 2 none.
+    let red = png(&RgbImage::from_pixel(3, 3, Rgb([250, 0, 0])));
+    let green = png(&RgbImage::from_pixel(3, 3, Rgb([0, 250, 0])));
+    let blue = png(&RgbImage::from_pixel(2, 3, Rgb([0, 0, 250])));
+    let example = |rank, image: &str, crop: &Vec<u8>| Example {
+        rank,
+        image: image.into(),
+        activation: 10.0 / rank as f32,
+        crop_box: [5, 6, 3, 3],
+        cropped: true,
+        crop: Some(crop.clone()),
+    };
+    l.filters[1].examples = vec![example(1, "a/cat.jpg", &red), example(2, "dog.png", &green)];
+    l.filters[3].examples = vec![example(1, "sea.webp", &blue)];
+    let opts = Options::default();
+    let out = atlas::write_layer(dir.path(), &l, &opts).unwrap();
+    let s = &out.summary;
+    assert_eq!(
+        s.mosaic_examples.as_deref(),
+        Some("block1_conv1.examples.png")
+    );
+    for (f, rank, bytes) in [(1, 1, &red), (1, 2, &green), (3, 1, &blue)] {
+        let path = dir
+            .path()
+            .join(atlas::example_path("block1_conv1", f, rank));
+        assert_eq!(&std::fs::read(&path).unwrap(), bytes, "{}", path.display());
+    }
+    let m = image::open(dir.path().join("block1_conv1.examples.png"))
+        .unwrap()
+        .to_rgb8();
+    let tile_centre = |k: usize| {
+        let (x, y) = atlas::tile_origin(k, 4, opts.tile, opts.margin);
+        *m.get_pixel(x + opts.tile / 2, y + opts.tile / 2)
+    };
+    assert_eq!(
+        tile_centre(1),
+        Rgb([250, 0, 0]),
+        "filter 1's strongest crop, scaled up sharp"
+    );
+    assert_eq!(tile_centre(3), Rgb([0, 0, 250]));
+    assert_eq!(
+        tile_centre(0),
+        *draw::pending_tile(opts.tile).get_pixel(opts.tile / 2, opts.tile / 2)
+    );
+
+    let json: serde_json::Value = serde_json::from_str(&atlas::atlas_json(
+        &Run {
+            run_id: "r".into(),
+            weights_sha256: "w".into(),
+            settings: serde_json::json!({}),
+            created_at_ms: 0,
+        },
+        &opts,
+        &[s],
+    ))
+    .unwrap();
+    let entries = &json["layers"][0]["entries"];
+    assert_eq!(entries[1]["examples"][0]["image"], "a/cat.jpg");
+    assert_eq!(
+        entries[1]["examples"][1]["crop"],
+        "examples/block1_conv1/1-2.png"
+    );
+    assert_eq!(
+        entries[1]["examples"][0]["box"],
+        serde_json::json!([5, 6, 3, 3])
+    );
+    assert!(
+        entries[0].get("examples").is_none(),
+        "no examples, no key: {}",
+        entries[0]
+    );
+    assert_eq!(
+        json["layers"][0]["mosaic_examples"],
+        "block1_conv1.examples.png"
+    );
+
+    // Without examples, no mosaic and no key.
+    let plain = atlas::write_layer(
+        dir.path(),
+        &layer("block1_conv2", 1, 4, 16, &[], &[], &[]),
+        &opts,
+    )
+    .unwrap();
+    assert_eq!(plain.summary.mosaic_examples, None);
+    assert!(!dir.path().join("block1_conv2.examples.png").exists());
 }

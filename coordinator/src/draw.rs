@@ -9,7 +9,7 @@ use std::time::Instant;
 use vgg_atlas_atlas as atlas;
 use vgg_atlas_proto::FilterState;
 
-use crate::store::{FilterRecord, Store};
+use crate::store::{ExampleStore, FilterRecord, Store};
 use crate::{Error, Result};
 
 /// What was drawn.
@@ -63,12 +63,31 @@ pub async fn write_atlas(
     let started = Instant::now();
     let mut outputs = Vec::new();
     let mut warnings = Vec::new();
+    let pass = examples_pass(&*store, &info.weights_sha256).await?;
     for p in store.progress(run_id).await? {
         let records = store.layer_filters(run_id, &p.layer).await?;
+        let mut filters: Vec<atlas::Filter> = records.into_iter().map(atlas_filter).collect();
+        if let Some(pass) = &pass {
+            let examples = store.layer_examples(pass, &p.layer).await?;
+            attach_examples(
+                &mut filters,
+                examples.into_iter().map(|e| {
+                    let example = atlas::Example {
+                        rank: e.rank.max(0) as u32,
+                        image: e.image,
+                        activation: e.activation,
+                        crop_box: e.crop_box.map(|v| v.max(0) as u32),
+                        cropped: e.crop.as_ref().is_some_and(|c| !c.is_empty()),
+                        crop: e.crop,
+                    };
+                    (e.filter, example)
+                }),
+            );
+        }
         let layer = atlas::LayerFilters {
             name: p.layer.clone(),
             index: p.layer_index as u32,
-            filters: records.into_iter().map(atlas_filter).collect(),
+            filters,
         };
         let dir = out.to_path_buf();
         let output =
@@ -88,6 +107,32 @@ pub async fn write_atlas(
         seconds: started.elapsed().as_secs_f64(),
         warnings,
     })
+}
+
+/// The examples pass shown beside a run: the newest one with the run's weights, if any.
+pub async fn examples_pass(
+    store: &dyn ExampleStore,
+    weights_sha256: &str,
+) -> Result<Option<String>> {
+    Ok(store
+        .passes()
+        .await?
+        .into_iter()
+        .rev()
+        .find(|p| p.weights_sha256 == weights_sha256)
+        .map(|p| p.pass_id))
+}
+
+/// Gives each filter its examples, `(filter, example)` in rank order.
+pub fn attach_examples(
+    filters: &mut [atlas::Filter],
+    examples: impl IntoIterator<Item = (i32, atlas::Example)>,
+) {
+    for (filter, e) in examples {
+        if let Some(f) = filters.iter_mut().find(|f| f.filter as i32 == filter) {
+            f.examples.push(e);
+        }
+    }
 }
 
 /// A stored filter as the atlas draws it.
@@ -122,5 +167,6 @@ fn atlas_filter(r: FilterRecord) -> atlas::Filter {
         scores,
         attempts: r.attempts as u32,
         failed_reason: r.failed_reason,
+        examples: Vec::new(),
     }
 }

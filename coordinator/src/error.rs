@@ -82,6 +82,10 @@ pub enum Error {
     #[error("{0}")]
     Render(String),
 
+    /// The examples pass refused its input; the message says why and what to do.
+    #[error("{0}")]
+    Examples(String),
+
     #[error(transparent)]
     Contract(#[from] vgg_atlas_proto::Error),
 

@@ -8,6 +8,7 @@
 pub mod bench;
 pub mod draw;
 pub mod error;
+pub mod examples;
 pub mod metrics;
 pub mod plan;
 pub mod query;

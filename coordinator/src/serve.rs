@@ -9,6 +9,8 @@
 //!   that finds nothing new is answered `304 Not Modified`;
 //! - `/tiles/<layer>/<filter>.png`: the stored PNG bytes (`results.png`), as stored, one row per
 //!   request; 404 when the filter has no image (yet);
+//! - `/examples/<layer>/<filter>-<rank>.png`: the crop of a filter's example of that rank, from
+//!   the newest examples pass with the run's weights (`vgg-atlas examples`);
 //! - `/healthz`: `ok` when the store answers.
 //!
 //! Read-only by construction: no migration, no write.
@@ -22,8 +24,9 @@
 //!
 //! A database from before migration `0002` (the image in `results.image`, no
 //! `results.retries`) is served as it is (retries shown as 0) and left unmigrated, and so is one
-//! from before `0003` (no `results.border_ratio`: border ratios shown as null); the schema is
-//! looked at again when a query finds it changed (a render of this version migrated it).
+//! from before `0003` (no `results.border_ratio`: border ratios shown as null) or `0004` (no
+//! examples tables: no examples shown); the schema is looked at again when a query finds it
+//! changed (a render of this version migrated it).
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -104,6 +107,8 @@ struct Schema {
     retries: bool,
     /// `results.border_ratio` exists (since migration 0003).
     border_ratio: bool,
+    /// The dataset-examples tables exist (since migration 0004).
+    examples: bool,
 }
 
 impl Schema {
@@ -111,6 +116,7 @@ impl Schema {
         png: "png",
         retries: true,
         border_ratio: true,
+        examples: true,
     };
 
     fn current(self) -> bool {
@@ -262,10 +268,16 @@ impl Viewer {
             missing.push("no results.border_ratio".to_string());
             shown.push("border ratios as null");
         }
+        if !schema.examples {
+            missing.push("no examples tables".to_string());
+            shown.push("no real-image examples");
+        }
         let migration = if schema.png != "png" || !schema.retries {
             "0002"
-        } else {
+        } else if !schema.border_ratio {
             "0003"
+        } else {
+            "0004"
         };
         let shown = if shown.is_empty() {
             String::new()
@@ -301,6 +313,12 @@ impl Viewer {
                     index: layer_index.max(0) as u32,
                     filters: vec![f],
                 }),
+            }
+        }
+        if let Some(pass) = self.examples_pass().await? {
+            for l in &mut layers {
+                let rows = self.example_rows(&pass, &l.name).await?;
+                crate::draw::attach_examples(&mut l.filters, rows);
             }
         }
         // Every finished filter has its result row, and with it its image: served at its tile path.
@@ -386,6 +404,78 @@ impl Viewer {
             .await)
     }
 
+    /// The examples pass shown beside the run (as `draw::examples_pass`), when the schema has
+    /// examples and one with the run's weights is stored.
+    async fn examples_pass(&self) -> Result<Option<String>, Error> {
+        if !self.schema.lock().expect("schema lock").examples {
+            return Ok(None);
+        }
+        let weights = self.run.weights_sha256.as_str();
+        on_db!(self, |c| sqlx::query_scalar(
+            "SELECT pass_id FROM example_passes WHERE weights_sha256 = $1
+             ORDER BY created_at_ms DESC, pass_id DESC LIMIT 1"
+        )
+        .bind(weights)
+        .fetch_optional(c)
+        .await)
+    }
+
+    /// A layer's examples, `(filter, example)`, without their crops (served at their own paths).
+    async fn example_rows(
+        &self,
+        pass: &str,
+        layer: &str,
+    ) -> Result<Vec<(i32, atlas::Example)>, Error> {
+        let rows: Vec<(i32, i64, String, f32, i32, i32, i32, i32, bool)> = on_db!(self, |c| {
+            sqlx::query_as(
+                "SELECT filter, rank, image, activation, crop_left, crop_top, crop_width, crop_height,
+                        crop IS NOT NULL AND LENGTH(crop) > 0
+                 FROM filter_examples WHERE pass_id = $1 AND layer = $2 ORDER BY filter, rank",
+            )
+            .bind(pass)
+            .bind(layer)
+            .fetch_all(c)
+            .await
+        })?;
+        Ok(rows
+            .into_iter()
+            .map(|(filter, rank, image, activation, l, t, w, h, cropped)| {
+                let example = atlas::Example {
+                    rank: rank.max(0) as u32,
+                    image,
+                    activation,
+                    crop_box: [l, t, w, h].map(|v| v.max(0) as u32),
+                    cropped,
+                    crop: None,
+                };
+                (filter, example)
+            })
+            .collect())
+    }
+
+    /// The crop of a filter's example of rank `rank`; `None` when there is none.
+    pub async fn example_crop(
+        &self,
+        layer: &str,
+        filter: i32,
+        rank: i64,
+    ) -> Result<Option<Vec<u8>>> {
+        let Some(pass) = self.examples_pass().await? else {
+            return Ok(None);
+        };
+        let crop: Option<Option<Vec<u8>>> = on_db!(self, |c| sqlx::query_scalar(
+            "SELECT crop FROM filter_examples
+             WHERE pass_id = $1 AND layer = $2 AND filter = $3 AND rank = $4"
+        )
+        .bind(&pass)
+        .bind(layer)
+        .bind(filter)
+        .bind(rank)
+        .fetch_optional(c)
+        .await)?;
+        Ok(crop.flatten().filter(|c| !c.is_empty()))
+    }
+
     async fn redetect(&self) -> Result<()> {
         let schema = self.detect_schema().await?;
         *self.schema.lock().expect("schema lock") = schema;
@@ -398,13 +488,14 @@ impl Viewer {
         let columns: Vec<(String, String)> = match &self.source {
             Source::Sqlite(_) => on_db!(self, |c| sqlx::query_as(
                 "SELECT m.name, p.name FROM sqlite_master m, pragma_table_info(m.name) p
-                 WHERE m.type = 'table' AND m.name IN ('runs', 'filters', 'results')"
+                 WHERE m.type = 'table' AND m.name IN ('runs', 'filters', 'results', 'examples')"
             )
             .fetch_all(c)
             .await),
             Source::Postgres(_) => on_db!(self, |c| sqlx::query_as(
                 "SELECT table_name::text, column_name::text FROM information_schema.columns
-                 WHERE table_schema = current_schema() AND table_name IN ('runs', 'filters', 'results')"
+                 WHERE table_schema = current_schema()
+                   AND table_name IN ('runs', 'filters', 'results', 'examples')"
             )
             .fetch_all(c)
             .await),
@@ -443,6 +534,7 @@ impl Viewer {
             png,
             retries: has("results", "retries"),
             border_ratio: has("results", "border_ratio"),
+            examples: has("examples", "crop"),
         })
     }
 
@@ -575,6 +667,7 @@ fn atlas_filter(run_id: &str, row: FilterRow) -> Result<atlas::Filter> {
         scores,
         attempts: attempts.max(0) as u32,
         failed_reason,
+        examples: Vec::new(),
     })
 }
 
@@ -660,6 +753,7 @@ pub async fn serve(listener: tokio::net::TcpListener, viewer: Viewer) -> std::io
         .route("/index.html", get(index))
         .route("/atlas.json", get(atlas_json))
         .route("/tiles/{layer}/{file}", get(tile))
+        .route("/examples/{layer}/{file}", get(example))
         .route("/healthz", get(health))
         .fallback(not_found)
         .with_state(Arc::new(viewer));
@@ -726,6 +820,35 @@ async fn tile(
     }
 }
 
+async fn example(State(v): Ctx, UrlPath((layer, file)): UrlPath<(String, String)>) -> Response {
+    let Some((filter, rank)) = file
+        .strip_suffix(".png")
+        .and_then(|n| n.split_once('-'))
+        .and_then(|(f, r)| Some((f.parse::<i32>().ok()?, r.parse::<i64>().ok()?)))
+        .filter(|&(f, r)| f >= 0 && r >= 1)
+    else {
+        return not_found().await;
+    };
+    match v.example_crop(&layer, filter, rank).await {
+        // A rank's image changes while an examples pass goes on: never cached stale.
+        Ok(Some(png)) => (
+            [
+                (header::CONTENT_TYPE, "image/png"),
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
+            png,
+        )
+            .into_response(),
+        Ok(None) => (
+            StatusCode::NOT_FOUND,
+            [(header::CACHE_CONTROL, "no-store")],
+            format!("no example {rank} of {layer} filter {filter} is stored\n"),
+        )
+            .into_response(),
+        Err(e) => unavailable(&e),
+    }
+}
+
 async fn health(State(v): Ctx) -> Response {
     match v.health().await {
         Ok(()) => (StatusCode::OK, "ok\n").into_response(),
@@ -736,7 +859,8 @@ async fn health(State(v): Ctx) -> Response {
 async fn not_found() -> Response {
     (
         StatusCode::NOT_FOUND,
-        "not found: this server answers /, /atlas.json, /tiles/<layer>/<filter>.png and /healthz\n",
+        "not found: this server answers /, /atlas.json, /tiles/<layer>/<filter>.png, \
+         /examples/<layer>/<filter>-<rank>.png and /healthz\n",
     )
         .into_response()
 }

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use serde_json::json;
 use sqlx::{PgPool, SqlitePool};
 use vgg_atlas_coordinator::store::{
-    self, LayerProgress, Lease, PlannedFilter, RunSpec, Store, StoredResult, Submission,
+    self, ExampleRow, ExampleStore, ImageFilterRow, ImageOutcome, ImageSubmission, LayerProgress,
+    Lease, PassProgress, PassSpec, PlannedFilter, RunSpec, Store, StoredResult, Submission,
     SubmitOutcome,
 };
 use vgg_atlas_coordinator::{query, Error};
@@ -189,7 +190,346 @@ store_tests!(
     a_lease_the_worker_never_heard_of_is_reclaimed,
     a_result_keeps_its_border_ratio,
     layer_summary_has_the_median_weak_filters_and_border_ratios,
+    an_examples_pass_keeps_each_filters_top_k,
+    image_leases_expire_and_skip_an_image_after_its_last_attempt,
+    a_pass_resumes_and_refuses_other_settings,
+    concurrent_image_lessees_never_share_an_image,
+    non_finite_example_activations_are_refused,
 );
+
+/// A pass of K = `top` over images `a.jpg`, `b.jpg`, ... (`n` of them).
+async fn pass_with_images(db: &TestDb, top: i32, max_attempts: i32, n: usize) -> PassSpec {
+    let spec = PassSpec {
+        pass_id: format!("pass-{top}-{max_attempts}"),
+        folder: "/data/photos".into(),
+        weights_sha256: "w".into(),
+        side: 224,
+        top,
+        max_attempts,
+    };
+    assert!(db.store.create_or_resume_pass(&spec).await.unwrap());
+    let images: Vec<String> = (0..n)
+        .map(|i| format!("{}.jpg", (b'a' + i as u8) as char))
+        .collect();
+    assert_eq!(
+        db.store.add_images(&spec.pass_id, &images).await.unwrap(),
+        n as u64
+    );
+    spec
+}
+
+/// An image's outcome with examples `(layer, filter, activation)`, one image filter per example.
+fn examined(image: &str, examples: &[(&str, i32, f32)]) -> ImageSubmission {
+    ImageSubmission {
+        image: image.into(),
+        sha256: format!("sha-{image}"),
+        outcome: ImageOutcome::Done {
+            examples: examples
+                .iter()
+                .map(|&(layer, filter, activation)| ExampleRow {
+                    layer: layer.into(),
+                    layer_index: 0,
+                    filter,
+                    activation,
+                    y: 1,
+                    x: 2,
+                    crop_box: [0, 1, 3, 3],
+                })
+                .collect(),
+            filters: examples
+                .iter()
+                .enumerate()
+                .map(|(i, &(layer, filter, activation))| ImageFilterRow {
+                    layer: layer.into(),
+                    layer_index: 0,
+                    filter,
+                    activation,
+                    rank: i as i32 + 1,
+                })
+                .collect(),
+        },
+    }
+}
+
+async fn an_examples_pass_keeps_each_filters_top_k(db: &TestDb) {
+    let s = &db.store;
+    let pass = pass_with_images(db, 2, 3, 5).await;
+    let id = &pass.pass_id;
+    let lease = s.lease_images(id, 2, 0, MINUTE).await.unwrap().unwrap();
+    assert_eq!(lease.images, ["a.jpg", "b.jpg"]);
+    let subs = [
+        examined(
+            "a.jpg",
+            &[("block1_conv1", 0, 5.0), ("block1_conv1", 1, 1.0)],
+        ),
+        examined("b.jpg", &[("block1_conv1", 0, 3.0)]),
+    ];
+    assert_eq!(
+        s.submit_images(id, &lease.lease_id, &subs, 1)
+            .await
+            .unwrap(),
+        2
+    );
+    // A late duplicate of the same lease writes nothing.
+    assert_eq!(
+        s.submit_images(id, &lease.lease_id, &subs, 2)
+            .await
+            .unwrap(),
+        0
+    );
+    let lease = s.lease_images(id, 2, 3, MINUTE).await.unwrap().unwrap();
+    assert_eq!(lease.images, ["c.jpg", "d.jpg"]);
+    let subs = [
+        examined("c.jpg", &[("block1_conv1", 0, 4.0)]),
+        examined(
+            "d.jpg",
+            &[("block1_conv1", 0, 1.0), ("block1_conv1", 1, 2.0)],
+        ),
+    ];
+    assert_eq!(
+        s.submit_images(id, &lease.lease_id, &subs, 4)
+            .await
+            .unwrap(),
+        2
+    );
+
+    // K = 2: b (3.0) and d (1.0) fell out of filter 0's top; filter 1 keeps both of its.
+    let top = fetch_all!(
+        db,
+        (i32, i64, String, f32, i32, i32, i32, i32),
+        "SELECT filter, rank, image, activation, y, x, crop_width, crop_height FROM filter_examples
+         WHERE pass_id = $1 AND layer = 'block1_conv1' ORDER BY filter, rank",
+        id
+    );
+    assert_eq!(
+        top,
+        [
+            (0, 1, "a.jpg".into(), 5.0, 1, 2, 3, 3),
+            (0, 2, "c.jpg".into(), 4.0, 1, 2, 3, 3),
+            (1, 1, "d.jpg".into(), 2.0, 1, 2, 3, 3),
+            (1, 2, "a.jpg".into(), 1.0, 1, 2, 3, 3),
+        ]
+    );
+    let mut bars = s.example_bars(id, 2).await.unwrap();
+    bars.sort_by_key(|b| b.1);
+    assert_eq!(
+        bars,
+        [
+            ("block1_conv1".into(), 0, 4.0),
+            ("block1_conv1".into(), 1, 1.0)
+        ]
+    );
+    // Each image's filters, ranked as submitted, and its bytes' hash.
+    let filters = fetch_all!(
+        db,
+        (i32, f32, i32),
+        "SELECT filter, activation, rank FROM image_filters WHERE pass_id = $1 AND image = 'd.jpg'
+         ORDER BY rank",
+        id
+    );
+    assert_eq!(filters, [(0, 1.0, 1), (1, 2.0, 2)]);
+    let sha = fetch_all!(
+        db,
+        (String,),
+        "SELECT sha256 FROM images WHERE pass_id = $1 AND image = 'c.jpg'",
+        id
+    );
+    assert_eq!(sha, [("sha-c.jpg".to_string(),)]);
+    assert_eq!(
+        s.pass_progress(id).await.unwrap(),
+        PassProgress {
+            images: 5,
+            pending: 1,
+            leased: 0,
+            done: 4,
+            skipped: 0
+        }
+    );
+
+    // The crops: asked for image by image (the first 2 images that lack any), stored, and then
+    // no longer asked for; an example that fell out of its top K is never asked for.
+    let missing = s.missing_crops(id, 2).await.unwrap();
+    let asked: Vec<(&str, i32)> = missing
+        .iter()
+        .map(|m| (m.image.as_str(), m.filter))
+        .collect();
+    assert_eq!(asked, [("a.jpg", 0), ("a.jpg", 1), ("c.jpg", 0)]);
+    assert_eq!(missing[0].crop_box, [0, 1, 3, 3]);
+    let made: Vec<_> = missing.into_iter().map(|m| (m, vec![9u8; 4])).collect();
+    s.store_crops(id, &made).await.unwrap();
+    let left = s.missing_crops(id, 10).await.unwrap();
+    let left: Vec<(&str, i32)> = left.iter().map(|m| (m.image.as_str(), m.filter)).collect();
+    assert_eq!(left, [("d.jpg", 1)]);
+    let stored = s.layer_examples(id, "block1_conv1").await.unwrap();
+    let crops: Vec<(i32, i64, Option<Vec<u8>>)> = stored
+        .into_iter()
+        .map(|e| (e.filter, e.rank, e.crop))
+        .collect();
+    assert_eq!(
+        crops,
+        [
+            (0, 1, Some(vec![9; 4])),
+            (0, 2, Some(vec![9; 4])),
+            (1, 1, None),
+            (1, 2, Some(vec![9; 4]))
+        ]
+    );
+}
+
+async fn image_leases_expire_and_skip_an_image_after_its_last_attempt(db: &TestDb) {
+    let s = &db.store;
+    let pass = pass_with_images(db, 3, 2, 3).await;
+    let id = &pass.pass_id;
+    let first = s.lease_images(id, 10, 0, MINUTE).await.unwrap().unwrap();
+    assert_eq!(first.images.len(), 3);
+    assert!(s
+        .lease_images(id, 10, MINUTE - 1, MINUTE)
+        .await
+        .unwrap()
+        .is_none());
+    // A heartbeat keeps them; then they expire and are leased again (attempt 2 of 2).
+    assert!(s
+        .heartbeat_images(&first.lease_id, MINUTE - 1, MINUTE)
+        .await
+        .unwrap());
+    assert!(s
+        .lease_images(id, 10, MINUTE + 1, MINUTE)
+        .await
+        .unwrap()
+        .is_none());
+    let second = s
+        .lease_images(id, 10, 3 * MINUTE, MINUTE)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.images, first.images);
+    // The first lease's results come too late: nothing is recorded.
+    let late = [examined("a.jpg", &[("block1_conv1", 0, 1.0)])];
+    assert_eq!(
+        s.submit_images(id, &first.lease_id, &late, 3 * MINUTE)
+            .await
+            .unwrap(),
+        0
+    );
+    assert!(!s
+        .heartbeat_images(&first.lease_id, 3 * MINUTE, MINUTE)
+        .await
+        .unwrap());
+    // One image is reported unreadable; the other two expire on their last attempt.
+    let skipped = [ImageSubmission {
+        image: "b.jpg".into(),
+        sha256: "sha-b".into(),
+        outcome: ImageOutcome::Skipped {
+            reason: "cannot decode: truncated".into(),
+        },
+    }];
+    assert_eq!(
+        s.submit_images(id, &second.lease_id, &skipped, 3 * MINUTE)
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(s
+        .lease_images(id, 10, 5 * MINUTE, MINUTE)
+        .await
+        .unwrap()
+        .is_none());
+    let p = s.pass_progress(id).await.unwrap();
+    assert_eq!(
+        (p.images, p.skipped, p.pending, p.leased, p.done),
+        (3, 3, 0, 0, 0)
+    );
+    let reasons = s.skipped_images(id).await.unwrap();
+    assert_eq!(
+        reasons[1],
+        ("b.jpg".into(), Some("cannot decode: truncated".into()))
+    );
+    let expired = reasons[0].1.as_deref().unwrap();
+    assert!(expired.contains("expired 2 times"), "{expired}");
+    assert!(fetch_all!(
+        db,
+        (i32,),
+        "SELECT filter FROM examples WHERE pass_id = $1",
+        id
+    )
+    .is_empty());
+}
+
+async fn a_pass_resumes_and_refuses_other_settings(db: &TestDb) {
+    let s = &db.store;
+    let pass = pass_with_images(db, 9, 3, 4).await;
+    assert!(!s.create_or_resume_pass(&pass).await.unwrap());
+    // The same images again add nothing; one more adds one.
+    let again: Vec<String> = ["a.jpg", "b.jpg", "e.jpg"].map(String::from).to_vec();
+    assert_eq!(s.add_images(&pass.pass_id, &again).await.unwrap(), 1);
+    for other in [
+        PassSpec {
+            top: 5,
+            ..pass.clone()
+        },
+        PassSpec {
+            side: 128,
+            ..pass.clone()
+        },
+        PassSpec {
+            folder: "/elsewhere".into(),
+            ..pass.clone()
+        },
+        PassSpec {
+            weights_sha256: "v".into(),
+            ..pass.clone()
+        },
+    ] {
+        let e = s.create_or_resume_pass(&other).await.unwrap_err();
+        assert!(matches!(e, Error::RunMismatch { .. }), "{e}");
+    }
+    assert_eq!(s.passes().await.unwrap(), [pass]);
+    let e = s
+        .lease_images("no-such-pass", 4, 0, MINUTE)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::UnknownRun(_)), "{e}");
+}
+
+async fn concurrent_image_lessees_never_share_an_image(db: &TestDb) {
+    let pass = pass_with_images(db, 9, 3, 26).await;
+    let tasks: Vec<_> = (0..6)
+        .map(|_| {
+            let (s, id) = (db.store.clone(), pass.pass_id.clone());
+            tokio::spawn(async move {
+                let mut mine = Vec::new();
+                while let Some(l) = s.lease_images(&id, 3, 0, MINUTE).await.unwrap() {
+                    mine.extend(l.images);
+                }
+                mine
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let distinct: HashSet<_> = all.iter().collect();
+    assert_eq!((all.len(), distinct.len()), (26, 26));
+}
+
+async fn non_finite_example_activations_are_refused(db: &TestDb) {
+    let s = &db.store;
+    let pass = pass_with_images(db, 2, 3, 1).await;
+    let lease = s
+        .lease_images(&pass.pass_id, 1, 0, MINUTE)
+        .await
+        .unwrap()
+        .unwrap();
+    let bad = [examined("a.jpg", &[("block1_conv1", 0, f32::NAN)])];
+    let e = s
+        .submit_images(&pass.pass_id, &lease.lease_id, &bad, 1)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::NonFinite { .. }), "{e}");
+    let p = s.pass_progress(&pass.pass_id).await.unwrap();
+    assert_eq!((p.leased, p.done), (1, 0));
+}
 
 /// A run over `layers` = `[(name, filter count)]`, layer_index in the order given.
 fn spec(run_id: &str, layers: &[(&str, i32)], max_attempts: i32) -> RunSpec {

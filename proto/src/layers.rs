@@ -136,6 +136,29 @@ impl Layer {
         (0..self.pools_before()).fold(size, |s, _| s / 2)
     }
 
+    /// The receptive field of one output position of this conv layer in the input image:
+    /// its side in pixels, the stride between neighbouring positions, and the input
+    /// coordinate of position 0's centre (a half pixel after an even number of pool inputs).
+    pub fn receptive_field(&self) -> ReceptiveField {
+        let mut f = ReceptiveField {
+            side: 1,
+            stride: 1,
+            first_centre: 0.0,
+        };
+        for l in &LAYERS[..=self.index.min(CONV_LAYERS - 1)] {
+            let LayerKind::Conv { pool_after, .. } = l.kind else {
+                break;
+            };
+            f.side += 2 * f.stride;
+            if pool_after && l.index < self.index {
+                f.first_centre += f.stride as f64 / 2.0;
+                f.side += f.stride;
+                f.stride *= 2;
+            }
+        }
+        f
+    }
+
     /// Multiply-accumulates of the forward pass up to and including this layer, per image.
     pub fn forward_macs(&self, size: usize) -> u64 {
         LAYERS[..=self.index]
@@ -164,6 +187,31 @@ impl Layer {
         let own = (self.forward_macs(size) - below) as f64 / self.filters().max(1) as f64;
         let per_pixel = 3000.0 * (size * size) as f64;
         below as f64 + own + per_pixel
+    }
+}
+
+/// Where one output position of a conv layer looks in its input image (see
+/// [`Layer::receptive_field`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ReceptiveField {
+    pub side: usize,
+    pub stride: usize,
+    pub first_centre: f64,
+}
+
+impl ReceptiveField {
+    /// The box `(left, top, width, height)` in an `image_side`-pixel square image that output
+    /// position `(y, x)` sees, clipped to the image (the zero padding beyond it shows nothing).
+    pub fn image_box(&self, y: usize, x: usize, image_side: usize) -> (usize, usize, usize, usize) {
+        let span = |i: usize| {
+            let centre = self.first_centre + (i * self.stride) as f64;
+            let lo = (centre - (self.side as f64 - 1.0) / 2.0).round() as i64;
+            let hi = lo + self.side as i64; // exclusive
+            let (lo, hi) = (lo.max(0) as usize, (hi.max(0) as usize).min(image_side));
+            (lo.min(hi), hi.saturating_sub(lo.min(hi)))
+        };
+        let ((left, width), (top, height)) = (span(x), span(y));
+        (left, top, width, height)
     }
 }
 
@@ -196,6 +244,35 @@ mod tests {
             128
         );
         assert_eq!(Layer::by_name("block2_conv1").unwrap().output_side(128), 64);
+    }
+
+    #[test]
+    fn receptive_fields_are_vgg16s() {
+        // The textbook figures: conv1_1 3, conv1_2 5, conv2_2 14, conv3_3 40, conv4_3 92,
+        // conv5_3 196 pixels.
+        let rf = |n| Layer::by_name(n).unwrap().receptive_field();
+        let sides: Vec<usize> = [
+            "block1_conv1",
+            "block1_conv2",
+            "block2_conv2",
+            "block3_conv3",
+            "block4_conv3",
+            "block5_conv3",
+        ]
+        .iter()
+        .map(|n| rf(n).side)
+        .collect();
+        assert_eq!(sides, [3, 5, 14, 40, 92, 196]);
+        let f = rf("block5_conv3");
+        assert_eq!((f.stride, f.first_centre), (16, 7.5));
+        // Position (0, 0) of block1_conv1 sees pixels 0..2 (one column of zero padding is cut off).
+        assert_eq!(rf("block1_conv1").image_box(0, 0, 224), (0, 0, 2, 2));
+        assert_eq!(rf("block1_conv1").image_box(5, 9, 224), (8, 4, 3, 3));
+        // block2_conv1's position 3 is centred between pixels 6 and 7: 10 pixels, 2..12.
+        assert_eq!(rf("block2_conv1").image_box(3, 3, 224), (2, 2, 10, 10));
+        // block5_conv3's middle position sees nearly all of a 224-pixel image.
+        let (l, t, w, h) = f.image_box(7, 7, 224);
+        assert_eq!((l, t, w, h), (22, 22, 196, 196));
     }
 
     #[test]

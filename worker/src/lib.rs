@@ -12,5 +12,5 @@ mod error;
 
 pub use candle_core as candle;
 pub use engine::weights::{Preprocess, Weights};
-pub use engine::{device, fetch, trunk_on};
+pub use engine::{device, fetch, peaks_trunk_on, trunk_on};
 pub use error::{Error, Result};

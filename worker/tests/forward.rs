@@ -142,3 +142,79 @@ fn conv_only_weights_refuse_the_classifier_layers() {
         .to_string();
     assert!(err.contains("fc1") && err.contains("classifier"), "{err}");
 }
+
+/// The examples pass's forward (every filter of every conv layer, its mean and where it peaks)
+/// on the CPU trunk, against onnxruntime's means and candle's means, maxima and positions.
+#[test]
+fn the_peaks_pass_matches_onnxruntime_and_candle_on_every_conv_layer() {
+    let refs = refs();
+    let w = weights();
+    let img = chelsea();
+    let flipped = image::imageops::flip_horizontal(&img);
+    let input: Vec<f32> = [w.preprocess.nhwc(&img), w.preprocess.nhwc(&flipped)].concat();
+    let mut trunk = CpuTrunk::new(w);
+    let ours = pool().install(|| trunk.peaks(2, 64, &input)).unwrap();
+    let model = Vgg16::new(w, &Device::Cpu).unwrap();
+    let x = candle_core::Tensor::from_slice(&input, (2, 64, 64, 3), &Device::Cpu)
+        .unwrap()
+        .permute((0, 3, 1, 2))
+        .unwrap()
+        .contiguous()
+        .unwrap();
+    let theirs = model.peaks(&x).unwrap();
+    assert_eq!((ours.len(), theirs.len()), (2, 2));
+    let scale = |v: &[f64]| v.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+    for (l, layer) in LAYERS[..13].iter().enumerate() {
+        let want = column(&refs["layers"][layer.name]["post_relu_mean"]);
+        let got: Vec<f64> = ours[0][l].iter().map(|p| p.activation as f64).collect();
+        let e = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max)
+            / scale(&want);
+        assert!(e <= 1e-4, "{}: activation vs onnxruntime {e:e}", layer.name);
+        for b in 0..2 {
+            let (o, t) = (&ours[b][l], &theirs[b][l]);
+            assert_eq!(o.len(), layer.filters());
+            let max_scale = t.iter().fold(0.0f32, |m, p| m.max(p.max));
+            let side = layer.output_side(64) as u32;
+            let mut same_place = 0;
+            for (f, (o, t)) in o.iter().zip(t).enumerate() {
+                let e = (o.activation - t.activation).abs() / max_scale.max(1e-6);
+                let m = (o.max - t.max).abs() / max_scale.max(1e-6);
+                assert!(
+                    e <= 1e-4 && m <= 1e-4,
+                    "{} filter {f}: mean {e:e}, max {m:e}",
+                    layer.name
+                );
+                assert!(o.y < side && o.x < side);
+                same_place += usize::from((o.y, o.x) == (t.y, t.x));
+            }
+            // Two f32 computations may order a near-tie differently; nearly all agree.
+            assert!(
+                same_place * 100 >= 98 * layer.filters(),
+                "{}: {same_place} of {} maxima at the same position",
+                layer.name,
+                layer.filters()
+            );
+        }
+    }
+    // Each image of the batch has its own figures (the mirrored cat is another input).
+    assert_ne!(ours[0][12], ours[1][12]);
+    // The forward-only trunk the examples pass builds computes the same, and no ascent.
+    let mut lean = CpuTrunk::for_peaks(w);
+    assert_eq!(pool().install(|| lean.peaks(2, 64, &input)).unwrap(), ours);
+    let e = lean
+        .run(
+            LAYERS[0],
+            &[0],
+            64,
+            64,
+            &input[..64 * 64 * 3],
+            Objective::PreRelu,
+            None,
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("examples pass"), "{e}");
+}

@@ -10,6 +10,8 @@
 
 #[macro_use]
 mod shared;
+#[macro_use]
+pub mod examples;
 pub mod postgres;
 pub mod sqlite;
 
@@ -18,6 +20,11 @@ use std::sync::Arc;
 use vgg_atlas_proto::FilterState;
 
 use crate::{Error, Result};
+
+pub use examples::{
+    ExampleRow, ImageFilterRow, ImageLease, ImageOutcome, ImageSubmission, MissingCrop,
+    PassProgress, PassSpec, StoredExample,
+};
 
 /// One filter of a run's plan.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,10 +157,69 @@ pub struct StoredResult {
     pub border_ratio: Option<f32>,
 }
 
+/// The dataset-examples pass's part of the store (see [`examples`]). Every method is one
+/// transaction.
+#[async_trait::async_trait]
+pub trait ExampleStore: Send + Sync {
+    /// Creates the pass (`Ok(true)`) or finds it already there (`Ok(false)`); a stored pass
+    /// with the same id but another folder, weights, side or K is an error.
+    async fn create_or_resume_pass(&self, spec: &PassSpec) -> Result<bool>;
+
+    /// Every pass, oldest first.
+    async fn passes(&self) -> Result<Vec<PassSpec>>;
+
+    /// Adds the images the pass lacks, pending; returns how many were new.
+    async fn add_images(&self, pass_id: &str, images: &[String]) -> Result<u64>;
+
+    /// Leases up to `batch` images (pending, or leased with an expired deadline), in name
+    /// order. An image whose expired lease used its last attempt is skipped for good instead.
+    /// `None` when nothing is leasable now.
+    async fn lease_images(
+        &self,
+        pass_id: &str,
+        batch: usize,
+        now_ms: i64,
+        lease_ms: i64,
+    ) -> Result<Option<ImageLease>>;
+
+    /// Moves the deadline of the images this lease still holds; `false` when it holds none.
+    async fn heartbeat_images(&self, lease_id: &str, now_ms: i64, lease_ms: i64) -> Result<bool>;
+
+    /// Records the outcomes of a lease's images that it still holds (others are ignored: a late
+    /// duplicate) and keeps each touched filter's top K; returns how many were recorded.
+    async fn submit_images(
+        &self,
+        pass_id: &str,
+        lease_id: &str,
+        submissions: &[ImageSubmission],
+        now_ms: i64,
+    ) -> Result<usize>;
+
+    /// `(layer, filter, K-th activation)` of every filter that has K examples already.
+    async fn example_bars(&self, pass_id: &str, top: i32) -> Result<Vec<(String, i32, f32)>>;
+
+    /// The pass's images by state.
+    async fn pass_progress(&self, pass_id: &str) -> Result<PassProgress>;
+
+    /// A layer's examples, by filter then rank.
+    async fn layer_examples(&self, pass_id: &str, layer: &str) -> Result<Vec<StoredExample>>;
+
+    /// The examples still without their crop, of the first `images` images (by name) that
+    /// have one.
+    async fn missing_crops(&self, pass_id: &str, images: usize) -> Result<Vec<MissingCrop>>;
+
+    /// Stores crops made for [`ExampleStore::missing_crops`] (an empty one: the file could not
+    /// be read again); an example that left its top K since is not brought back.
+    async fn store_crops(&self, pass_id: &str, crops: &[(MissingCrop, Vec<u8>)]) -> Result<()>;
+
+    /// The skipped images with their reasons, in name order.
+    async fn skipped_images(&self, pass_id: &str) -> Result<Vec<(String, Option<String>)>>;
+}
+
 /// The coordinator's persistent state. Every method is one transaction, safe to call from many
 /// tasks (and, for PostgreSQL, many coordinator processes) at once.
 #[async_trait::async_trait]
-pub trait Store: Send + Sync {
+pub trait Store: ExampleStore + Send + Sync {
     /// Creates the run and its filters (`Ok(true)`), or finds it already there (`Ok(false)`)
     /// and adds to its plan the filters of `spec` it lacks (a whole run after a sample of it);
     /// planned filters and their results are never changed. A stored run with the same id but

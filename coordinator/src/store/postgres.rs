@@ -91,6 +91,8 @@ const SUBMIT_ROW: &str = "SELECT f.state, f.lease_id, f.worker, f.attempts, r.ma
      WHERE f.run_id = $1 AND f.layer = $2 AND f.filter = $3
      FOR UPDATE OF f";
 
+impl_example_store!(PostgresStore, Postgres);
+
 impl_store!(PostgresStore, Postgres, {
     async fn close(&self) {
         self.pool.close().await;

@@ -107,6 +107,8 @@ const SUBMIT_ROW: &str = "SELECT f.state, f.lease_id, f.worker, f.attempts, r.ma
      FROM filters f JOIN runs r ON r.run_id = f.run_id
      WHERE f.run_id = $1 AND f.layer = $2 AND f.filter = $3";
 
+impl_example_store!(SqliteStore, Sqlite);
+
 impl_store!(SqliteStore, Sqlite, {
     async fn close(&self) {
         self.pool.close().await;

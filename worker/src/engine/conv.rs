@@ -66,9 +66,11 @@ pub struct PackedConv {
     pub bias: Vec<f32>,
     /// OIHW, for single-channel work on the target layer.
     pub oihw: Vec<f32>,
-    /// The kernels transformed for Winograd F(4x4, 3x3), forward and input gradient, where
-    /// it is faster (see [`winograd_pays`]); `None` keeps the direct path.
-    pub winograd: Option<(WinogradKernel, WinogradKernel)>,
+    /// The kernel transformed for Winograd F(4x4, 3x3) where it is faster (see
+    /// [`winograd_pays`]); `None` keeps the direct path.
+    pub winograd: Option<WinogradKernel>,
+    /// The same for the input gradient.
+    pub winograd_back: Option<WinogradKernel>,
 }
 
 /// How the CPU trunk computes its 3x3 convs below the target layer.
@@ -101,40 +103,54 @@ pub fn winograd_pays(cin: usize, cout: usize) -> bool {
 
 impl PackedConv {
     pub fn new(cin: usize, cout: usize, oihw: &[f32], bias: &[f32]) -> PackedConv {
-        let mut forward = vec![0.0; 9 * cin * cout];
-        let mut backward = vec![0.0; 9 * cin * cout];
+        let mut c = PackedConv::forward_only(cin, cout, oihw, bias);
+        c.backward = vec![0.0; 9 * cin * cout];
         for o in 0..cout {
             for i in 0..cin {
                 for tap in 0..9 {
-                    let v = oihw[(o * cin + i) * 9 + tap];
-                    forward[(tap * cin + i) * cout + o] = v;
-                    backward[((8 - tap) * cout + o) * cin + i] = v;
+                    c.backward[((8 - tap) * cout + o) * cin + i] = oihw[(o * cin + i) * 9 + tap];
+                }
+            }
+        }
+        c.winograd_back = c
+            .winograd
+            .is_some()
+            .then(|| WinogradKernel::new(Tile::F4, &c.backward, cout, cin));
+        c.oihw = oihw.to_vec();
+        c
+    }
+
+    /// The kernel packed for the forward pass only (the examples pass): no input-gradient
+    /// kernels and no OIHW copy, about a third of [`PackedConv::new`]'s memory.
+    /// [`PackedConv::conv_input_grad`] must not be called on it.
+    pub fn forward_only(cin: usize, cout: usize, oihw: &[f32], bias: &[f32]) -> PackedConv {
+        let mut forward = vec![0.0; 9 * cin * cout];
+        for o in 0..cout {
+            for i in 0..cin {
+                for tap in 0..9 {
+                    forward[(tap * cin + i) * cout + o] = oihw[(o * cin + i) * 9 + tap];
                 }
             }
         }
         let winograd = (ConvAlgorithm::from_env() == ConvAlgorithm::Auto
             && winograd_pays(cin, cout))
-        .then(|| {
-            (
-                WinogradKernel::new(Tile::F4, &forward, cin, cout),
-                WinogradKernel::new(Tile::F4, &backward, cout, cin),
-            )
-        });
+        .then(|| WinogradKernel::new(Tile::F4, &forward, cin, cout));
         PackedConv {
             cin,
             cout,
             forward,
-            backward,
+            backward: Vec::new(),
             bias: bias.to_vec(),
-            oihw: oihw.to_vec(),
+            oihw: Vec::new(),
             winograd,
+            winograd_back: None,
         }
     }
 
     /// `out = conv(x)` (no bias) over padded buffers of geometry `g` with `cin` channels.
     pub fn conv_forward(&self, g: Geom, x: &[f32], out: &mut [f32]) {
         match &self.winograd {
-            Some((k, _)) if tiles_fit(g) => conv3x3_winograd(g, x, k, out),
+            Some(k) if tiles_fit(g) => conv3x3_winograd(g, x, k, out),
             _ => conv3x3(g, x, self.cin, &self.forward, self.cout, out),
         }
     }
@@ -142,8 +158,12 @@ impl PackedConv {
     /// The input gradient of the conv from its output gradient `gy` (geometry `g` with `cout`
     /// channels) into `out` (`cin` channels).
     pub fn conv_input_grad(&self, g: Geom, gy: &[f32], out: &mut [f32]) {
-        match &self.winograd {
-            Some((_, k)) if tiles_fit(g) => conv3x3_winograd(g, gy, k, out),
+        debug_assert!(
+            !self.backward.is_empty(),
+            "a forward-only conv has no input gradient"
+        );
+        match &self.winograd_back {
+            Some(k) if tiles_fit(g) => conv3x3_winograd(g, gy, k, out),
             _ => conv3x3(g, gy, self.cout, &self.backward, self.cin, out),
         }
     }

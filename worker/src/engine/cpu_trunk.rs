@@ -6,11 +6,11 @@
 use std::sync::Arc;
 
 use rayon::prelude::*;
-use vgg_atlas_proto::layers::{Layer, LayerKind, LAYERS};
+use vgg_atlas_proto::layers::{Layer, LayerKind, CONV_LAYERS, LAYERS};
 use vgg_atlas_proto::Objective;
 
 use super::conv::{matmul, rayon_threads, Geom, Operand, PackedConv};
-use super::trunk::{check_request, Scores, Trunk};
+use super::trunk::{check_peaks_request, check_request, ImagePeaks, Peak, Scores, Trunk};
 use super::weights::{DenseParams, Weights};
 use crate::{Error, Result};
 
@@ -51,6 +51,8 @@ pub struct CpuTrunk {
     dense: Arc<Vec<DenseParams>>,
     source: String,
     bufs: Option<Buffers>,
+    /// Built by [`CpuTrunk::for_peaks`]: forward kernels only, no ascent.
+    forward_only: bool,
 }
 
 impl CpuTrunk {
@@ -67,6 +69,23 @@ impl CpuTrunk {
             dense: weights.dense.clone(),
             source: weights.source.clone(),
             bufs: None,
+            forward_only: false,
+        }
+    }
+
+    /// The conv layers packed for the examples pass ([`Trunk::peaks`]) alone: forward kernels
+    /// only, about a third of the memory of [`CpuTrunk::new`]'s; [`Trunk::run`] refuses.
+    pub fn for_peaks(weights: &Weights) -> CpuTrunk {
+        CpuTrunk {
+            convs: weights
+                .convs
+                .iter()
+                .map(|c| PackedConv::forward_only(c.cin, c.cout, &c.weight, &c.bias))
+                .collect(),
+            dense: Arc::new(Vec::new()),
+            source: weights.source.clone(),
+            bufs: None,
+            forward_only: true,
         }
     }
 }
@@ -158,6 +177,13 @@ impl Trunk for CpuTrunk {
         grad: Option<&mut [f32]>,
     ) -> Result<Vec<Scores>> {
         check_request(layer, filters, h, w)?;
+        if self.forward_only {
+            return Err(Error::Invalid(
+                "this CPU trunk was built for the examples pass (forward only); build one with \
+                 CpuTrunk::new for an ascent"
+                    .into(),
+            ));
+        }
         if !layer.is_conv() && self.dense.is_empty() {
             return Err(Error::NoClassifier {
                 layer: layer.name.into(),
@@ -311,6 +337,127 @@ impl Trunk for CpuTrunk {
         }
         Ok(scores)
     }
+
+    /// The forward pass with every filter computed, in two buffers sized for the largest
+    /// feature map that take turns as input and output (at 224 px and batch 16, 2 x 210 MB):
+    /// nothing is kept for a backward pass.
+    fn peaks(&mut self, batch: usize, side: usize, input: &[f32]) -> Result<Vec<ImagePeaks>> {
+        check_peaks_request(batch, side, input)?;
+        self.bufs = None; // the ascent's buffers are not needed here
+        let mut g = Geom {
+            batch,
+            h: side,
+            w: side,
+            c: 3,
+        };
+        let cap = LAYERS[..CONV_LAYERS]
+            .iter()
+            .map(|l| {
+                let s = l.output_side(side);
+                Geom { h: s, w: s, ..g }.with_c(l.filters()).floats()
+            })
+            .max()
+            .unwrap_or(0)
+            .max(g.floats());
+        // max_pool records where each maximum came from (for a backward pass, unused here).
+        let pooled = LAYERS[..CONV_LAYERS - 1]
+            .iter()
+            .filter(|l| {
+                matches!(
+                    l.kind,
+                    LayerKind::Conv {
+                        pool_after: true,
+                        ..
+                    }
+                )
+            })
+            .map(|l| {
+                let s = l.output_side(side) / 2;
+                Geom { h: s, w: s, ..g }.with_c(l.filters()).floats()
+            })
+            .max()
+            .unwrap_or(0);
+        let (mut cur, mut next) = (vec![0.0f32; cap], vec![0.0f32; cap]);
+        let mut argmax = vec![0u8; pooled];
+        for (r, row) in cur[..g.floats()].chunks_exact_mut(3).enumerate() {
+            if g.interior(r) {
+                let p = r % g.rows_per_image();
+                let (y, x) = (p / g.row_len() - 1, p % g.row_len() - 1);
+                let i = ((r / g.rows_per_image() * side + y) * side + x) * 3;
+                row.copy_from_slice(&input[i..i + 3]);
+            }
+        }
+        let mut out: Vec<ImagePeaks> = vec![Vec::with_capacity(CONV_LAYERS); batch];
+        for layer in &LAYERS[..CONV_LAYERS] {
+            let LayerKind::Conv { pool_after, .. } = layer.kind else {
+                unreachable!("the first 13 layers are convs")
+            };
+            let pc = &self.convs[layer.index];
+            let go = g.with_c(pc.cout);
+            pc.conv_forward(g, &cur[..g.floats()], &mut next[..go.floats()]);
+            bias_relu(go, &mut next[..go.floats()], &pc.bias);
+            for (image, peaks) in out.iter_mut().zip(peaks_of(go, &next[..go.floats()])) {
+                image.push(peaks);
+            }
+            std::mem::swap(&mut cur, &mut next);
+            g = go;
+            if pool_after && layer.index + 1 < CONV_LAYERS {
+                let to = Geom {
+                    h: g.h / 2,
+                    w: g.w / 2,
+                    ..g
+                };
+                next[..to.floats()].fill(0.0); // max_pool leaves the border as it finds it
+                max_pool(
+                    g,
+                    to,
+                    &cur[..g.floats()],
+                    &mut next[..to.floats()],
+                    &mut argmax[..to.floats()],
+                );
+                std::mem::swap(&mut cur, &mut next);
+                g = to;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Each image's per-channel [`Peak`] over the interior of a post-ReLU padded buffer.
+fn peaks_of(g: Geom, post: &[f32]) -> Vec<Vec<Peak>> {
+    let c = g.c;
+    post.par_chunks_exact(g.rows_per_image() * c)
+        .map(|img| {
+            let mut sum = vec![0.0f64; c];
+            let mut row_sum = vec![0.0f32; c];
+            let mut best = vec![(-1.0f32, 0u32, 0u32); c];
+            for y in 1..=g.h {
+                row_sum.fill(0.0);
+                let row = &img[y * g.row_len() * c..(y + 1) * g.row_len() * c];
+                for (x, px) in row.chunks_exact(c).enumerate().take(g.w + 1).skip(1) {
+                    for ((v, s), b) in px.iter().zip(&mut row_sum).zip(&mut best) {
+                        *s += v;
+                        if *v > b.0 {
+                            *b = (*v, (y - 1) as u32, (x - 1) as u32);
+                        }
+                    }
+                }
+                for (s, r) in sum.iter_mut().zip(&row_sum) {
+                    *s += *r as f64;
+                }
+            }
+            let n = (g.h * g.w) as f64;
+            sum.iter()
+                .zip(&best)
+                .map(|(s, &(max, y, x))| Peak {
+                    activation: (s / n) as f32,
+                    max,
+                    y,
+                    x,
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// The target conv layer, computed for one filter per image.

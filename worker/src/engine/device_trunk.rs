@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use vgg_atlas_proto::layers::{Layer, LayerKind, DENSE_INPUT_SIZE, LAYERS};
 use vgg_atlas_proto::Objective;
 
-use super::trunk::{check_request, Scores, Trunk};
+use super::trunk::{check_peaks_request, check_request, ImagePeaks, Scores, Trunk};
 use super::vgg::{max_pool_2x2, Vgg16};
 use super::weights::Weights;
 use crate::{Error, Result};
@@ -523,6 +523,15 @@ impl Trunk for DeviceTrunk {
             .zip(post)
             .map(|(pre, post)| Scores { pre, post })
             .collect())
+    }
+
+    fn peaks(&mut self, batch: usize, side: usize, input: &[f32]) -> Result<Vec<ImagePeaks>> {
+        check_peaks_request(batch, side, input)?;
+        let x = Tensor::from_slice(input, (batch, side, side, 3), self.device())?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?
+            .to_dtype(self.dtype)?;
+        self.net.peaks(&x)
     }
 }
 

@@ -21,6 +21,7 @@ pub mod conv;
 pub mod cpu_trunk;
 pub mod device_images;
 pub mod device_trunk;
+pub mod examples;
 pub mod fetch;
 pub mod fourier;
 pub mod host_images;
@@ -82,6 +83,19 @@ pub fn device(spec: &str) -> Result<candle_core::Device> {
         _ => Err(Error::Invalid(format!(
             "unknown device '{spec}'; use cpu, cuda:N or metal:N"
         ))),
+    }
+}
+
+/// The trunk for the examples pass on a `--device`: [`CpuTrunk::for_peaks`] (forward kernels
+/// only) for `cpu`, the candle trunk on the device otherwise.
+pub fn peaks_trunk_on(
+    weights: &Weights,
+    spec: &str,
+    precision: Precision,
+) -> Result<Box<dyn Trunk + Send>> {
+    match device(spec)? {
+        candle_core::Device::Cpu => Ok(Box::new(CpuTrunk::for_peaks(weights))),
+        _ => trunk_on(weights, spec, precision),
     }
 }
 

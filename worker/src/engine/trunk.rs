@@ -28,6 +28,20 @@ impl Scores {
     }
 }
 
+/// One filter's response to one real image (the dataset-examples pass): its post-ReLU spatial
+/// mean (the *activation*, as everywhere else) and the position `(y, x)` of its largest value
+/// in the layer's feature map, with that value.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Peak {
+    pub activation: f32,
+    pub max: f32,
+    pub y: u32,
+    pub x: u32,
+}
+
+/// Every conv layer's [`Peak`]s for one image: `[layer][filter]`, the 13 conv layers in order.
+pub type ImagePeaks = Vec<Vec<Peak>>;
+
 /// Something that can evaluate a batch of images against per-image target filters and return
 /// the gradient of each image's objective w.r.t. its (preprocessed) network input. It is `Any`
 /// so that the ascent can tell a device trunk, whose images it keeps on the device, from one
@@ -46,6 +60,31 @@ pub trait Trunk: Any {
         objective: Objective,
         grad: Option<&mut [f32]>,
     ) -> Result<Vec<Scores>>;
+
+    /// One forward pass of `batch` images (NHWC `[batch, side, side, 3]`, preprocessed) through
+    /// all 13 conv layers, keeping every filter's [`Peak`]: the dataset-examples pass.
+    fn peaks(&mut self, batch: usize, side: usize, input: &[f32]) -> Result<Vec<ImagePeaks>>;
+}
+
+/// The smallest image the peaks pass takes: block5_conv3 needs at least one position.
+pub const MIN_PEAKS_SIDE: usize = 16;
+
+/// Refuses a peaks request whose input does not match its shape or is too small.
+pub fn check_peaks_request(batch: usize, side: usize, input: &[f32]) -> Result<()> {
+    if side < MIN_PEAKS_SIDE {
+        return Err(Error::Invalid(format!(
+            "a {side}x{side} image is too small for the examples pass; block5_conv3 needs at least \
+             {MIN_PEAKS_SIDE}x{MIN_PEAKS_SIDE}"
+        )));
+    }
+    if batch == 0 || input.len() != batch * side * side * 3 {
+        return Err(Error::Invalid(format!(
+            "the examples pass got {} floats for {batch} images of {side}x{side} (expected {})",
+            input.len(),
+            batch * side * side * 3
+        )));
+    }
+    Ok(())
 }
 
 /// `||a - b|| / ||b||` (L2, in f64): how far a trunk's output is from a reference's.

@@ -4,9 +4,10 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use super::trunk::{ImagePeaks, Peak};
 use super::weights::{Preprocess, Weights};
 use crate::{Error, Result};
-use vgg_atlas_proto::layers::{Layer, LayerKind, DENSE_INPUT_SIZE, LAYERS};
+use vgg_atlas_proto::layers::{Layer, LayerKind, CONV_LAYERS, DENSE_INPUT_SIZE, LAYERS};
 
 pub struct Vgg16 {
     convs: Vec<(Tensor, Tensor)>,
@@ -151,6 +152,35 @@ impl Vgg16 {
             act
         };
         Ok(means.to_dtype(DType::F32)?.squeeze(0)?.to_vec1::<f32>()?)
+    }
+}
+
+impl Vgg16 {
+    /// Every conv layer's per-filter [`Peak`]s for `x` (`[B, 3, H, W]`, preprocessed): the
+    /// dataset-examples pass on a device, and the reference the CPU trunk's is checked against.
+    pub fn peaks(&self, x: &Tensor) -> Result<Vec<ImagePeaks>> {
+        let batch = x.dims4()?.0;
+        let mut out: Vec<ImagePeaks> = vec![Vec::with_capacity(CONV_LAYERS); batch];
+        for pre in self.forward(x, LAYERS[CONV_LAYERS - 1])? {
+            let w = pre.dims4()?.3;
+            let post = pre.relu()?.to_dtype(DType::F32)?.flatten_from(2)?;
+            let mean = post.mean(2)?.to_vec2::<f32>()?;
+            let max = post.max(2)?.to_vec2::<f32>()?;
+            let at = post.argmax(2)?.to_vec2::<u32>()?;
+            for (b, image) in out.iter_mut().enumerate() {
+                image.push(
+                    (0..mean[b].len())
+                        .map(|f| Peak {
+                            activation: mean[b][f],
+                            max: max[b][f],
+                            y: at[b][f] / w as u32,
+                            x: at[b][f] % w as u32,
+                        })
+                        .collect(),
+                );
+            }
+        }
+        Ok(out)
     }
 }
 

@@ -168,16 +168,47 @@ pub fn conv3x3_winograd(g: Geom, x: &[f32], k: &WinogradKernel, out: &mut [f32])
     let (m, a) = (t.m, t.alpha);
     let a2 = a * a;
     let (ty, tx) = (g.h.div_ceil(m), g.w.div_ceil(m));
-    let tiles = g.batch * ty * tx;
-    // Tile `n` of image `b` has its output origin at padded (1 + m*ty_i, 1 + m*tx_i) and reads
-    // the input patch from padded (m*ty_i, m*tx_i), alpha x alpha.
-    let origin = move |tile: usize| {
-        let (b, rem) = (tile / (ty * tx), tile % (ty * tx));
-        (b, (rem / tx) * m, (rem % tx) * m)
-    };
+    let all_tiles = g.batch * ty * tx;
+    // The tiles go through in chunks whose scratch stays under SCRATCH_BYTES (a 224 px batch of
+    // 16 at block2_conv2 would need 460 MB at once); a chunk is still thousands of GEMM rows.
+    let per_chunk = (SCRATCH_BYTES / (4 * a2 * (cin + cout))).max(256);
     let (mut v, mut prod) = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
-    v.resize(tiles * a2 * cin, 0.0);
-    prod.resize(tiles * a2 * cout, 0.0);
+    for first in (0..all_tiles).step_by(per_chunk) {
+        let tiles = per_chunk.min(all_tiles - first);
+        // Tile `first + n` of image `b` has its output origin at padded (1 + m*ty_i, 1 + m*tx_i)
+        // and reads the input patch from padded (m*ty_i, m*tx_i), alpha x alpha.
+        let origin = move |n: usize| {
+            let tile = first + n;
+            let (b, rem) = (tile / (ty * tx), tile % (ty * tx));
+            (b, (rem / tx) * m, (rem % tx) * m)
+        };
+        v.resize(tiles * a2 * cin, 0.0);
+        prod.resize(tiles * a2 * cout, 0.0);
+        chunk(g, x, k, out, tiles, origin, &mut v, &mut prod);
+    }
+    SCRATCH.with(|s| *s.borrow_mut() = (v, prod));
+}
+
+/// The most scratch (transformed inputs and products) one Winograd call holds, in bytes.
+const SCRATCH_BYTES: usize = 64 << 20;
+
+/// One chunk of `tiles` tiles (`origin` maps a chunk-local tile to its image and padded
+/// origin): transform, multiply, transform back into `out`.
+#[allow(clippy::too_many_arguments)]
+fn chunk(
+    g: Geom,
+    x: &[f32],
+    k: &WinogradKernel,
+    out: &mut [f32],
+    tiles: usize,
+    origin: impl Fn(usize) -> (usize, usize, usize) + Sync,
+    v: &mut [f32],
+    prod: &mut [f32],
+) {
+    let (cin, cout) = (k.cin, k.cout);
+    let t = k.tile.transform();
+    let (m, a) = (t.m, t.alpha);
+    let a2 = a * a;
 
     // 1. V = Bᵀ d B per tile, as [tile][alpha²][cin].
     v.par_chunks_mut(a2 * cin)
@@ -307,7 +338,6 @@ pub fn conv3x3_winograd(g: Geom, x: &[f32], k: &WinogradKernel, out: &mut [f32])
                 }
             }
         });
-    SCRATCH.with(|s| *s.borrow_mut() = (v, prod));
 }
 
 #[cfg(test)]
@@ -382,6 +412,26 @@ mod tests {
                     "{tile:?} {batch}x{h}x{w} {cin}->{cout}: relative error {err:e}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn a_call_with_more_tiles_than_a_chunk_matches_the_direct_conv() {
+        // 512 channels each way: a chunk holds 455 tiles. Maps of 38 x 38 are 10 x 10 tiles
+        // (the last row and column partial): 2 images are one chunk; 5 images are 500 tiles,
+        // and the chunk boundary at tile 455 falls inside image 4 and inside a row of tiles.
+        let per_chunk = SCRATCH_BYTES / (4 * 36 * 1024);
+        assert_eq!(per_chunk, 455);
+        for batch in [2, 5] {
+            let g = Geom {
+                batch,
+                h: 38,
+                w: 38,
+                c: 512,
+            };
+            let tiles = batch * 10 * 10;
+            let err = compare(Tile::F4, g, 512, 512);
+            assert!(err < 1e-4, "{tiles} tiles: relative error {err:e}");
         }
     }
 
