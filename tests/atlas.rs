@@ -1497,3 +1497,98 @@ fn serve_reads_a_run_from_postgres() {
     );
     rt.block_on(async { drop(s) });
 }
+
+/// A stored example's crop, read through `vgg-atlas query`.
+fn stored_crop(db: &str, layer: &str, filter: u32, rank: u32) -> Vec<u8> {
+    let rows: Value = serde_json::from_str(&run_ok(bin().args([
+        "query",
+        "--db",
+        db,
+        "--format",
+        "json",
+        &format!(
+            "SELECT crop FROM filter_examples
+             WHERE layer = '{layer}' AND filter = {filter} AND rank = {rank}"
+        ),
+    ])))
+    .unwrap();
+    let hex = rows[0]["crop"].as_str().unwrap().trim_start_matches("\\x");
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+#[test]
+fn examples_appear_in_the_atlas_and_in_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("atlas");
+    run_ok(
+        bin()
+            .args([
+                "render",
+                "--layers",
+                "block1_conv1",
+                "--size",
+                "32",
+                "--steps",
+                "2",
+                "--sample",
+                "4",
+                "--tile-size",
+                "24",
+                "--out",
+            ])
+            .arg(&out),
+    );
+    let photos = dir.path().join("photos");
+    std::fs::create_dir_all(&photos).unwrap();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/photos");
+    for name in ["chelsea.png", "coffee.webp", "rocket.jpg"] {
+        std::fs::copy(fixtures.join(name), photos.join(name)).unwrap();
+    }
+    let db = db_of(&out);
+    run_ok(
+        bin()
+            .args([
+                "examples", "--db", &db, "--size", "32", "--top", "2", "--images",
+            ])
+            .arg(&photos),
+    );
+    run_ok(
+        bin()
+            .args(["mosaic", "--db", &db, "--tile-size", "24", "--out"])
+            .arg(&out),
+    );
+
+    // The static atlas: the crops as files, byte for byte, listed per filter; the mosaic.
+    let atlas = read_json(&out.join("atlas.json"));
+    let layer = &atlas["layers"][0];
+    assert_eq!(layer["mosaic_examples"], "block1_conv1.examples.png");
+    assert!(out.join("block1_conv1.examples.png").is_file());
+    let entries = layer["entries"].as_array().unwrap();
+    // The sample's 4 filters of block1_conv1 each fire on some photo.
+    assert_eq!(entries.len(), 4);
+    assert!(
+        entries.iter().all(|e| e.get("examples").is_some()),
+        "{entries:?}"
+    );
+    let e0 = &entries[0]["examples"];
+    assert_eq!(e0[0]["rank"], 1);
+    assert_eq!(e0[0]["crop"], "examples/block1_conv1/0-1.png");
+    assert!(e0[0]["activation"].as_f64().unwrap() >= e0[1]["activation"].as_f64().unwrap());
+    let crop = stored_crop(&db, "block1_conv1", 0, 1);
+    assert_eq!(
+        std::fs::read(out.join("examples/block1_conv1/0-1.png")).unwrap(),
+        crop
+    );
+
+    // Served: the same list, the crop at the same path, and 404 for a rank that is not there.
+    let server = Served::start(&db, &[]);
+    let served = server.get("/atlas.json").json();
+    assert_eq!(served["layers"][0]["entries"][0]["examples"], *e0);
+    let reply = server.get("/examples/block1_conv1/0-1.png");
+    assert_eq!((reply.status, &reply.body), (200, &crop));
+    assert_eq!(server.get("/examples/block1_conv1/0-3.png").status, 404);
+    assert_eq!(server.get("/examples/block1_conv1/zero-1.png").status, 404);
+}
