@@ -7,6 +7,7 @@ use candle_core::Device;
 use common::*;
 use vgg_atlas_proto::{Layer, Objective, LAYERS};
 use vgg_atlas_worker::engine::cpu_trunk::CpuTrunk;
+use vgg_atlas_worker::engine::device_trunk::DeviceTrunk;
 use vgg_atlas_worker::engine::trunk::Trunk;
 use vgg_atlas_worker::engine::vgg::Vgg16;
 
@@ -202,6 +203,10 @@ fn the_peaks_pass_matches_onnxruntime_and_candle_on_every_conv_layer() {
     }
     // Each image of the batch has its own figures (the mirrored cat is another input).
     assert_ne!(ours[0][12], ours[1][12]);
+    // The device trunk (what `examples --device cuda:0` runs) on the CPU device: the same as
+    // the candle model it wraps, from the same NHWC input.
+    let mut device = DeviceTrunk::new(w, &Device::Cpu).unwrap();
+    assert_eq!(device.peaks(2, 64, &input).unwrap(), theirs);
     // The forward-only trunk the examples pass builds computes the same, and no ascent.
     let mut lean = CpuTrunk::for_peaks(w);
     assert_eq!(pool().install(|| lean.peaks(2, 64, &input)).unwrap(), ours);
