@@ -23,6 +23,8 @@ use vgg_atlas_worker::engine::examples::{
     crops, examine, Examined, ImageFile, DEFAULT_SIDE, DEFAULT_TOP,
 };
 
+use vgg_atlas_worker::engine::trunk::MIN_PEAKS_SIDE;
+
 use crate::args::{runtime, Compute};
 
 /// How long a batch of images stays leased without a heartbeat: a process killed mid-batch
@@ -62,9 +64,10 @@ pub fn examples(a: ExamplesArgs) -> Result<()> {
             a.top
         );
     }
-    if !(16..=MAX_SIDE).contains(&a.size) {
+    if !(MIN_PEAKS_SIDE as u32..=MAX_SIDE).contains(&a.size) {
         bail!(
-            "--size {} is out of range: 16 (block5_conv3 needs one position) to {MAX_SIDE} pixels",
+            "--size {} is out of range: {MIN_PEAKS_SIDE} (block5_conv3 needs one position) to \
+             {MAX_SIDE} pixels",
             a.size
         );
     }
@@ -217,10 +220,9 @@ async fn run(
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    let pass_seconds = started.elapsed().as_secs_f64();
+    let seconds = started.elapsed().as_secs_f64();
     let (made, crop_seconds) = make_crops(store, spec, &folder, &pool).await?;
     let p = store.pass_progress(&spec.pass_id).await?;
-    let seconds = pass_seconds;
     eprintln!(
         "pass {}: {} images done, {} skipped; {} examined here in {:.1} s ({:.2} images/s)",
         spec.pass_id,

@@ -759,22 +759,26 @@ impl Drop for Served {
     }
 }
 
-/// A result's stored PNG, read through `vgg-atlas query`.
-fn stored_png(db: &str, layer: &str, filter: u32) -> Vec<u8> {
-    let rows: Value = serde_json::from_str(&run_ok(bin().args([
-        "query",
-        "--db",
-        db,
-        "--format",
-        "json",
-        &format!("SELECT png FROM results WHERE layer = '{layer}' AND filter = {filter}"),
-    ])))
+/// The bytes in the first row's only column of `sql`, read through `vgg-atlas query`.
+fn stored_bytes(db: &str, sql: &str) -> Vec<u8> {
+    let rows: Value = serde_json::from_str(&run_ok(
+        bin().args(["query", "--db", db, "--format", "json", sql]),
+    ))
     .unwrap();
-    let hex = rows[0]["png"].as_str().unwrap().trim_start_matches("\\x");
+    let (_, value) = rows[0].as_object().unwrap().iter().next().unwrap();
+    let hex = value.as_str().unwrap().trim_start_matches("\\x");
     (0..hex.len())
         .step_by(2)
         .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
         .collect()
+}
+
+/// A result's stored PNG.
+fn stored_png(db: &str, layer: &str, filter: u32) -> Vec<u8> {
+    stored_bytes(
+        db,
+        &format!("SELECT png FROM results WHERE layer = '{layer}' AND filter = {filter}"),
+    )
 }
 
 #[test]
@@ -1498,27 +1502,6 @@ fn serve_reads_a_run_from_postgres() {
     rt.block_on(async { drop(s) });
 }
 
-/// A stored example's crop, read through `vgg-atlas query`.
-fn stored_crop(db: &str, layer: &str, filter: u32, rank: u32) -> Vec<u8> {
-    let rows: Value = serde_json::from_str(&run_ok(bin().args([
-        "query",
-        "--db",
-        db,
-        "--format",
-        "json",
-        &format!(
-            "SELECT crop FROM filter_examples
-             WHERE layer = '{layer}' AND filter = {filter} AND rank = {rank}"
-        ),
-    ])))
-    .unwrap();
-    let hex = rows[0]["crop"].as_str().unwrap().trim_start_matches("\\x");
-    (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-        .collect()
-}
-
 #[test]
 fn examples_appear_in_the_atlas_and_in_serve() {
     let dir = tempfile::tempdir().unwrap();
@@ -1577,7 +1560,10 @@ fn examples_appear_in_the_atlas_and_in_serve() {
     assert_eq!(e0[0]["rank"], 1);
     assert_eq!(e0[0]["crop"], "examples/block1_conv1/0-1.png");
     assert!(e0[0]["activation"].as_f64().unwrap() >= e0[1]["activation"].as_f64().unwrap());
-    let crop = stored_crop(&db, "block1_conv1", 0, 1);
+    let crop = stored_bytes(
+        &db,
+        "SELECT crop FROM filter_examples WHERE layer = 'block1_conv1' AND filter = 0 AND rank = 1",
+    );
     assert_eq!(
         std::fs::read(out.join("examples/block1_conv1/0-1.png")).unwrap(),
         crop

@@ -15,7 +15,7 @@ use image::codecs::png::{CompressionType, FilterType as PngFilter, PngEncoder};
 use image::imageops::FilterType;
 use image::{ImageFormat, ImageReader, RgbImage};
 use sha2::{Digest, Sha256};
-use vgg_atlas_proto::layers::{CONV_LAYERS, LAYERS};
+use vgg_atlas_proto::layers::LAYERS;
 
 use super::trunk::{ImagePeaks, Trunk};
 use super::weights::{hex, Preprocess};
@@ -63,14 +63,6 @@ pub fn fit(bytes: &[u8], side: u32) -> std::result::Result<RgbImage, String> {
 /// The bar a filter's candidates must beat: the K-th activation of its running top K, or
 /// `None` while it has fewer than K examples (anything goes).
 pub type Bars = Vec<Vec<Option<f32>>>;
-
-/// No bars yet: every filter of every conv layer takes anything.
-pub fn open_bars() -> Bars {
-    LAYERS[..CONV_LAYERS]
-        .iter()
-        .map(|l| vec![None; l.filters()])
-        .collect()
-}
 
 /// One image that may enter a filter's top K.
 #[derive(Clone, Debug, PartialEq)]
