@@ -33,9 +33,10 @@ pub struct Compute {
 
 #[derive(Args)]
 pub struct Method {
-    /// The method: atlas (the default: lucid's at 64 steps), quick (20 steps, pixels),
-    /// keras-vis (200 steps, jitter), lucid (Fourier parameterisation, transforms, Adam, 256
-    /// steps); see docs/method.md. The flags below override single values of the preset.
+    /// The method: atlas (the default: lucid's transforms and Fourier parameterisation at 64
+    /// steps, a larger warmed-up step, the activation woken while silent, block1-2 rolled),
+    /// quick (20 steps, pixels), keras-vis (200 steps, jitter), lucid (lucid's own settings,
+    /// 256 steps); see docs/method.md. The flags below override single values of the preset.
     #[arg(long, default_value = vgg_atlas_proto::method::DEFAULT_PRESET.name())]
     pub preset: String,
     /// Image side in pixels [128; at most 4096].
@@ -47,7 +48,8 @@ pub struct Method {
     /// Run seed [0].
     #[arg(long)]
     pub seed: Option<u64>,
-    /// pre-relu (default: silent filters still get a gradient) or post-relu (the tutorial's).
+    /// What is maximised: post-relu-wake (the atlas preset's), pre-relu (lucid's, keras-vis's)
+    /// or post-relu (the tutorial's) [preset].
     #[arg(long, value_enum)]
     pub objective: Option<Objective>,
     /// pixels or fourier [preset].
@@ -170,11 +172,15 @@ impl Compute {
     }
 
     pub fn weights(&self) -> Result<Weights> {
-        let path = match &self.weights {
+        Ok(Weights::load(&self.weights_path()?)?)
+    }
+
+    /// `--weights`, else the cached default (fetched if missing).
+    pub fn weights_path(&self) -> Result<std::path::PathBuf> {
+        Ok(match &self.weights {
             Some(p) => p.clone(),
             None => fetch::ensure_default(&|m| eprintln!("{m}"))?,
-        };
-        Ok(Weights::load(&path)?)
+        })
     }
 
     /// `--threads`, else every core.

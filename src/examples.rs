@@ -14,23 +14,22 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use vgg_atlas_coordinator::examples as pass;
-use vgg_atlas_coordinator::standalone::DEFAULT_DB;
-use vgg_atlas_coordinator::store::{
-    self, ExampleRow, ImageFilterRow, ImageOutcome, ImageSubmission, PassSpec, Store,
-};
-use vgg_atlas_proto::LAYERS;
+use vgg_atlas_coordinator::pass_service::PassService;
+use vgg_atlas_coordinator::service::retry_after_ms;
+use vgg_atlas_coordinator::standalone::{reachable, token_for, DEFAULT_DB};
+use vgg_atlas_coordinator::store::{self, ImageSubmission, PassSpec, Store};
+use vgg_atlas_proto as pb;
 use vgg_atlas_worker::engine::examples::{
-    crops, examine, Examined, ImageFile, DEFAULT_SIDE, DEFAULT_TOP,
+    crops, examine, skipped, ImageFile, DEFAULT_SIDE, DEFAULT_TOP,
 };
 
 use vgg_atlas_worker::engine::trunk::MIN_PEAKS_SIDE;
 
 use crate::args::{runtime, Compute};
 
-/// How long a batch of images stays leased without a heartbeat: a process killed mid-batch
-/// leaves its images to the next run after this long.
+/// How long a batch of images stays leased without a heartbeat by default: a process killed
+/// mid-batch leaves its images to the next run after this long.
 const LEASE: Duration = Duration::from_secs(60);
-const HEARTBEAT: Duration = Duration::from_secs(15);
 /// The largest side and K the pass accepts (a bound on memory, not a recommendation).
 const MAX_SIDE: u32 = 1024;
 const MAX_TOP: usize = 100;
@@ -53,6 +52,23 @@ pub struct ExamplesArgs {
     /// so the viewer shows the examples beside the synthesized images).
     #[arg(long, env = "VGG_ATLAS_DB", hide_env_values = true, default_value = DEFAULT_DB)]
     pub db: String,
+    /// Also hand batches of images to workers (`vgg-atlas worker --connect ...`) on this
+    /// address; they read the images from their own copy of the folder (`worker --images`) or
+    /// fetch them from here.
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// The shared token workers must send (at least 16 characters); required with --listen.
+    #[arg(long, env = "VGG_ATLAS_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Accept workers without a token; only with --listen on a loopback address.
+    #[arg(long, conflicts_with = "token")]
+    pub no_token: bool,
+    /// Examine images in this process too (1, the default) or only hand them to workers (0).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub local_workers: u8,
+    /// Seconds an image lease lives without a heartbeat.
+    #[arg(long, default_value_t = LEASE.as_secs())]
+    pub lease_seconds: u64,
     #[command(flatten)]
     pub compute: Compute,
 }
@@ -74,20 +90,89 @@ pub fn examples(a: ExamplesArgs) -> Result<()> {
     if a.batch == 0 {
         bail!("--batch must be at least 1");
     }
+    if a.local_workers == 0 && a.listen.is_none() {
+        bail!("--local-workers 0 leaves nobody to examine the images: give --listen ADDR for workers to join");
+    }
+    if a.lease_seconds == 0 {
+        bail!("--lease-seconds must be at least 1");
+    }
+    let token = match &a.listen {
+        Some(listen) => Some(token_for(Some(listen), a.token.clone(), a.no_token)?),
+        None => None,
+    };
+    let check = token
+        .as_ref()
+        .map(|t| pb::auth::CheckToken::new(t.as_deref()))
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("bad --token: {e}"))?;
     let folder = std::fs::canonicalize(&a.images)
         .with_context(|| format!("cannot open the images folder {}", a.images.display()))?;
     let images = pass::scan(&folder)?;
-    let weights = a.compute.weights()?;
-    let trunk =
-        vgg_atlas_worker::peaks_trunk_on(&weights, &a.compute.device, a.compute.precision()?)?;
+    let weights_path = a.compute.weights_path()?;
+    let weights = vgg_atlas_worker::Weights::load(&weights_path)?;
+    let precision = a.compute.precision()?;
+    let trunk = (a.local_workers > 0)
+        .then(|| vgg_atlas_worker::peaks_trunk_on(&weights, &a.compute.device, precision))
+        .transpose()?;
     let (pool, _) = a.compute.pool()?;
     let spec = pass::pass(&folder, &weights.sha256, a.size, a.top);
     let preprocess = weights.preprocess;
     drop(weights); // the trunk holds the kernels it needs
+    let lease = Duration::from_secs(a.lease_seconds);
     runtime()?.block_on(async move {
+        // The port is taken before anything is written.
+        let listener = match &a.listen {
+            Some(l) => Some(
+                tokio::net::TcpListener::bind(l)
+                    .await
+                    .with_context(|| format!("cannot listen on {l}"))?,
+            ),
+            None => None,
+        };
         let store = store::connect(&a.db).await?;
+        // The pass and its images are stored before any worker can ask for them.
+        let created = store.create_or_resume_pass(&spec).await?;
+        let added = store.add_images(&spec.pass_id, &images).await?;
+        if let (Some(listener), Some(check)) = (listener, check) {
+            let addr = listener.local_addr()?;
+            let service = PassService::new(
+                store.clone(),
+                spec.clone(),
+                folder.clone(),
+                &images,
+                weights_path.clone(),
+                lease.as_millis() as i64,
+            );
+            eprintln!(
+                "coordinator listening on {addr}; workers join with `vgg-atlas worker --connect \
+                 http://{}{}` (and --images with their copy of the folder, if they have one)",
+                reachable(addr),
+                if token.flatten().is_some() {
+                    " and the same token (--token or VGG_ATLAS_TOKEN)"
+                } else {
+                    " --no-token"
+                },
+            );
+            tokio::spawn(
+                pb::tonic::transport::Server::builder()
+                    .add_service(service.into_server(check))
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            );
+        }
+        let local = trunk.map(|t| Local {
+            trunk: t,
+            preprocess,
+        });
         let result = run(
-            &*store, &spec, &images, folder, a.batch, preprocess, trunk, pool,
+            &*store,
+            &spec,
+            (created, added),
+            folder,
+            a.batch,
+            lease,
+            local,
+            pool,
+            a.listen.is_some(),
         )
         .await;
         store.close().await;
@@ -95,19 +180,24 @@ pub fn examples(a: ExamplesArgs) -> Result<()> {
     })
 }
 
+/// The engine of this process, when it examines images itself.
+struct Local {
+    trunk: Box<dyn vgg_atlas_worker::engine::trunk::Trunk + Send>,
+    preprocess: vgg_atlas_worker::Preprocess,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn run(
     store: &dyn Store,
     spec: &PassSpec,
-    images: &[String],
+    (created, added): (bool, u64),
     folder: PathBuf,
     batch: usize,
-    preprocess: vgg_atlas_worker::Preprocess,
-    trunk: Box<dyn vgg_atlas_worker::engine::trunk::Trunk + Send>,
+    lease: Duration,
+    local: Option<Local>,
     pool: rayon::ThreadPool,
+    listening: bool,
 ) -> Result<()> {
-    let created = store.create_or_resume_pass(spec).await?;
-    let added = store.add_images(&spec.pass_id, images).await?;
     let at_start = store.pass_progress(&spec.pass_id).await?;
     eprintln!(
         "{} pass {} over {}: {} images ({} new), {} finished already; top {}, {} px",
@@ -130,22 +220,32 @@ async fn run(
         b
     });
     let started = Instant::now();
-    let (mut trunk, pool) = (Some(trunk), Arc::new(pool));
+    let (mut local, pool) = (local, Arc::new(pool));
+    let heartbeat = lease / 4;
     let mut examined_here = 0usize;
     let mut last_log = Instant::now();
+    let lease_ms = lease.as_millis() as i64;
     loop {
         let now = store::now_ms();
-        let Some(lease) = store
-            .lease_images(&spec.pass_id, batch, now, LEASE.as_millis() as i64)
-            .await?
-        else {
+        let leased = match &local {
+            Some(_) => {
+                store
+                    .lease_images(&spec.pass_id, batch, now, lease_ms)
+                    .await?
+            }
+            None => None,
+        };
+        let Some(lease) = leased else {
             let p = store.pass_progress(&spec.pass_id).await?;
             if p.leased == 0 && p.pending == 0 {
                 break;
             }
-            // Images leased by a process that stopped (or another one still running): wait
-            // for their leases to end or their results to come.
-            tokio::time::sleep(Duration::from_secs(2)).await;
+            if let Some(b) = &bar {
+                b.set_position(p.finished() as u64);
+            }
+            // Images leased by workers or by a process that stopped: wait for their results
+            // or for their leases to end.
+            tokio::time::sleep(Duration::from_secs(if local.is_some() { 2 } else { 1 })).await;
             continue;
         };
         let bars = pass::bars(store, spec).await?;
@@ -155,7 +255,12 @@ async fn run(
             .map(|image| (image.clone(), std::fs::read(folder.join(image))))
             .collect();
         let (side, top) = (spec.side as u32, spec.top as usize);
-        let mut t = trunk.take().expect("the trunk is back after every batch");
+        let Local {
+            trunk: mut t,
+            preprocess,
+        } = local
+            .take()
+            .expect("leases are taken only with a local engine");
         let p = pool.clone();
         let compute = tokio::task::spawn_blocking(move || {
             let mut unreadable = Vec::new();
@@ -163,16 +268,19 @@ async fn run(
             for (image, bytes) in files {
                 match bytes {
                     Ok(bytes) => readable.push(ImageFile { image, bytes }),
-                    Err(e) => unreadable.push(Examined::Skipped {
+                    Err(e) => unreadable.push(skipped(
                         image,
-                        sha256: String::new(),
-                        reason: format!("cannot read the file: {e}"),
-                    }),
+                        String::new(),
+                        format!("cannot read the file: {e}"),
+                    )),
                 }
             }
             let r = p.install(|| examine(&mut *t, preprocess, &readable, side, top, &bars));
             (
-                t,
+                Local {
+                    trunk: t,
+                    preprocess,
+                },
                 r.map(|mut e| {
                     e.extend(unreadable);
                     e
@@ -184,15 +292,19 @@ async fn run(
         let (t, examined) = loop {
             tokio::select! {
                 done = &mut compute => break done?,
-                _ = tokio::time::sleep(HEARTBEAT) => {
+                _ = tokio::time::sleep(heartbeat) => {
                     store
-                        .heartbeat_images(&lease.lease_id, store::now_ms(), LEASE.as_millis() as i64)
+                        .heartbeat_images(&lease.lease_id, store::now_ms(), lease_ms)
                         .await?;
                 }
             }
         };
-        trunk = Some(t);
-        let submissions: Vec<ImageSubmission> = examined?.into_iter().map(submission).collect();
+        local = Some(t);
+        // Checked and converted as a remote worker's findings are.
+        let submissions: Vec<ImageSubmission> = examined?
+            .into_iter()
+            .map(|f| pass::submission(spec, f).map_err(anyhow::Error::msg))
+            .collect::<Result<_>>()?;
         examined_here += submissions.len();
         store
             .submit_images(
@@ -221,6 +333,7 @@ async fn run(
         b.finish_and_clear();
     }
     let seconds = started.elapsed().as_secs_f64();
+    let finished_at = Instant::now();
     let (made, crop_seconds) = make_crops(store, spec, &folder, &pool).await?;
     let p = store.pass_progress(&spec.pass_id).await?;
     eprintln!(
@@ -247,6 +360,12 @@ async fn run(
             "  ... and {} more (SELECT image, reason FROM images WHERE state = 'skipped')",
             skipped.len() - 10
         );
+    }
+    if listening {
+        // Keep answering until every idle worker has polled once more and been told the pass
+        // is finished, so they exit instead of waiting for this coordinator.
+        let linger = Duration::from_millis(retry_after_ms(lease_ms) as u64 + 1000);
+        tokio::time::sleep(linger.saturating_sub(finished_at.elapsed())).await;
     }
     eprintln!(
         "ask it: vgg-atlas query \"SELECT layer, filter, rank, image, activation FROM filter_examples \
@@ -307,61 +426,4 @@ async fn make_crops(
         store.store_crops(&spec.pass_id, &done).await?;
     }
     Ok((made, started.elapsed().as_secs_f64()))
-}
-
-/// A worker's finding as the store records it.
-fn submission(e: Examined) -> ImageSubmission {
-    match e {
-        Examined::Skipped {
-            image,
-            sha256,
-            reason,
-        } => ImageSubmission {
-            image,
-            sha256,
-            outcome: ImageOutcome::Skipped { reason },
-        },
-        Examined::Done {
-            image,
-            sha256,
-            candidates,
-            top_filters,
-        } => {
-            let mut rank = (usize::MAX, 0);
-            let filters = top_filters
-                .into_iter()
-                .map(|(layer, filter, activation)| {
-                    rank = if rank.0 == layer {
-                        (layer, rank.1 + 1)
-                    } else {
-                        (layer, 1)
-                    };
-                    ImageFilterRow {
-                        layer: LAYERS[layer].name.to_string(),
-                        layer_index: layer as i32,
-                        filter: filter as i32,
-                        activation,
-                        rank: rank.1,
-                    }
-                })
-                .collect();
-            let examples = candidates
-                .into_iter()
-                .map(|c| ExampleRow {
-                    layer: LAYERS[c.layer].name.to_string(),
-                    layer_index: c.layer as i32,
-                    filter: c.filter as i32,
-                    activation: c.activation,
-                    y: c.y as i32,
-                    x: c.x as i32,
-                    crop_box: c.crop_box.map(|v| v as i32),
-                })
-                .collect();
-            ImageSubmission {
-                image,
-                sha256,
-                outcome: ImageOutcome::Done { examples, filters },
-            }
-        }
-    }
 }

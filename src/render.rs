@@ -132,6 +132,7 @@ pub async fn render(a: RenderArgs) -> Result<()> {
                 tls_domain: None,
                 device: devices[i % devices.len()].clone(),
                 precision,
+                images: None,
             };
             tokio::spawn(async move {
                 if let Err(e) = vgg_atlas_worker::client::run(cfg).await {

@@ -1,4 +1,5 @@
-//! `vgg-atlas worker`: join a running render and compute its leases until it is finished.
+//! `vgg-atlas worker`: join a running render or examples pass and compute its leases until it is
+//! finished.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -41,6 +42,10 @@ pub struct WorkerArgs {
     /// The name the coordinator's certificate carries, if not the host in --connect.
     #[arg(long)]
     pub tls_domain: Option<String>,
+    /// For an examples pass (`vgg-atlas examples --listen`): this machine's copy of the pass's
+    /// folder. Images it lacks (or all, without it) are fetched from the coordinator.
+    #[arg(long)]
+    pub images: Option<PathBuf>,
     // --device takes a list here too (cuda:0,cuda:1,...): one worker per device in this
     // process, sharing the threads.
     #[command(flatten)]
@@ -57,6 +62,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
         give_up_after,
         tls_ca,
         tls_domain,
+        images,
         compute,
     } = a;
     // A GPU build for a GPU device, each device of the list.
@@ -90,6 +96,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
             tls_domain: tls_domain.clone(),
             device: device.clone(),
             precision,
+            images: images.clone(),
         })
         .collect();
     runtime()?.block_on(async move {
@@ -123,7 +130,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
         }
         Ok(())
     })?;
-    eprintln!("the run is finished");
+    eprintln!("finished: the coordinator's run or pass has no work left");
     Ok(())
 }
 

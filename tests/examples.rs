@@ -338,6 +338,91 @@ fn two_processes_on_one_database_share_the_pass_and_store_what_one_would() {
 }
 
 #[test]
+fn workers_over_grpc_store_what_a_local_pass_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = photo_folder(dir.path());
+    let flags = ["--size", "64", "--top", "5"];
+    let local = format!("sqlite://{}", dir.path().join("local.db").display());
+    let o = run(&[
+        &[
+            "examples",
+            "--images",
+            images.to_str().unwrap(),
+            "--db",
+            &local,
+        ][..],
+        &flags,
+    ]
+    .concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // One worker has a copy of half the folder (the rest it fetches), the other none.
+    let half = dir.path().join("half");
+    std::fs::create_dir_all(&half).unwrap();
+    let mut names: Vec<_> = std::fs::read_dir(&images)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    for name in names.iter().step_by(2) {
+        std::fs::copy(images.join(name), half.join(name)).unwrap();
+    }
+    let remote = format!("sqlite://{}", dir.path().join("remote.db").display());
+    let mut coordinator = bin()
+        .args([
+            "examples",
+            "--images",
+            images.to_str().unwrap(),
+            "--db",
+            &remote,
+            "--listen",
+            "127.0.0.1:0",
+            "--local-workers",
+            "0",
+        ])
+        .args(flags)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines =
+        std::io::BufRead::lines(std::io::BufReader::new(coordinator.stderr.take().unwrap()));
+    let mut log = Vec::new();
+    let addr = loop {
+        let line = lines.next().expect("examples printed its address").unwrap();
+        log.push(line.clone());
+        if let Some(rest) = line.split("--connect ").nth(1) {
+            break rest.split([' ', '`']).next().unwrap().to_string();
+        }
+    };
+    let mut a = worker_with(&addr, "a", &["--images", half.to_str().unwrap()]);
+    let mut b = worker_with(&addr, "b", &[]);
+    log.extend(lines.map_while(Result::ok));
+    let limit = std::time::Duration::from_secs(300);
+    assert!(
+        wait(&mut coordinator, limit).success(),
+        "{}",
+        log.join("\n")
+    );
+    assert!(wait(&mut a, limit).success() && wait(&mut b, limit).success());
+    let log = log.join("\n");
+    assert!(log.contains("0 examined here"), "{log}");
+    assert!(
+        log.contains(&format!("{} images done, 0 skipped", names.len())),
+        "{log}"
+    );
+
+    let table = "SELECT layer, filter, rank, image, activation, y, x, crop IS NOT NULL AS cropped
+                 FROM filter_examples ORDER BY layer, filter, rank";
+    assert_eq!(query(&local, table, "csv"), query(&remote, table, "csv"));
+    let images_table = "SELECT image, sha256, layer, filter, rank, activation FROM image_filters
+                        JOIN images USING (pass_id, image) ORDER BY image, layer, rank";
+    assert_eq!(
+        query(&local, images_table, "csv"),
+        query(&remote, images_table, "csv")
+    );
+}
+
+#[test]
 fn examples_refuse_an_empty_folder_and_bad_flags_before_writing_anything() {
     let dir = tempfile::tempdir().unwrap();
     let empty = dir.path().join("empty");

@@ -7,8 +7,16 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 use vgg_atlas_proto::{CONV_LAYERS, LAYERS};
 
-use crate::store::{ExampleStore, PassSpec};
+use vgg_atlas_proto as pb;
+
+use crate::store::{
+    ExampleRow, ExampleStore, ImageFilterRow, ImageOutcome, ImageSubmission, PassSpec,
+};
 use crate::{Error, Result};
+
+/// The most images one lease holds, whatever a worker asks for: a bound on what a lease costs
+/// the coordinator to read and a worker to hold.
+pub const MAX_LEASE_IMAGES: usize = 256;
 
 /// How many times an image may be leased before it is skipped for good (a worker that dies on
 /// it every time).
@@ -117,6 +125,108 @@ pub async fn bars(store: &dyn ExampleStore, pass: &PassSpec) -> Result<Vec<Vec<O
     Ok(bars)
 }
 
+/// Bars as an image lease carries them: one per conv filter in network order, negative for
+/// a filter whose top K is not full yet.
+pub fn wire_bars(bars: &[Vec<Option<f32>>]) -> Vec<f32> {
+    bars.iter().flatten().map(|b| b.unwrap_or(-1.0)).collect()
+}
+
+/// What a worker found in one image, checked and as the store records it: layers, filters and
+/// positions must exist at the pass's side, the counts are bounded by what the pass keeps, and
+/// the crop box is derived here from the position (the receptive field), not taken from the
+/// wire. Each layer's filters are ranked by activation.
+pub fn submission(
+    pass: &PassSpec,
+    f: pb::ImageFinding,
+) -> std::result::Result<ImageSubmission, String> {
+    let image = f.image;
+    if let Some(reason) = f.skipped_reason {
+        return Ok(ImageSubmission {
+            image,
+            sha256: f.sha256,
+            outcome: ImageOutcome::Skipped {
+                reason: reason.chars().take(1000).collect(),
+            },
+        });
+    }
+    let side = pass.side as usize;
+    let top = pass.top as usize;
+    let conv = &LAYERS[..CONV_LAYERS];
+    let filters_total: usize = conv.iter().map(|l| l.filters()).sum();
+    if f.examples.len() > filters_total || f.filters.len() > CONV_LAYERS * top {
+        return Err(format!(
+            "{image}: {} examples and {} strongest filters, more than the pass keeps",
+            f.examples.len(),
+            f.filters.len()
+        ));
+    }
+    let layer_of = |layer: u32, filter: u32| {
+        conv.get(layer as usize)
+            .filter(|l| (filter as usize) < l.filters())
+            .ok_or_else(|| {
+                format!("{image}: filter {filter} of conv layer {layer}, which VGG16 lacks")
+            })
+    };
+    let mut examples = Vec::with_capacity(f.examples.len());
+    for e in &f.examples {
+        let l = layer_of(e.layer, e.filter)?;
+        let map = l.output_side(side);
+        if e.y as usize >= map || e.x as usize >= map {
+            return Err(format!(
+                "{image}: position ({}, {}) of {} is outside its {map}x{map} map",
+                e.y, e.x, l.name
+            ));
+        }
+        let (left, top_, w, h) = l
+            .receptive_field()
+            .image_box(e.y as usize, e.x as usize, side);
+        examples.push(ExampleRow {
+            layer: l.name.to_string(),
+            layer_index: e.layer as i32,
+            filter: e.filter as i32,
+            activation: e.activation,
+            y: e.y as i32,
+            x: e.x as i32,
+            crop_box: [left as i32, top_ as i32, w as i32, h as i32],
+        });
+    }
+    let mut strongest = f.filters;
+    for s in &strongest {
+        layer_of(s.layer, s.filter)?;
+    }
+    strongest.sort_by(|a, b| {
+        a.layer
+            .cmp(&b.layer)
+            .then(b.activation.total_cmp(&a.activation))
+            .then(a.filter.cmp(&b.filter))
+    });
+    let mut filters: Vec<ImageFilterRow> = Vec::with_capacity(strongest.len());
+    for s in strongest {
+        let rank = match filters.last() {
+            Some(prev) if prev.layer_index == s.layer as i32 => prev.rank + 1,
+            _ => 1,
+        };
+        if rank as usize > top {
+            return Err(format!(
+                "{image}: more than the pass's top {top} strongest filters of {}",
+                conv[s.layer as usize].name
+            ));
+        }
+        filters.push(ImageFilterRow {
+            layer: conv[s.layer as usize].name.to_string(),
+            layer_index: s.layer as i32,
+            filter: s.filter as i32,
+            activation: s.activation,
+            rank,
+        });
+    }
+    Ok(ImageSubmission {
+        image,
+        sha256: f.sha256,
+        outcome: ImageOutcome::Done { examples, filters },
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,5 +285,83 @@ mod tests {
             a.pass_id,
             pass(Path::new("/data/photos"), "abd", 224, 9).pass_id
         );
+    }
+
+    fn finding() -> pb::ImageFinding {
+        pb::ImageFinding {
+            image: "cat.jpg".into(),
+            sha256: "ab".into(),
+            skipped_reason: None,
+            examples: vec![pb::ImageExample {
+                layer: 12,
+                filter: 511,
+                activation: 2.0,
+                y: 13,
+                x: 0,
+            }],
+            filters: vec![
+                pb::ImageFilter {
+                    layer: 0,
+                    filter: 3,
+                    activation: 1.0,
+                },
+                pb::ImageFilter {
+                    layer: 0,
+                    filter: 7,
+                    activation: 5.0,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn a_finding_gets_its_crop_box_and_ranks_from_the_coordinator() {
+        let spec = pass(Path::new("/p"), "abc", 224, 9);
+        let s = submission(&spec, finding()).unwrap();
+        let ImageOutcome::Done { examples, filters } = s.outcome else {
+            panic!("not done")
+        };
+        let (l, t, w, h) = LAYERS[12].receptive_field().image_box(13, 0, 224);
+        assert_eq!(examples[0].crop_box, [l, t, w, h].map(|v| v as i32));
+        assert_eq!(examples[0].layer, "block5_conv3");
+        let ranked: Vec<(i32, i32)> = filters.iter().map(|f| (f.filter, f.rank)).collect();
+        assert_eq!(
+            ranked,
+            [(7, 1), (3, 2)],
+            "strongest first, whatever the order sent"
+        );
+    }
+
+    #[test]
+    fn a_finding_outside_the_network_or_its_maps_is_refused() {
+        let spec = pass(Path::new("/p"), "abc", 224, 9);
+        let mut f = finding();
+        f.examples[0].y = 14; // block5_conv3's map is 14 x 14 at 224 px
+        let e = submission(&spec, f).unwrap_err();
+        assert!(e.contains("outside its 14x14 map"), "{e}");
+        let mut f = finding();
+        f.examples[0].filter = 512;
+        let e = submission(&spec, f).unwrap_err();
+        assert!(e.contains("filter 512 of conv layer 12"), "{e}");
+        let mut f = finding();
+        f.filters[0].layer = 13;
+        assert!(submission(&spec, f).is_err());
+        let mut f = finding();
+        let one = f.filters[0];
+        f.filters = vec![one; 10];
+        let e = submission(&spec, f).unwrap_err();
+        assert!(e.contains("more than the pass's top 9"), "{e}");
+    }
+
+    #[test]
+    fn a_skipped_finding_keeps_only_its_reason() {
+        let spec = pass(Path::new("/p"), "abc", 224, 9);
+        let mut f = finding();
+        f.skipped_reason = Some("x".repeat(5000));
+        let s = submission(&spec, f).unwrap();
+        match s.outcome {
+            ImageOutcome::Skipped { reason } => assert_eq!(reason.len(), 1000),
+            _ => panic!("not skipped"),
+        }
     }
 }

@@ -10,6 +10,7 @@ pub mod draw;
 pub mod error;
 pub mod examples;
 pub mod metrics;
+pub mod pass_service;
 pub mod plan;
 pub mod query;
 pub mod serve;

@@ -83,7 +83,96 @@ fn id_part(s: &str) -> String {
     }
 }
 
-fn internal(e: crate::Error) -> Status {
+/// Checks a registering worker's protocol version and gives its worker id: a new one
+/// (NAME@DEVICE-xxxxxxxx), or the one it had before a reconnect.
+pub(crate) fn register_worker(req: &pb::RegisterRequest) -> Result<String, Status> {
+    pb::check_protocol_version(req.protocol_version)?;
+    if req.worker_id.is_empty() {
+        // NAME@DEVICE-xxxxxxxx: stored with every result, so SQL can tell which device (and
+        // precision, e.g. cuda:0/bf16) made an image.
+        let id = format!(
+            "{}@{}-{}",
+            id_part(&req.name),
+            id_part(&req.device),
+            &uuid::Uuid::new_v4().to_string()[..8]
+        );
+        tracing::info!(worker = %id, device = %req.device, batch = req.batch, "worker registered");
+        Ok(id)
+    } else if req.worker_id.len() <= 200 && req.worker_id.bytes().all(|b| b.is_ascii_graphic()) {
+        tracing::info!(worker = %req.worker_id, "worker reconnected");
+        Ok(req.worker_id.clone())
+    } else {
+        Err(Status::invalid_argument(
+            "worker_id must be at most 200 printable ASCII characters",
+        ))
+    }
+}
+
+/// How often a worker heartbeats its leases: a quarter of their lifetime.
+pub(crate) fn heartbeat_interval_ms(lease_ms: i64) -> u32 {
+    (lease_ms / 4).max(100) as u32
+}
+
+/// A file streamed in order in `chunk`-byte pieces from `offset`, each made by `piece(offset,
+/// data, total_size)`: the weights to a worker that lacks them, an image of an examples pass
+/// to a worker without the folder.
+pub(crate) async fn stream_file<T: Send + 'static>(
+    path: &std::path::Path,
+    offset: u64,
+    chunk: usize,
+    piece: impl Fn(u64, Vec<u8>, u64) -> T,
+) -> Result<Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>, Status> {
+    let bytes = tokio::fs::read(path)
+        .await
+        .map_err(|e| Status::internal(format!("cannot read {}: {e}", path.display())))?;
+    let total = bytes.len() as u64;
+    let start = offset.min(total) as usize;
+    let chunks: Vec<Result<T, Status>> = bytes[start..]
+        .chunks(chunk)
+        .enumerate()
+        .map(|(i, c)| Ok(piece((start + i * chunk) as u64, c.to_vec(), total)))
+        .collect();
+    Ok(Box::pin(tokio_stream::iter(chunks)))
+}
+
+/// The weights file at `path` (sha256 `served`) as a stream of chunks, from the offset the
+/// request asks for.
+pub(crate) async fn serve_weights(
+    path: &std::path::Path,
+    served: &str,
+    req: pb::FetchWeightsRequest,
+) -> Result<WeightsStream, Status> {
+    if req.sha256 != served {
+        return Err(Status::not_found(format!(
+            "this coordinator serves weights {served} only, not {}",
+            req.sha256
+        )));
+    }
+    let sha = req.sha256.clone();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    stream_file(
+        path,
+        req.offset,
+        pb::WEIGHTS_CHUNK_BYTES,
+        move |offset, data, total_size| pb::WeightsChunk {
+            offset,
+            data,
+            total_size,
+            sha256: sha.clone(),
+            file_name: name.clone(),
+        },
+    )
+    .await
+}
+
+pub(crate) type WeightsStream =
+    Pin<Box<dyn Stream<Item = Result<pb::WeightsChunk, Status>> + Send>>;
+pub(crate) type ImageStream = Pin<Box<dyn Stream<Item = Result<pb::ImageChunk, Status>> + Send>>;
+
+pub(crate) fn internal(e: crate::Error) -> Status {
     Status::internal(e.to_string())
 }
 
@@ -94,27 +183,7 @@ impl pb::Coordinator for CoordinatorService {
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let req = req.into_inner();
-        pb::check_protocol_version(req.protocol_version)?;
-        let worker_id = if req.worker_id.is_empty() {
-            // NAME@DEVICE-xxxxxxxx: stored with every result, so SQL can tell which device
-            // (and precision, e.g. cuda:0/bf16) made an image.
-            let id = format!(
-                "{}@{}-{}",
-                id_part(&req.name),
-                id_part(&req.device),
-                &uuid::Uuid::new_v4().to_string()[..8]
-            );
-            tracing::info!(worker = %id, device = %req.device, batch = req.batch, "worker registered");
-            id
-        } else if req.worker_id.len() <= 200 && req.worker_id.bytes().all(|b| b.is_ascii_graphic())
-        {
-            tracing::info!(worker = %req.worker_id, "worker reconnected");
-            req.worker_id
-        } else {
-            return Err(Status::invalid_argument(
-                "worker_id must be at most 200 printable ASCII characters",
-            ));
-        };
+        let worker_id = register_worker(&req)?;
         self.stats.saw(&worker_id);
         let progress = self
             .store
@@ -131,7 +200,8 @@ impl pb::Coordinator for CoordinatorService {
                 filters_total: self.run.filters_total,
                 filters_finished: finished as u32,
             }),
-            heartbeat_interval_ms: (self.run.lease_ms / 4).max(100) as u32,
+            heartbeat_interval_ms: heartbeat_interval_ms(self.run.lease_ms),
+            pass: None,
         }))
     }
 
@@ -317,48 +387,44 @@ impl pb::Coordinator for CoordinatorService {
         Ok(Response::new(pb::SubmitResponse { outcomes }))
     }
 
-    type FetchWeightsStream = Pin<Box<dyn Stream<Item = Result<pb::WeightsChunk, Status>> + Send>>;
+    type FetchWeightsStream = WeightsStream;
 
     async fn fetch_weights(
         &self,
         req: Request<pb::FetchWeightsRequest>,
     ) -> Result<Response<Self::FetchWeightsStream>, Status> {
-        let req = req.into_inner();
-        if req.sha256 != self.run.settings.weights_sha256 {
-            return Err(Status::not_found(format!(
-                "this coordinator serves weights {} only, not {}",
-                self.run.settings.weights_sha256, req.sha256
-            )));
-        }
-        let bytes = tokio::fs::read(&self.run.weights_path).await.map_err(|e| {
-            Status::internal(format!(
-                "cannot read {}: {e}",
-                self.run.weights_path.display()
-            ))
-        })?;
-        let total = bytes.len() as u64;
-        let sha = req.sha256.clone();
-        let name = self
-            .run
-            .weights_path
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_default();
-        let start = req.offset.min(total) as usize;
-        let chunks: Vec<Result<pb::WeightsChunk, Status>> = bytes[start..]
-            .chunks(pb::WEIGHTS_CHUNK_BYTES)
-            .enumerate()
-            .map(|(i, c)| {
-                Ok(pb::WeightsChunk {
-                    offset: (start + i * pb::WEIGHTS_CHUNK_BYTES) as u64,
-                    data: c.to_vec(),
-                    total_size: total,
-                    sha256: sha.clone(),
-                    file_name: name.clone(),
-                })
-            })
-            .collect();
-        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+        serve_weights(
+            &self.run.weights_path,
+            &self.run.settings.weights_sha256,
+            req.into_inner(),
+        )
+        .await
+        .map(Response::new)
+    }
+
+    async fn submit_images(
+        &self,
+        _: Request<pb::SubmitImagesRequest>,
+    ) -> Result<Response<pb::SubmitImagesResponse>, Status> {
+        Err(self.no_pass())
+    }
+
+    type FetchImageStream = ImageStream;
+
+    async fn fetch_image(
+        &self,
+        _: Request<pb::FetchImageRequest>,
+    ) -> Result<Response<Self::FetchImageStream>, Status> {
+        Err(self.no_pass())
+    }
+}
+
+impl CoordinatorService {
+    fn no_pass(&self) -> Status {
+        Status::failed_precondition(format!(
+            "this coordinator renders run {}; it runs no examples pass",
+            self.run.run_id
+        ))
     }
 }
 

@@ -103,35 +103,7 @@ impl RenderConfig {
         for l in &self.layers {
             self.settings.check(l)?;
         }
-        // Who may talk to this coordinator.
-        let token = match (&self.listen, &self.token, self.no_token) {
-            (_, Some(t), _) => Some(t.clone()),
-            (None, None, _) => Some(format!(
-                "local-{}{}",
-                uuid::Uuid::new_v4().simple(),
-                uuid::Uuid::new_v4().simple()
-            )),
-            (Some(addr), None, true) => {
-                let loopback = addr
-                    .parse::<SocketAddr>()
-                    .map(|a| a.ip().is_loopback())
-                    .unwrap_or(addr.starts_with("localhost:"));
-                if !loopback {
-                    return Err(Error::Render(format!(
-                        "--no-token is only for loopback addresses; on {addr} anyone who can reach \
-                         the port could feed or read the run. Give --token (or VGG_ATLAS_TOKEN)"
-                    )));
-                }
-                None
-            }
-            (Some(addr), None, false) => {
-                return Err(Error::Render(format!(
-                    "--listen {addr} needs a token, so that only your workers can feed or read the run: \
-                     give --token (or VGG_ATLAS_TOKEN; e.g. `export VGG_ATLAS_TOKEN=$(openssl rand -hex 32)`) \
-                     here and to each worker, or --no-token on a loopback address"
-                )))
-            }
-        };
+        let token = token_for(self.listen.as_deref(), self.token.clone(), self.no_token)?;
         let check = pb::auth::CheckToken::new(token.as_deref())
             .map_err(|e| Error::Render(format!("bad --token: {e}")))?;
         // TLS is checked here too (files readable, PEM of the right kind, accepted by rustls),
@@ -352,9 +324,45 @@ impl Checked {
     }
 }
 
+/// The token workers must send to a coordinator listening on `listen`: the one given; a random
+/// one when it listens for its own local workers only (no `listen`); none with `no_token`, which
+/// is refused unless `listen` is a loopback address.
+pub fn token_for(
+    listen: Option<&str>,
+    token: Option<String>,
+    no_token: bool,
+) -> Result<Option<String>> {
+    match (listen, token, no_token) {
+        (_, Some(t), _) => Ok(Some(t)),
+        (None, None, _) => Ok(Some(format!(
+            "local-{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        ))),
+        (Some(addr), None, true) => {
+            let loopback = addr
+                .parse::<SocketAddr>()
+                .map(|a| a.ip().is_loopback())
+                .unwrap_or(addr.starts_with("localhost:"));
+            if !loopback {
+                return Err(Error::Render(format!(
+                    "--no-token is only for loopback addresses; on {addr} anyone who can reach \
+                     the port could feed or read the run. Give --token (or VGG_ATLAS_TOKEN)"
+                )));
+            }
+            Ok(None)
+        }
+        (Some(addr), None, false) => Err(Error::Render(format!(
+            "--listen {addr} needs a token, so that only your workers can feed or read the run: \
+             give --token (or VGG_ATLAS_TOKEN; e.g. `export VGG_ATLAS_TOKEN=$(openssl rand -hex 32)`) \
+             here and to each worker, or --no-token on a loopback address"
+        ))),
+    }
+}
+
 /// The address a worker on another machine connects to: a wildcard listen address
 /// (0.0.0.0, ::) is reached through this machine's host name.
-fn reachable(addr: SocketAddr) -> String {
+pub fn reachable(addr: SocketAddr) -> String {
     if !addr.ip().is_unspecified() {
         return addr.to_string();
     }

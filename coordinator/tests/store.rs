@@ -10,9 +10,8 @@ use std::sync::Arc;
 use serde_json::json;
 use sqlx::{PgPool, SqlitePool};
 use vgg_atlas_coordinator::store::{
-    self, ExampleRow, ExampleStore, ImageFilterRow, ImageOutcome, ImageSubmission, LayerProgress,
-    Lease, PassProgress, PassSpec, PlannedFilter, RunSpec, Store, StoredResult, Submission,
-    SubmitOutcome,
+    self, ExampleRow, ImageFilterRow, ImageOutcome, ImageSubmission, LayerProgress, Lease,
+    PassProgress, PassSpec, PlannedFilter, RunSpec, Store, StoredResult, Submission, SubmitOutcome,
 };
 use vgg_atlas_coordinator::{query, Error};
 

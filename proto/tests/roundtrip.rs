@@ -103,6 +103,57 @@ fn lease_with_run_settings_roundtrips() {
     assert_eq!(got.work, Some(Work::Lease(lease)));
 }
 
+#[test]
+fn image_lease_and_findings_roundtrip() {
+    let lease = ImageLease {
+        lease_id: "lease-3".into(),
+        pass_id: "beef".into(),
+        images: vec!["a/cat.jpg".into(), "dog.png".into()],
+        lease_deadline_ms: 1_760_000_000_000,
+        bars: (0..4224)
+            .map(|i| if i % 3 == 0 { -1.0 } else { i as f32 })
+            .collect(),
+    };
+    let poll = PollWorkResponse {
+        work: Some(Work::ImageLease(lease.clone())),
+    };
+    let got = PollWorkResponse::decode(poll.encode_to_vec().as_slice()).unwrap();
+    assert_eq!(got.work, Some(Work::ImageLease(lease)));
+    let submit = SubmitImagesRequest {
+        worker_id: "w".into(),
+        lease_id: "lease-3".into(),
+        findings: vec![
+            ImageFinding {
+                image: "a/cat.jpg".into(),
+                sha256: "ab".repeat(32),
+                skipped_reason: None,
+                examples: vec![ImageExample {
+                    layer: 12,
+                    filter: 286,
+                    activation: 41.5,
+                    y: 3,
+                    x: 13,
+                }],
+                filters: vec![ImageFilter {
+                    layer: 0,
+                    filter: 7,
+                    activation: 2.0,
+                }],
+            },
+            ImageFinding {
+                image: "dog.png".into(),
+                sha256: String::new(),
+                skipped_reason: Some("truncated".into()),
+                ..ImageFinding::default()
+            },
+        ],
+    };
+    let got = SubmitImagesRequest::decode(submit.encode_to_vec().as_slice()).unwrap();
+    assert_eq!(got, submit);
+    assert_eq!(got.findings[1].skipped_reason.as_deref(), Some("truncated"));
+    assert_eq!(got.findings[0].skipped_reason, None, "unset, not empty");
+}
+
 const WEIGHTS_SHA256: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
 /// A coordinator that knows one weights file and records nothing.
@@ -127,6 +178,7 @@ impl Coordinator for FakeCoordinator {
                 filters_finished: 0,
             }),
             heartbeat_interval_ms: 5_000,
+            pass: None,
         }))
     }
 
@@ -202,6 +254,26 @@ impl Coordinator for FakeCoordinator {
             })
             .collect();
         Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+
+    async fn submit_images(
+        &self,
+        _: Request<SubmitImagesRequest>,
+    ) -> Result<Response<SubmitImagesResponse>, Status> {
+        Err(Status::failed_precondition(
+            "this fake runs no examples pass",
+        ))
+    }
+
+    type FetchImageStream = Pin<Box<dyn Stream<Item = Result<ImageChunk, Status>> + Send>>;
+
+    async fn fetch_image(
+        &self,
+        _: Request<FetchImageRequest>,
+    ) -> Result<Response<Self::FetchImageStream>, Status> {
+        Err(Status::failed_precondition(
+            "this fake runs no examples pass",
+        ))
     }
 }
 

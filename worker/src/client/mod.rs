@@ -21,6 +21,8 @@ use crate::engine::trunk::Trunk;
 use crate::engine::weights::{hex, Weights};
 use crate::{Error, Result};
 
+mod examples;
+
 pub struct WorkerConfig {
     pub connect: String,
     pub name: String,
@@ -38,9 +40,12 @@ pub struct WorkerConfig {
     pub device: String,
     /// The device trunk's arithmetic (f32 on the CPU).
     pub precision: Precision,
+    /// For an examples pass: a copy of the pass's folder on this machine. Images are read from
+    /// it; one it lacks (or all, without it) is fetched from the coordinator.
+    pub images: Option<PathBuf>,
 }
 
-enum SessionEnd {
+pub(crate) enum SessionEnd {
     Finished,
 }
 
@@ -48,7 +53,7 @@ enum SessionEnd {
 /// no finished work: its id (its leases are issued to it), results computed but not yet
 /// accepted, and a lease fetched ahead; and when the coordinator last answered.
 #[derive(Default)]
-struct Carry {
+pub(crate) struct Carry {
     worker_id: Option<String>,
     unsent: Option<pb::SubmitRequest>,
     next: Option<pb::Lease>,
@@ -60,7 +65,7 @@ struct Carry {
 }
 
 impl Carry {
-    fn answered(&mut self) {
+    pub(crate) fn answered(&mut self) {
         self.last_answer = Some(Instant::now());
         self.owe_a_try = false;
     }
@@ -160,7 +165,14 @@ fn human(d: Duration) -> String {
     out
 }
 
-enum SessionError {
+/// What the coordinator's answer to Register put this worker to.
+#[allow(clippy::large_enum_variant)] // one, briefly
+enum Joined {
+    Run(pb::RunSummary, pb::RunSettings),
+    Pass(pb::PassSummary),
+}
+
+pub(crate) enum SessionError {
     Retry(String),
     Fatal(Error),
 }
@@ -188,8 +200,10 @@ impl From<Error> for SessionError {
 
 /// The compute side, shared with blocking tasks: weights, the trunk and its thread pool.
 #[derive(Clone)]
-struct Engine {
+pub(crate) struct Engine {
     sha256: String,
+    /// A forward-only trunk for an examples pass (see `peaks_trunk_on`), not a render's.
+    peaks: bool,
     weights: Arc<Weights>,
     trunk: Arc<Mutex<Box<dyn Trunk + Send>>>,
     pool: Arc<rayon::ThreadPool>,
@@ -267,14 +281,30 @@ async fn session(
         .await?
         .into_inner();
     carry.answered();
-    let run = reg
-        .run
-        .ok_or_else(|| SessionError::Retry("register answered without a run".into()))?;
-    let settings = run
-        .settings
-        .ok_or_else(|| SessionError::Retry("register answered without settings".into()))?;
-    let sha = settings.weights_sha256.clone();
-    if engine.as_ref().map(|e| e.sha256 != sha).unwrap_or(true) {
+    let joined = match (reg.run, reg.pass) {
+        (_, Some(pass)) => Joined::Pass(pass),
+        (Some(run), None) => {
+            let settings = run
+                .settings
+                .clone()
+                .ok_or_else(|| SessionError::Retry("register answered without settings".into()))?;
+            Joined::Run(run, settings)
+        }
+        (None, None) => {
+            return Err(SessionError::Retry(
+                "register answered with neither a run nor a pass".into(),
+            ))
+        }
+    };
+    let (sha, peaks) = match &joined {
+        Joined::Pass(pass) => (pass.weights_sha256.clone(), true),
+        Joined::Run(_, settings) => (settings.weights_sha256.clone(), false),
+    };
+    if engine
+        .as_ref()
+        .map(|e| e.sha256 != sha || e.peaks != peaks)
+        .unwrap_or(true)
+    {
         let path = weights_for(cfg, &mut client, &sha).await?;
         carry.answered();
         let weights = Weights::load(&path)?;
@@ -282,13 +312,15 @@ async fn session(
             .num_threads(cfg.threads)
             .build()
             .map_err(|e| Error::Invalid(format!("cannot start {} threads: {e}", cfg.threads)))?;
+        let trunk = if peaks {
+            crate::peaks_trunk_on(&weights, &cfg.device, cfg.precision)?
+        } else {
+            crate::trunk_on(&weights, &cfg.device, cfg.precision)?
+        };
         *engine = Some(Engine {
             sha256: sha.clone(),
-            trunk: Arc::new(Mutex::new(crate::trunk_on(
-                &weights,
-                &cfg.device,
-                cfg.precision,
-            )?)),
+            peaks,
+            trunk: Arc::new(Mutex::new(trunk)),
             weights: Arc::new(weights),
             pool: Arc::new(pool),
         });
@@ -297,6 +329,14 @@ async fn session(
     let heartbeat = Duration::from_millis(reg.heartbeat_interval_ms.max(50) as u64);
     let worker_id = reg.worker_id.clone();
     carry.worker_id = Some(worker_id.clone());
+    let (run, settings) = match joined {
+        Joined::Pass(pass) => {
+            tracing::info!(worker = %worker_id, pass = %pass.pass_id, "registered for an examples pass");
+            return examples::session(cfg, client, &engine, carry, worker_id, pass, heartbeat)
+                .await;
+        }
+        Joined::Run(run, settings) => (run, settings),
+    };
     tracing::info!(worker = %worker_id, run = %run.run_id, "registered");
     // Results of a lease computed before the connection was lost go first.
     if let Some(unsent) = carry.unsent.take() {
@@ -310,6 +350,12 @@ async fn session(
                 .inspect(|_| carry.answered())?
             {
                 Next::Lease(l) => *l,
+                Next::Images(l) => {
+                    return Err(SessionError::Retry(format!(
+                        "the coordinator of run {} sent image lease {}",
+                        run.run_id, l.lease_id
+                    )))
+                }
                 Next::Finished => return Ok(SessionEnd::Finished),
                 Next::Wait(d) => {
                     tokio::time::sleep(d).await;
@@ -455,15 +501,17 @@ fn test_stall() -> Option<Duration> {
 }
 
 /// What a poll for work brought.
-enum Next {
+pub(crate) enum Next {
     Lease(Box<pb::Lease>),
+    /// An examples pass's images.
+    Images(Box<pb::ImageLease>),
     Finished,
     Wait(Duration),
 }
 
 /// Asks for work; `held` are the leases this worker has and knows of (so that one it was
 /// given but never heard of is sent again).
-async fn poll(
+pub(crate) async fn poll(
     mut client: pb::auth::Client,
     worker_id: String,
     batch: usize,
@@ -480,6 +528,7 @@ async fn poll(
         .work;
     Ok(match work {
         Some(pb::poll_work_response::Work::Lease(l)) => Next::Lease(Box::new(l)),
+        Some(pb::poll_work_response::Work::ImageLease(l)) => Next::Images(Box::new(l)),
         Some(pb::poll_work_response::Work::Finished(true)) => Next::Finished,
         Some(pb::poll_work_response::Work::RetryAfterMs(ms)) => {
             Next::Wait(Duration::from_millis(ms as u64))
@@ -508,7 +557,7 @@ fn prefetched(
             None
         }
         // Finished or nothing to lease yet: the next poll after the compute asks again.
-        Ok(Ok(Next::Finished | Next::Wait(_))) => None,
+        Ok(Ok(Next::Finished | Next::Wait(_) | Next::Images(_))) => None,
     }
 }
 

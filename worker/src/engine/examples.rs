@@ -15,7 +15,7 @@ use image::codecs::png::{CompressionType, FilterType as PngFilter, PngEncoder};
 use image::imageops::FilterType;
 use image::{ImageFormat, ImageReader, RgbImage};
 use sha2::{Digest, Sha256};
-use vgg_atlas_proto::layers::LAYERS;
+use vgg_atlas_proto::layers::{CONV_LAYERS, LAYERS};
 
 use super::trunk::{ImagePeaks, Trunk};
 use super::weights::{hex, Preprocess};
@@ -64,35 +64,42 @@ pub fn fit(bytes: &[u8], side: u32) -> std::result::Result<RgbImage, String> {
 /// `None` while it has fewer than K examples (anything goes).
 pub type Bars = Vec<Vec<Option<f32>>>;
 
-/// One image that may enter a filter's top K.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Candidate {
-    pub layer: usize,
-    pub filter: usize,
-    pub activation: f32,
-    /// The strongest position in the layer's feature map.
-    pub y: u32,
-    pub x: u32,
-    /// Its receptive field in the fitted image: left, top, width, height.
-    pub crop_box: [u32; 4],
+/// What one image gave, as it goes to the coordinator (`ImageFinding` of the wire contract):
+/// the filters for which it may enter the top K, with the position of each one's strongest
+/// response, and its strongest filters per layer; or why it was skipped (not an image,
+/// truncated, unreadable). The coordinator derives the crop boxes from the positions.
+pub use vgg_atlas_proto::{ImageExample, ImageFilter, ImageFinding};
+
+/// A finding for an image that could not be used.
+pub fn skipped(image: String, sha256: String, reason: String) -> ImageFinding {
+    ImageFinding {
+        image,
+        sha256,
+        skipped_reason: Some(reason),
+        ..ImageFinding::default()
+    }
 }
 
-/// What one image gave.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Examined {
-    Done {
-        image: String,
-        sha256: String,
-        candidates: Vec<Candidate>,
-        /// Its `top` strongest filters of each layer: `(layer, filter, activation)`.
-        top_filters: Vec<(usize, usize, f32)>,
-    },
-    /// Not an image, truncated, unreadable: why.
-    Skipped {
-        image: String,
-        sha256: String,
-        reason: String,
-    },
+/// Bars as an image lease carries them (one per conv filter in network order, negative while
+/// a filter's top K is not full), checked against the network.
+pub fn bars_from_wire(wire: &[f32]) -> Result<Bars> {
+    let conv = &LAYERS[..CONV_LAYERS];
+    let total: usize = conv.iter().map(|l| l.filters()).sum();
+    if wire.len() != total {
+        return Err(Error::Invalid(format!(
+            "the lease carries {} bars; VGG16's conv layers have {total} filters",
+            wire.len()
+        )));
+    }
+    let mut rest = wire;
+    Ok(conv
+        .iter()
+        .map(|l| {
+            let (this, next) = rest.split_at(l.filters());
+            rest = next;
+            this.iter().map(|&b| (b >= 0.0).then_some(b)).collect()
+        })
+        .collect())
 }
 
 /// The pass over one batch of image files: decode, fit, one forward pass, candidates against
@@ -104,25 +111,21 @@ pub fn examine(
     side: u32,
     top: usize,
     bars: &Bars,
-) -> Result<Vec<Examined>> {
+) -> Result<Vec<ImageFinding>> {
     if top == 0 {
         return Err(Error::Invalid("--top must be at least 1".into()));
     }
-    let mut skipped = Vec::new();
+    let mut skipped_ = Vec::new();
     let mut fitted = Vec::new();
     for f in files {
         let sha256 = hex(&Sha256::digest(&f.bytes));
         match fit(&f.bytes, side) {
             Ok(img) => fitted.push((f.image.clone(), sha256, img)),
-            Err(reason) => skipped.push(Examined::Skipped {
-                image: f.image.clone(),
-                sha256,
-                reason,
-            }),
+            Err(reason) => skipped_.push(skipped(f.image.clone(), sha256, reason)),
         }
     }
     if fitted.is_empty() {
-        return Ok(skipped);
+        return Ok(skipped_);
     }
     let s = side as usize;
     let input: Vec<f32> = fitted
@@ -133,28 +136,28 @@ pub fn examine(
     let chosen = choose(&peaks, bars, top);
     let mut done = Vec::with_capacity(fitted.len());
     for (b, ((image, sha256, _), p)) in fitted.into_iter().zip(&peaks).enumerate() {
-        let mut candidates = Vec::new();
-        for &(layer, filter) in &chosen[b] {
-            let pk = p[layer][filter];
-            let rf = LAYERS[layer].receptive_field();
-            let (l, t, w, h) = rf.image_box(pk.y as usize, pk.x as usize, s);
-            candidates.push(Candidate {
-                layer,
-                filter,
-                activation: pk.activation,
-                y: pk.y,
-                x: pk.x,
-                crop_box: [l as u32, t as u32, w as u32, h as u32],
-            });
-        }
-        done.push(Examined::Done {
+        let examples = chosen[b]
+            .iter()
+            .map(|&(layer, filter)| {
+                let pk = p[layer][filter];
+                ImageExample {
+                    layer: layer as u32,
+                    filter: filter as u32,
+                    activation: pk.activation,
+                    y: pk.y,
+                    x: pk.x,
+                }
+            })
+            .collect();
+        done.push(ImageFinding {
             image,
             sha256,
-            candidates,
-            top_filters: strongest(p, top),
+            skipped_reason: None,
+            examples,
+            filters: strongest(p, top),
         });
     }
-    done.extend(skipped);
+    done.extend(skipped_);
     Ok(done)
 }
 
@@ -202,17 +205,16 @@ fn choose(peaks: &[ImagePeaks], bars: &Bars, top: usize) -> Vec<Vec<(usize, usiz
 }
 
 /// An image's `top` strongest filters of each conv layer, strongest first.
-fn strongest(peaks: &ImagePeaks, top: usize) -> Vec<(usize, usize, f32)> {
+fn strongest(peaks: &ImagePeaks, top: usize) -> Vec<ImageFilter> {
     let mut out = Vec::with_capacity(top * peaks.len());
     for (layer, p) in peaks.iter().enumerate() {
         let mut order: Vec<usize> = (0..p.len()).collect();
         order.sort_by(|&a, &b| p[b].activation.total_cmp(&p[a].activation).then(a.cmp(&b)));
-        out.extend(
-            order
-                .into_iter()
-                .take(top)
-                .map(|f| (layer, f, p[f].activation)),
-        );
+        out.extend(order.into_iter().take(top).map(|f| ImageFilter {
+            layer: layer as u32,
+            filter: f as u32,
+            activation: p[f].activation,
+        }));
     }
     out
 }
@@ -339,7 +341,27 @@ mod tests {
                 })
                 .to_vec(),
         ];
-        assert_eq!(strongest(&p, 2), [(0, 0, 1.0), (1, 1, 3.0), (1, 2, 2.0)]);
+        let got: Vec<(u32, u32, f32)> = strongest(&p, 2)
+            .into_iter()
+            .map(|f| (f.layer, f.filter, f.activation))
+            .collect();
+        assert_eq!(got, [(0, 0, 1.0), (1, 1, 3.0), (1, 2, 2.0)]);
+    }
+
+    #[test]
+    fn bars_from_the_wire_are_checked_and_split_by_layer() {
+        let total: usize = LAYERS[..CONV_LAYERS].iter().map(|l| l.filters()).sum();
+        let mut wire = vec![-1.0; total];
+        wire[64] = 2.5; // block1_conv2's filter 0
+        let bars = bars_from_wire(&wire).unwrap();
+        assert_eq!(bars.len(), CONV_LAYERS);
+        assert_eq!((bars[0].len(), bars[12].len()), (64, 512));
+        assert_eq!(
+            (bars[0][0], bars[1][0], bars[1][1]),
+            (None, Some(2.5), None)
+        );
+        let e = bars_from_wire(&wire[1..]).unwrap_err().to_string();
+        assert!(e.contains("4223 bars") && e.contains("4224 filters"), "{e}");
     }
 
     #[test]
