@@ -123,7 +123,7 @@ pub fn examples(a: ExamplesArgs) -> Result<()> {
         // The port is taken before anything is written.
         let listener = match &a.listen {
             Some(l) => Some(
-                tokio::net::TcpListener::bind(l)
+                vgg_atlas_coordinator::service::listen(l)
                     .await
                     .with_context(|| format!("cannot listen on {l}"))?,
             ),

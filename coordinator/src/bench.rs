@@ -126,7 +126,7 @@ async fn measure(cfg: &BenchConfig, url: &str) -> Result<BenchReport> {
     // Measured with the token check on, as a real cluster runs.
     let token = format!("bench-{}", uuid::Uuid::new_v4().simple());
     let check = pb::auth::CheckToken::new(Some(&token)).map_err(Error::Bench)?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+    let listener = crate::service::listen("127.0.0.1:0")
         .await
         .map_err(|e| Error::Bench(format!("cannot listen on loopback: {e}")))?;
     let addr = listener
@@ -158,9 +158,10 @@ async fn measure(cfg: &BenchConfig, url: &str) -> Result<BenchReport> {
     let mut round_trips = Vec::new();
     let mut leases = 0usize;
     for t in tasks {
-        let (n, times) = t
+        let r = t
             .await
-            .map_err(|e| Error::Bench(format!("a simulated worker panicked: {e}")))??;
+            .map_err(|e| Error::Bench(format!("a simulated worker panicked: {e}")))?;
+        let (n, times) = r?;
         leases += n;
         round_trips.extend(times);
     }
@@ -203,7 +204,15 @@ async fn simulated_worker(
     png: Arc<Vec<u8>>,
     token: String,
 ) -> Result<(usize, Vec<f64>)> {
-    let rpc = |e: tonic::Status| Error::Bench(format!("{}: {}", e.code(), e.message()));
+    let rpc = |e: tonic::Status| {
+        let mut why = format!("{}: {}", e.code(), e.message());
+        let mut cause = std::error::Error::source(&e);
+        while let Some(c) = cause {
+            why += &format!(": {c}");
+            cause = c.source();
+        }
+        Error::Bench(why)
+    };
     let channel = tonic::transport::Endpoint::from_shared(url)
         .map_err(|e| Error::Bench(e.to_string()))?
         .connect()

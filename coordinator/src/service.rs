@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 
 use tokio_stream::Stream;
@@ -36,7 +36,18 @@ pub struct CoordinatorService {
     store: Arc<dyn Store>,
     run: RunContext,
     stats: Arc<Stats>,
+    /// Until when (ms since the epoch) the store is known to have nothing to lease: polls
+    /// meanwhile are answered without asking it (see [`IDLE_RECHECK_MS`]).
+    idle_until: Arc<AtomicI64>,
+    /// Set once the store says the run is finished (it stays finished).
+    finished: Arc<AtomicBool>,
 }
+
+/// How long "nothing to lease" is believed without asking the store again. Near the end of a
+/// run every idle worker polls; a thousand of them would otherwise keep the store busy
+/// answering "nothing" while it should record results. A filter put back to pending (a failed
+/// attempt) ends the wait at once; a lease that expires waits at most this long more.
+pub const IDLE_RECHECK_MS: i64 = 200;
 
 impl CoordinatorService {
     pub fn new(store: Arc<dyn Store>, run: RunContext) -> CoordinatorService {
@@ -44,7 +55,59 @@ impl CoordinatorService {
             store,
             run,
             stats: Arc::default(),
+            idle_until: Arc::default(),
+            finished: Arc::default(),
         }
+    }
+
+    /// Whether the store was found with nothing to lease less than [`IDLE_RECHECK_MS`] ago.
+    fn idle(&self, now: i64) -> bool {
+        now < self.idle_until.load(Ordering::Relaxed)
+    }
+
+    /// A new lease for this worker if the store has filters to lease (asked at most every
+    /// [`IDLE_RECHECK_MS`] while it has none).
+    async fn lease_if_any(
+        &self,
+        worker: &str,
+        batch: usize,
+        now: i64,
+    ) -> Result<Option<store::Lease>, Status> {
+        if self.idle(now) {
+            return Ok(None);
+        }
+        let run = &self.run.run_id;
+        let lease = if self.store.has_leasable(run, now).await.map_err(internal)? {
+            self.store
+                .lease(run, worker, batch, now, self.run.lease_ms)
+                .await
+                .map_err(internal)?
+        } else {
+            None
+        };
+        if lease.is_none() {
+            self.idle_until
+                .store(now + IDLE_RECHECK_MS, Ordering::Relaxed);
+        }
+        Ok(lease)
+    }
+
+    /// Whether every filter is done or failed, asked of the store only when `asked` (the poll
+    /// found nothing to lease in the store itself, not in the idle window).
+    async fn run_finished(&self, asked: bool) -> Result<bool, Status> {
+        if self.finished.load(Ordering::Relaxed) {
+            return Ok(true);
+        }
+        if !asked {
+            return Ok(false);
+        }
+        let done = self
+            .store
+            .is_finished(&self.run.run_id)
+            .await
+            .map_err(internal)?;
+        self.finished.store(done, Ordering::Relaxed);
+        Ok(done)
     }
 
     /// The counters `/metrics` reports (see [`crate::metrics`]).
@@ -62,6 +125,37 @@ impl CoordinatorService {
             token,
         )
     }
+}
+
+/// The pending-connection queue of a coordinator's port. The default (1,024 in tokio) is met
+/// when a thousand workers connect at once (a cluster starting, or reconnecting after a
+/// coordinator restart) while the runtime is busy: the kernel then drops connections, and
+/// some clients see them reset. The kernel caps it at `net.core.somaxconn`.
+pub const LISTEN_BACKLOG: u32 = 8192;
+
+/// Listens on `addr` (`host:port`; the first address it resolves to that can be bound) with
+/// [`LISTEN_BACKLOG`].
+pub async fn listen(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        // As std's and tokio's bind do: a restarted coordinator gets its port back at once.
+        socket.set_reuseaddr(true)?;
+        match socket.bind(a).and_then(|()| socket.listen(LISTEN_BACKLOG)) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{addr} resolves to no address"),
+        )
+    }))
 }
 
 /// How long an idle worker waits before polling again: around when leases may expire.
@@ -185,12 +279,13 @@ impl pb::Coordinator for CoordinatorService {
         let req = req.into_inner();
         let worker_id = register_worker(&req)?;
         self.stats.saw(&worker_id);
-        let progress = self
+        // A count, not the per-layer summary: a thousand workers register at once.
+        let unfinished = self
             .store
-            .progress(&self.run.run_id)
+            .unfinished(&self.run.run_id)
             .await
             .map_err(internal)?;
-        let finished: i64 = progress.iter().map(|p| p.done + p.failed).sum();
+        let finished = (self.run.filters_total as i64 - unfinished).max(0);
         Ok(Response::new(pb::RegisterResponse {
             worker_id,
             run: Some(pb::RunSummary {
@@ -213,6 +308,7 @@ impl pb::Coordinator for CoordinatorService {
         self.stats.saw(&req.worker_id);
         let batch = req.batch.max(1) as usize;
         let now = now_ms();
+        let idle_before = self.idle(now);
         let reclaimed = self
             .store
             .reclaim(
@@ -229,18 +325,9 @@ impl pb::Coordinator for CoordinatorService {
                 tracing::info!(worker = %req.worker_id, lease = %l.lease_id, "lease sent again: its first answer was lost");
                 Some(l)
             }
-            None => self
-                .store
-                .lease(
-                    &self.run.run_id,
-                    &req.worker_id,
-                    batch,
-                    now,
-                    self.run.lease_ms,
-                )
-                .await
-                .map_err(internal)?,
+            None => self.lease_if_any(&req.worker_id, batch, now).await?,
         };
+        let asked_store = !idle_before;
         if lease.is_some() {
             self.stats.leases_issued.fetch_add(1, Ordering::Relaxed);
         }
@@ -260,12 +347,7 @@ impl pb::Coordinator for CoordinatorService {
                 lease_deadline_ms: l.lease_deadline_ms as u64,
                 settings: Some(self.run.settings.clone()),
             }),
-            None if self
-                .store
-                .is_finished(&self.run.run_id)
-                .await
-                .map_err(internal)? =>
-            {
+            None if self.run_finished(asked_store).await? => {
                 pb::poll_work_response::Work::Finished(true)
             }
             // Everything left is leased to someone else; ask again around when leases expire.
@@ -318,20 +400,23 @@ impl pb::Coordinator for CoordinatorService {
             .lease_layer(&self.run.run_id, &req.lease_id)
             .await
             .map_err(internal)?;
-        let mut outcomes = Vec::with_capacity(req.results.len());
+        // Checked one by one; what passes is recorded in one transaction.
+        let filters: Vec<u32> = req.results.iter().map(|r| r.filter).collect();
+        let mut answers: Vec<Option<(pb::SubmitOutcome, String)>> = Vec::new();
+        let mut submissions = Vec::new();
         for r in req.results {
-            let (outcome, message) = match &layer {
-                None => (
+            let answer = match &layer {
+                None => Some((
                     pb::SubmitOutcome::NotLeased,
                     format!(
                         "lease {} holds no filter of run {} (expired and re-leased, or never issued)",
                         req.lease_id, self.run.run_id
                     ),
-                ),
+                )),
                 Some(layer) => match check_png(&r, self.run.settings.size) {
-                    Err(why) => (pb::SubmitOutcome::Rejected, why),
+                    Err(why) => Some((pb::SubmitOutcome::Rejected, why)),
                     Ok(border_ratio) => {
-                        let submission = store::Submission {
+                        submissions.push(store::Submission {
                             run_id: self.run.run_id.clone(),
                             layer: layer.clone(),
                             filter: r.filter as i32,
@@ -347,28 +432,43 @@ impl pb::Coordinator for CoordinatorService {
                             retries: r.retries,
                             png: r.png,
                             border_ratio,
-                        };
-                        match self.store.submit(&submission, now_ms()).await {
-                            Ok(store::SubmitOutcome::NotLeased) => (
-                                pb::SubmitOutcome::NotLeased,
-                                format!(
-                                    "filter {} is not held by worker {} under lease {} (the lease \
-                                     expired and was re-leased, or it is another worker's)",
-                                    r.filter, req.worker_id, req.lease_id
-                                ),
-                            ),
-                            Ok(o) => to_wire(o),
-                            Err(
-                                e @ (crate::Error::NonFinite { .. }
-                                | crate::Error::UnknownFilter { .. }),
-                            ) => {
-                                (pb::SubmitOutcome::Rejected, e.to_string())
-                            }
-                            Err(e) => return Err(internal(e)),
-                        }
+                        });
+                        None
                     }
                 },
             };
+            answers.push(answer);
+        }
+        let mut stored = self
+            .store
+            .submit_all(&submissions, now_ms())
+            .await
+            .map_err(internal)?
+            .into_iter();
+        let mut outcomes = Vec::with_capacity(answers.len());
+        for (filter, answer) in filters.into_iter().zip(answers) {
+            let (outcome, message) = match answer {
+                Some(a) => a,
+                None => match stored.next().expect("one answer per stored submission") {
+                    Ok(store::SubmitOutcome::NotLeased) => (
+                        pb::SubmitOutcome::NotLeased,
+                        format!(
+                            "filter {filter} is not held by worker {} under lease {} (the lease \
+                             expired and was re-leased, or it is another worker's)",
+                            req.worker_id, req.lease_id
+                        ),
+                    ),
+                    Ok(o) => to_wire(o),
+                    Err(
+                        e @ (crate::Error::NonFinite { .. } | crate::Error::UnknownFilter { .. }),
+                    ) => (pb::SubmitOutcome::Rejected, e.to_string()),
+                    Err(e) => return Err(internal(e)),
+                },
+            };
+            if outcome == pb::SubmitOutcome::Failed {
+                // Perhaps pending again: the next poll asks the store.
+                self.idle_until.store(0, Ordering::Relaxed);
+            }
             let counter = match outcome {
                 pb::SubmitOutcome::Recorded => &self.stats.results_recorded,
                 pb::SubmitOutcome::Failed => &self.stats.failures_reported,
@@ -376,10 +476,10 @@ impl pb::Coordinator for CoordinatorService {
             };
             counter.fetch_add(1, Ordering::Relaxed);
             if outcome != pb::SubmitOutcome::Recorded {
-                tracing::warn!(worker = %req.worker_id, lease = %req.lease_id, layer = layer.as_deref().unwrap_or("?"), filter = r.filter, ?outcome, %message, "submission not recorded");
+                tracing::warn!(worker = %req.worker_id, lease = %req.lease_id, layer = layer.as_deref().unwrap_or("?"), filter, ?outcome, %message, "submission not recorded");
             }
             outcomes.push(pb::FilterOutcome {
-                filter: r.filter,
+                filter,
                 outcome: outcome as i32,
                 message,
             });

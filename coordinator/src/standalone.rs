@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use vgg_atlas_proto as pb;
 use vgg_atlas_proto::tonic::transport::Server;
@@ -152,13 +151,13 @@ impl Checked {
         // The ports are taken before anything is written: one in use is an error that changes
         // nothing.
         let listen = cfg.listen.clone().unwrap_or_else(|| "127.0.0.1:0".into());
-        let listener = TcpListener::bind(&listen).await.map_err(|e| {
+        let listener = service::listen(&listen).await.map_err(|e| {
             Error::Render(format!(
                 "cannot listen on {listen}: {e}; is another coordinator there?"
             ))
         })?;
         let metrics_listener = match &cfg.metrics_listen {
-            Some(m) => Some(TcpListener::bind(m).await.map_err(|e| {
+            Some(m) => Some(service::listen(m).await.map_err(|e| {
                 Error::Render(format!("cannot listen on --metrics-listen {m}: {e}"))
             })?),
             None => None,
@@ -254,7 +253,7 @@ impl Checked {
         // Local workers get a plain loopback port of their own when --listen has TLS (same
         // service, same token) instead of needing the CA.
         let local_addr = if tls && cfg.local_workers > 0 {
-            let local = TcpListener::bind("127.0.0.1:0")
+            let local = service::listen("127.0.0.1:0")
                 .await
                 .map_err(|e| Error::Render(format!("cannot listen on loopback: {e}")))?;
             let local_addr = local

@@ -194,6 +194,8 @@ store_tests!(
     a_pass_resumes_and_refuses_other_settings,
     concurrent_image_lessees_never_share_an_image,
     non_finite_example_activations_are_refused,
+    a_leases_results_are_answered_one_by_one_in_one_transaction,
+    nothing_is_leasable_once_every_filter_is_leased,
 );
 
 /// A pass of K = `top` over images `a.jpg`, `b.jpg`, ... (`n` of them).
@@ -1756,6 +1758,83 @@ async fn layer_summary_has_the_median_weak_filters_and_border_ratios(db: &TestDb
             "max_border_ratio",
         ]
     );
+}
+
+async fn a_leases_results_are_answered_one_by_one_in_one_transaction(db: &TestDb) {
+    let s = &db.store;
+    s.create_or_resume_run(&spec("run-1", &[("block1_conv1", 4)], 3))
+        .await
+        .unwrap();
+    let lease = s.lease("run-1", "w1", 4, 0, MINUTE).await.unwrap().unwrap();
+    let nan = Submission {
+        activation: f32::NAN,
+        ..outcome(&lease, 1, "w1", 1.0)
+    };
+    let unknown = Submission {
+        filter: 999,
+        ..outcome(&lease, 2, "w1", 1.0)
+    };
+    // Out of filter order on purpose: the answers follow the request's order.
+    let all = [
+        outcome(&lease, 3, "w1", 3.0),
+        nan,
+        unknown,
+        outcome(&lease, 0, "w1", 0.5),
+        outcome(&lease, 3, "w1", 9.0),
+    ];
+    let got = s.submit_all(&all, 10).await.unwrap();
+    assert!(
+        matches!(got[0], Ok(SubmitOutcome::Recorded)),
+        "{:?}",
+        got[0]
+    );
+    assert!(
+        matches!(got[1], Err(Error::NonFinite { .. })),
+        "{:?}",
+        got[1]
+    );
+    assert!(
+        matches!(got[2], Err(Error::UnknownFilter { filter: 999, .. })),
+        "{:?}",
+        got[2]
+    );
+    assert!(
+        matches!(got[3], Ok(SubmitOutcome::Recorded)),
+        "{:?}",
+        got[3]
+    );
+    assert!(
+        matches!(got[4], Ok(SubmitOutcome::Duplicate)),
+        "the second result for filter 3 in the same call: {:?}",
+        got[4]
+    );
+    let r = s.result("run-1", "block1_conv1", 3).await.unwrap().unwrap();
+    assert_eq!(r.activation, 3.0, "the first one is kept");
+    assert!(s
+        .result("run-1", "block1_conv1", 1)
+        .await
+        .unwrap()
+        .is_none());
+    let p = &s.progress("run-1").await.unwrap()[0];
+    assert_eq!((p.done, p.leased), (2, 2), "filters 1 and 2 still leased");
+}
+
+async fn nothing_is_leasable_once_every_filter_is_leased(db: &TestDb) {
+    let s = &db.store;
+    s.create_or_resume_run(&spec("run-1", &[("block1_conv1", 2)], 3))
+        .await
+        .unwrap();
+    assert!(s.has_leasable("run-1", 0).await.unwrap());
+    let lease = s.lease("run-1", "w1", 2, 0, MINUTE).await.unwrap().unwrap();
+    assert!(!s.has_leasable("run-1", 10).await.unwrap(), "both leased");
+    assert_eq!(s.unfinished("run-1").await.unwrap(), 2);
+    assert!(
+        s.has_leasable("run-1", MINUTE).await.unwrap(),
+        "leasable again once the lease has ended"
+    );
+    s.submit(&outcome(&lease, 0, "w1", 1.0), 10).await.unwrap();
+    assert_eq!(s.unfinished("run-1").await.unwrap(), 1);
+    assert!(!s.is_finished("run-1").await.unwrap());
 }
 
 async fn non_finite_scores_are_refused(db: &TestDb) {

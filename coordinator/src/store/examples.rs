@@ -338,7 +338,7 @@ macro_rules! impl_example_store {
                 Ok(sqlx::query($crate::store::examples::sql::HEARTBEAT_IMAGES)
                     .bind(lease_id)
                     .bind(now_ms + lease_ms)
-                    .execute(&self.pool)
+                    .execute(self.writes())
                     .await?
                     .rows_affected()
                     > 0)

@@ -290,7 +290,22 @@ pub trait Store: ExampleStore + Send + Sync {
     async fn heartbeat(&self, lease_id: &str, now_ms: i64, lease_ms: i64) -> Result<bool>;
 
     /// Records one filter's outcome; see [`SubmitOutcome`]. Non-finite scores are an error.
-    async fn submit(&self, submission: &Submission, now_ms: i64) -> Result<SubmitOutcome>;
+    async fn submit(&self, submission: &Submission, now_ms: i64) -> Result<SubmitOutcome> {
+        self.submit_all(std::slice::from_ref(submission), now_ms)
+            .await?
+            .pop()
+            .expect("one answer per submission")
+    }
+
+    /// [`Store::submit`] for several filters (a lease's) in one transaction, which costs one
+    /// commit instead of one each. Each is answered on its own, in order: a non-finite score or
+    /// an unknown filter is that submission's error and the others are still recorded; the
+    /// outer error is the store's (nothing was recorded).
+    async fn submit_all(
+        &self,
+        submissions: &[Submission],
+        now_ms: i64,
+    ) -> Result<Vec<Result<SubmitOutcome>>>;
 
     /// Per-layer counts of a run, in layer order.
     async fn progress(&self, run_id: &str) -> Result<Vec<LayerProgress>>;
@@ -299,7 +314,17 @@ pub trait Store: ExampleStore + Send + Sync {
     async fn runs(&self) -> Result<Vec<(String, i64, String)>>;
 
     /// `true` when no filter of the run is pending or leased (each is done or failed).
-    async fn is_finished(&self, run_id: &str) -> Result<bool>;
+    async fn is_finished(&self, run_id: &str) -> Result<bool> {
+        Ok(self.unfinished(run_id).await? == 0)
+    }
+
+    /// Whether [`Store::lease`] would find a filter now (one pending, or leased with its lease
+    /// ended): a read, so that the polls of idle workers do not queue for the write lock.
+    async fn has_leasable(&self, run_id: &str, now_ms: i64) -> Result<bool>;
+
+    /// How many of the run's filters are pending or leased: one indexed count, cheap enough for
+    /// every call of a worker (unlike [`Store::progress`], which summarises every layer).
+    async fn unfinished(&self, run_id: &str) -> Result<i64>;
 
     /// The layer of the filters a lease holds or held (a finished filter keeps its last lease id),
     /// so a submission can be matched after a coordinator restart. `None` when no filter of the run

@@ -63,6 +63,11 @@ impl PostgresStore {
         Ok(self.pool.begin().await?)
     }
 
+    /// Reads and writes share the pool: the server's row locks order the writes.
+    fn writes(&self) -> &PgPool {
+        &self.pool
+    }
+
     async fn insert_filters(tx: &mut Transaction<'static, Postgres>, spec: &RunSpec) -> Result<()> {
         // One statement for the whole plan (thousands of filters) instead of a round trip each.
         let layers: Vec<&str> = spec.filters.iter().map(|f| f.layer.as_str()).collect();

@@ -5,8 +5,9 @@
 //! differs: how a write transaction starts (`BEGIN IMMEDIATE` on SQLite), how a lease locks its
 //! filters (`FOR UPDATE SKIP LOCKED` on PostgreSQL), and how a plan's filters are inserted.
 //!
-//! A backend provides `self.pool`, `async fn write(&self) -> Result<Transaction<'static, DB>>`
-//! and `async fn insert_filters(tx, spec)`, and passes its own `lease` and `close` to the macro.
+//! A backend provides `self.pool` (for reads), `fn writes(&self) -> &Pool<DB>` (for writes
+//! outside a transaction), `async fn write(&self) -> Result<Transaction<'static, DB>>` and
+//! `async fn insert_filters(tx, spec)`, and passes its own `lease` and `close` to the macro.
 
 /// `impl Store for $store` with the shared methods and the backend's `$specific` ones.
 macro_rules! impl_store {
@@ -99,104 +100,123 @@ macro_rules! impl_store {
                 now_ms: i64,
                 lease_ms: i64,
             ) -> $crate::Result<bool> {
-                // One statement is its own transaction (on SQLite, busy_timeout covers waiting
-                // for the write lock).
+                // One statement is its own transaction.
                 let held = sqlx::query($crate::store::sql::HEARTBEAT)
                     .bind(lease_id)
                     .bind(now_ms + lease_ms)
-                    .execute(&self.pool)
+                    .execute(self.writes())
                     .await?
                     .rows_affected();
                 Ok(held > 0)
             }
 
-            async fn submit(
+            async fn submit_all(
                 &self,
-                r: &$crate::store::Submission,
+                submissions: &[$crate::store::Submission],
                 now_ms: i64,
-            ) -> $crate::Result<$crate::store::SubmitOutcome> {
+            ) -> $crate::Result<Vec<$crate::Result<$crate::store::SubmitOutcome>>> {
                 use $crate::store::{check_finite, curve_json, plan_submit, sql, SubmitOutcome, SubmitPlan};
-                if r.failed_reason.is_none() {
-                    check_finite(r)?;
-                }
+                let mut outcomes: Vec<Option<$crate::Result<SubmitOutcome>>> =
+                    submissions.iter().map(|_| None).collect();
+                // Rows are locked (PostgreSQL) in one order, so two submissions that share
+                // filters cannot deadlock.
+                let mut order: Vec<usize> = (0..submissions.len()).collect();
+                order.sort_by(|&a, &b| {
+                    let (a, b) = (&submissions[a], &submissions[b]);
+                    (&a.run_id, &a.layer, a.filter).cmp(&(&b.run_id, &b.layer, b.filter))
+                });
                 let mut tx = self.write().await?;
-                // On PostgreSQL the row is locked, so a result and a late duplicate cannot both
-                // be recorded; on SQLite the write transaction holds the database.
-                let row: Option<(String, Option<String>, Option<String>, i32, i32)> =
-                    sqlx::query_as(SUBMIT_ROW)
-                        .bind(&r.run_id)
-                        .bind(&r.layer)
-                        .bind(r.filter)
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                let Some((state, lease_id, worker, attempts, max_attempts)) = row else {
-                    return Err($crate::Error::UnknownFilter {
-                        run_id: r.run_id.clone(),
-                        layer: r.layer.clone(),
-                        filter: r.filter,
-                    });
-                };
-                let outcome = match plan_submit(
-                    &state,
-                    lease_id.as_deref(),
-                    worker.as_deref(),
-                    attempts,
-                    max_attempts,
-                    r,
-                ) {
-                    // Dropping tx rolls back: nothing written.
-                    SubmitPlan::Answer(outcome) => return Ok(outcome),
-                    SubmitPlan::Retry => {
-                        sqlx::query(sql::SUBMIT_RETRY)
-                            .bind(&r.run_id)
-                            .bind(&r.layer)
-                            .bind(r.filter)
-                            .bind(r.failed_reason.as_deref())
-                            .execute(&mut *tx)
-                            .await?;
-                        SubmitOutcome::Pending
+                for i in order {
+                    let r = &submissions[i];
+                    if r.failed_reason.is_none() {
+                        if let Err(e) = check_finite(r) {
+                            outcomes[i] = Some(Err(e));
+                            continue;
+                        }
                     }
-                    SubmitPlan::Fail(reason) => {
-                        sqlx::query(sql::SUBMIT_FAIL)
+                    // On PostgreSQL the row is locked, so a result and a late duplicate cannot
+                    // both be recorded; on SQLite the write transaction holds the database.
+                    let row: Option<(String, Option<String>, Option<String>, i32, i32)> =
+                        sqlx::query_as(SUBMIT_ROW)
                             .bind(&r.run_id)
                             .bind(&r.layer)
                             .bind(r.filter)
-                            .bind(reason)
-                            .bind(&r.worker)
-                            .execute(&mut *tx)
+                            .fetch_optional(&mut *tx)
                             .await?;
-                        SubmitOutcome::Failed
-                    }
-                    SubmitPlan::Record => {
-                        sqlx::query(sql::INSERT_RESULT)
-                            .bind(&r.run_id)
-                            .bind(&r.layer)
-                            .bind(r.filter)
-                            .bind(r.activation)
-                            .bind(r.objective)
-                            .bind(r.start_activation)
-                            .bind(curve_json(&r.curve))
-                            .bind(r.seconds)
-                            .bind(r.dead)
-                            .bind(&r.worker)
-                            .bind(&r.png)
-                            .bind(now_ms)
-                            .bind(r.retries as i32)
-                            .bind(r.border_ratio)
-                            .execute(&mut *tx)
-                            .await?;
-                        sqlx::query(sql::SUBMIT_DONE)
-                            .bind(&r.run_id)
-                            .bind(&r.layer)
-                            .bind(r.filter)
-                            .bind(&r.worker)
-                            .execute(&mut *tx)
-                            .await?;
-                        SubmitOutcome::Recorded
-                    }
-                };
+                    let Some((state, lease_id, worker, attempts, max_attempts)) = row else {
+                        outcomes[i] = Some(Err($crate::Error::UnknownFilter {
+                            run_id: r.run_id.clone(),
+                            layer: r.layer.clone(),
+                            filter: r.filter,
+                        }));
+                        continue;
+                    };
+                    let outcome = match plan_submit(
+                        &state,
+                        lease_id.as_deref(),
+                        worker.as_deref(),
+                        attempts,
+                        max_attempts,
+                        r,
+                    ) {
+                        // Nothing written.
+                        SubmitPlan::Answer(outcome) => outcome,
+                        SubmitPlan::Retry => {
+                            sqlx::query(sql::SUBMIT_RETRY)
+                                .bind(&r.run_id)
+                                .bind(&r.layer)
+                                .bind(r.filter)
+                                .bind(r.failed_reason.as_deref())
+                                .execute(&mut *tx)
+                                .await?;
+                            SubmitOutcome::Pending
+                        }
+                        SubmitPlan::Fail(reason) => {
+                            sqlx::query(sql::SUBMIT_FAIL)
+                                .bind(&r.run_id)
+                                .bind(&r.layer)
+                                .bind(r.filter)
+                                .bind(reason)
+                                .bind(&r.worker)
+                                .execute(&mut *tx)
+                                .await?;
+                            SubmitOutcome::Failed
+                        }
+                        SubmitPlan::Record => {
+                            sqlx::query(sql::INSERT_RESULT)
+                                .bind(&r.run_id)
+                                .bind(&r.layer)
+                                .bind(r.filter)
+                                .bind(r.activation)
+                                .bind(r.objective)
+                                .bind(r.start_activation)
+                                .bind(curve_json(&r.curve))
+                                .bind(r.seconds)
+                                .bind(r.dead)
+                                .bind(&r.worker)
+                                .bind(&r.png)
+                                .bind(now_ms)
+                                .bind(r.retries as i32)
+                                .bind(r.border_ratio)
+                                .execute(&mut *tx)
+                                .await?;
+                            sqlx::query(sql::SUBMIT_DONE)
+                                .bind(&r.run_id)
+                                .bind(&r.layer)
+                                .bind(r.filter)
+                                .bind(&r.worker)
+                                .execute(&mut *tx)
+                                .await?;
+                            SubmitOutcome::Recorded
+                        }
+                    };
+                    outcomes[i] = Some(Ok(outcome));
+                }
                 tx.commit().await?;
-                Ok(outcome)
+                Ok(outcomes
+                    .into_iter()
+                    .map(|o| o.expect("every submission is answered in the loop"))
+                    .collect())
             }
 
             async fn progress(
@@ -220,13 +240,24 @@ macro_rules! impl_store {
                     .await?)
             }
 
-            async fn is_finished(&self, run_id: &str) -> $crate::Result<bool> {
+            async fn has_leasable(&self, run_id: &str, now_ms: i64) -> $crate::Result<bool> {
+                let one: Option<i32> = sqlx::query_scalar(&format!(
+                    "SELECT 1 FROM filters WHERE run_id = $1 AND {} LIMIT 1",
+                    $crate::store::sql::LEASABLE
+                ))
+                .bind(run_id)
+                .bind(now_ms)
+                .fetch_optional(&self.pool)
+                .await?;
+                Ok(one.is_some())
+            }
+
+            async fn unfinished(&self, run_id: &str) -> $crate::Result<i64> {
                 self.require_run(run_id).await?;
-                let unfinished: i64 = sqlx::query_scalar($crate::store::sql::UNFINISHED)
+                Ok(sqlx::query_scalar($crate::store::sql::UNFINISHED)
                     .bind(run_id)
                     .fetch_one(&self.pool)
-                    .await?;
-                Ok(unfinished == 0)
+                    .await?)
             }
 
             async fn run_info(&self, run_id: &str) -> $crate::Result<$crate::store::RunInfo> {

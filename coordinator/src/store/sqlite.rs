@@ -25,6 +25,13 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct SqliteStore {
     pool: SqlitePool,
     options: SqliteConnectOptions,
+    /// One connection for every write. SQLite has one writer at a time: writes from several
+    /// connections would wait for each other in SQLite's busy handler, which sleeps (1 ms
+    /// growing to 100 ms) while the lock may already be free, and writes sharing the readers'
+    /// pool would wait behind a crowd of reads for a connection while they hold the lock. With
+    /// a connection of their own they queue in order and never wait for a read (WAL readers do
+    /// not block the writer). The busy handler is left to other processes.
+    writer: SqlitePool,
 }
 
 impl SqliteStore {
@@ -77,12 +84,32 @@ impl SqliteStore {
                 url: url.to_string(),
                 cause,
             })?;
-        Ok(Self { pool, options })
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            // A write may queue behind many others under a thousand workers.
+            .acquire_timeout(BUSY_TIMEOUT)
+            .connect_with(options.clone())
+            .await
+            .map_err(|cause| Error::Connect {
+                url: url.to_string(),
+                hint: "Is the path writable, and is the file a SQLite database?",
+                cause,
+            })?;
+        Ok(Self {
+            pool,
+            options,
+            writer,
+        })
+    }
+
+    /// The connection every write of this process goes through (see [`SqliteStore::writer`]).
+    fn writes(&self) -> &SqlitePool {
+        &self.writer
     }
 
     /// A write transaction holding the database's write lock from its first statement.
     async fn write(&self) -> Result<Transaction<'static, Sqlite>> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
     }
 
     /// The plan's filters, one prepared statement reused per row: in-process, this is as fast
@@ -112,6 +139,7 @@ impl_example_store!(SqliteStore, Sqlite);
 impl_store!(SqliteStore, Sqlite, {
     async fn close(&self) {
         self.pool.close().await;
+        self.writer.close().await;
         // Connections that close at once may each see another still open and leave the
         // write-ahead log behind; one last connection, alone, folds it in and removes it.
         use sqlx::Connection;
