@@ -16,8 +16,8 @@ use vgg_atlas_proto::tonic::{Request, Response, Status};
 use crate::examples::{self as pass, MAX_LEASE_IMAGES};
 use crate::metrics::Stats;
 use crate::service::{
-    heartbeat_interval_ms, internal, register_worker, retry_after_ms, serve_weights, stream_file,
-    ImageStream, WeightsStream,
+    heartbeat_interval_ms, internal, lease_status, register_worker, retry_after_ms, serve_weights,
+    stream_file, ImageStream, WeightsStream,
 };
 use crate::store::{now_ms, PassSpec, Store};
 
@@ -159,19 +159,7 @@ impl pb::Coordinator for PassService {
                 .heartbeat_images(&lease_id, now, self.lease_ms)
                 .await
                 .map_err(internal)?;
-            leases.push(pb::LeaseStatus {
-                lease_id,
-                state: if held {
-                    pb::LeaseState::Held
-                } else {
-                    pb::LeaseState::Revoked
-                } as i32,
-                lease_deadline_ms: if held {
-                    (now + self.lease_ms) as u64
-                } else {
-                    0
-                },
-            });
+            leases.push(lease_status(lease_id, held, now, self.lease_ms));
         }
         Ok(Response::new(pb::HeartbeatResponse { leases }))
     }

@@ -266,6 +266,24 @@ pub(crate) type WeightsStream =
     Pin<Box<dyn Stream<Item = Result<pb::WeightsChunk, Status>> + Send>>;
 pub(crate) type ImageStream = Pin<Box<dyn Stream<Item = Result<pb::ImageChunk, Status>> + Send>>;
 
+/// A heartbeat's answer for one lease: held (with its new deadline) or revoked.
+pub(crate) fn lease_status(
+    lease_id: String,
+    held: bool,
+    now: i64,
+    lease_ms: i64,
+) -> pb::LeaseStatus {
+    pb::LeaseStatus {
+        lease_id,
+        state: if held {
+            pb::LeaseState::Held
+        } else {
+            pb::LeaseState::Revoked
+        } as i32,
+        lease_deadline_ms: if held { (now + lease_ms) as u64 } else { 0 },
+    }
+}
+
 pub(crate) fn internal(e: crate::Error) -> Status {
     Status::internal(e.to_string())
 }
@@ -370,19 +388,7 @@ impl pb::Coordinator for CoordinatorService {
                 .heartbeat(&lease_id, now, self.run.lease_ms)
                 .await
                 .map_err(internal)?;
-            leases.push(pb::LeaseStatus {
-                lease_id,
-                state: if held {
-                    pb::LeaseState::Held
-                } else {
-                    pb::LeaseState::Revoked
-                } as i32,
-                lease_deadline_ms: if held {
-                    (now + self.run.lease_ms) as u64
-                } else {
-                    0
-                },
-            });
+            leases.push(lease_status(lease_id, held, now, self.run.lease_ms));
         }
         Ok(Response::new(pb::HeartbeatResponse { leases }))
     }

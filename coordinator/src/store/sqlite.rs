@@ -68,15 +68,16 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true);
+        let cannot_open = |cause| Error::Connect {
+            url: url.to_string(),
+            hint: "Is the path writable, and is the file a SQLite database?",
+            cause,
+        };
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .connect_with(options.clone())
             .await
-            .map_err(|cause| Error::Connect {
-                url: url.to_string(),
-                hint: "Is the path writable, and is the file a SQLite database?",
-                cause,
-            })?;
+            .map_err(cannot_open)?;
         sqlx::migrate!("../migrations/sqlite")
             .run(&pool)
             .await
@@ -90,11 +91,7 @@ impl SqliteStore {
             .acquire_timeout(BUSY_TIMEOUT)
             .connect_with(options.clone())
             .await
-            .map_err(|cause| Error::Connect {
-                url: url.to_string(),
-                hint: "Is the path writable, and is the file a SQLite database?",
-                cause,
-            })?;
+            .map_err(cannot_open)?;
         Ok(Self {
             pool,
             options,
