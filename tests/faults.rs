@@ -396,3 +396,81 @@ fn a_filter_whose_ascent_goes_nan_is_retried_then_failed_and_the_run_completes()
     assert_eq!(stored[0]["nan"], 0, "no NaN stored");
     eprintln!("FAULTS NaN in one filter's ascent: 1 injected, failed after 2 attempts ({reason}), 0 lost, 1 recomputed (the retry)");
 }
+
+/// A coordinator that sends absurd settings (a 100,000 px image, a million steps): the worker
+/// process refuses each lease instead of trying to allocate it, every filter is recorded as
+/// failed with the reason, the run ends, and the worker exits cleanly.
+#[test]
+fn a_worker_refuses_absurd_settings_from_the_wire_and_the_run_still_ends() {
+    use vgg_atlas_coordinator::service::{self, CoordinatorService, RunContext};
+    use vgg_atlas_coordinator::{plan, store};
+    use vgg_atlas_proto as pb;
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = db_of(dir.path());
+    let weights = vgg_atlas_worker::fetch::default_weights_path().unwrap();
+    let sha = vgg_atlas_worker::fetch::file_sha256(&weights).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let addr = rt.block_on(async {
+        let store = store::connect(&db).await.unwrap();
+        let layer = pb::Layer::by_name("block1_conv1").unwrap();
+        let settings = pb::Settings::default();
+        let spec = plan::plan(&sha, &[layer], &settings, 2, None).sample(8);
+        store.create_or_resume_run(&spec).await.unwrap();
+        let mut wire = settings.to_wire(&sha);
+        wire.size = 100_000;
+        wire.steps = 1_000_000;
+        let ctx = RunContext {
+            run_id: spec.run_id.clone(),
+            settings: wire,
+            layers: vec![layer.name.to_string()],
+            filters_total: spec.filters.len() as u32,
+            weights_path: weights.clone(),
+            lease_ms: 60_000,
+        };
+        let listener = service::listen("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let check = pb::auth::CheckToken::new(None).unwrap();
+        tokio::spawn(
+            pb::tonic::transport::Server::builder()
+                .add_service(CoordinatorService::new(store, ctx).into_server(check))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        addr
+    });
+    let out = bin()
+        .env_remove("VGG_ATLAS_TOKEN")
+        .args([
+            "worker",
+            "--connect",
+            &format!("http://{addr}"),
+            "--no-token",
+        ])
+        .args(["--batch", "4", "--threads", "1", "--give-up-after", "60s"])
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&query(
+        &db,
+        "SELECT state, attempts, failed_reason FROM filters",
+        "json",
+    ))
+    .unwrap();
+    assert_eq!(rows.len(), 8);
+    for r in &rows {
+        assert_eq!(r["state"], "failed", "{r}");
+        let why = r["failed_reason"].as_str().unwrap();
+        assert!(
+            why.contains("the worker refused the lease") && why.contains("at most 4096 px"),
+            "{why}"
+        );
+    }
+    let attempts: i64 = rows.iter().map(|r| r["attempts"].as_i64().unwrap()).sum();
+    println!(
+        "FAULTS coordinator sending 100,000 px and 1,000,000 steps: 8 filters, 0 lost (all \
+         recorded failed with the reason), {} attempts (2 each), worker exited cleanly",
+        attempts
+    );
+    drop(rt);
+}

@@ -363,9 +363,19 @@ async fn session(
                 }
             },
         };
-        let s = Settings::try_from(lease.settings.as_ref().unwrap_or(&settings))
-            .map_err(Error::from)?;
-        let layer = Layer::by_name(&lease.layer).map_err(Error::from)?;
+        if lease.filters.len() > cfg.batch {
+            return Err(SessionError::Fatal(Error::Invalid(format!(
+                "the coordinator leased {} filters to a worker that asked for at most {}",
+                lease.filters.len(),
+                cfg.batch
+            ))));
+        }
+        // Nothing from the wire is trusted unchecked: a layer this network lacks, settings out
+        // of bounds, or an image too large for this machine's memory refuse the lease, each of
+        // its filters failed with the reason (the coordinator records it and the run goes on).
+        let checked = Settings::try_from(lease.settings.as_ref().unwrap_or(&settings))
+            .map_err(Error::from)
+            .and_then(|s| Ok((s, Layer::by_name(&lease.layer)?)));
         // The lease's seeds are the planner's: the one source of each filter's start image.
         let targets: Vec<Target> = lease
             .filters
@@ -377,13 +387,23 @@ async fn session(
             .collect();
         // Compute off the async runtime; heartbeat until it is done.
         let e = engine.clone();
+        let layer_name = lease.layer.clone();
         let mut job = tokio::task::spawn_blocking(move || {
-            let mut guard = e.trunk.lock().expect("trunk");
-            let trunk: &mut (dyn Trunk + Send) = &mut **guard;
-            e.pool.install(|| {
-                let faults = Faults::from_env();
-                ascent::ascend(trunk, e.weights.preprocess, layer, &targets, &s, faults)
-            })
+            let computed = checked.and_then(|(s, layer)| {
+                let mut guard = e.trunk.lock().expect("trunk");
+                let trunk: &mut (dyn Trunk + Send) = &mut **guard;
+                e.pool.install(|| {
+                    let faults = Faults::from_env();
+                    ascent::ascend(trunk, e.weights.preprocess, layer, &targets, &s, faults)
+                })
+            });
+            match computed {
+                Err(e @ (Error::Invalid(_) | Error::Contract(_))) => {
+                    tracing::warn!(layer = %layer_name, "lease refused: {e}");
+                    Ok(refused(&layer_name, &targets, &e.to_string()))
+                }
+                other => other,
+            }
         });
         // Meanwhile ask for the next lease, so the compute never waits on a round trip.
         let mut prefetch = Some(tokio::spawn(poll(
@@ -559,6 +579,26 @@ fn prefetched(
         // Finished or nothing to lease yet: the next poll after the compute asks again.
         Ok(Ok(Next::Finished | Next::Wait(_) | Next::Images(_))) => None,
     }
+}
+
+/// Every filter of a lease this worker refuses, failed with the reason.
+fn refused(layer: &str, targets: &[Target], why: &str) -> Vec<FilterResult> {
+    targets
+        .iter()
+        .map(|t| FilterResult {
+            layer: layer.to_string(),
+            filter: t.filter,
+            activation: 0.0,
+            objective: 0.0,
+            start_activation: 0.0,
+            curve: Vec::new(),
+            dead: false,
+            failed_reason: Some(format!("the worker refused the lease: {why}")),
+            retries: 0,
+            seconds: 0.0,
+            image: None,
+        })
+        .collect()
 }
 
 fn to_wire(r: &FilterResult) -> Result<pb::FilterResult> {

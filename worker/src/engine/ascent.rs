@@ -15,7 +15,7 @@ use std::time::Instant;
 use vgg_atlas_proto::{Layer, Settings};
 
 use super::device_images::DeviceImages;
-use super::device_trunk::DeviceTrunk;
+use super::device_trunk::{bytes_per_image, DeviceTrunk};
 use super::host_images::HostImages;
 use super::image_side::ImageSide;
 pub use super::image_side::Target;
@@ -126,8 +126,51 @@ pub fn ascend_observed(
         }
         return Ok(results);
     }
-    let mut images = HostImages::new(trunk, preprocess, layer, targets, s);
-    run(&mut images, layer, targets, s, faults, watch)
+    // On the host, batches that would not fit in the memory left are split; an image that
+    // alone would not is refused, whatever the settings from the wire ask.
+    let fit = match available_memory() {
+        Some(available) => host_fit(available, layer, s.size)?,
+        None => targets.len(),
+    };
+    let mut results = Vec::with_capacity(targets.len());
+    for part in targets.chunks(fit.max(1)) {
+        let mut images = HostImages::new(&mut *trunk, preprocess, layer, part, s);
+        results.extend(run(&mut images, layer, part, s, faults, watch)?);
+    }
+    Ok(results)
+}
+
+/// How many images of `layer` at `size` px fit in `available` bytes with a fifth of it spare,
+/// by the trunk's estimate of an image's memory ([`bytes_per_image`], an upper bound for the
+/// CPU trunk). An error, saying what it needs, when not even one does.
+pub fn host_fit(available: u64, layer: Layer, size: usize) -> Result<usize> {
+    let each = bytes_per_image(layer, size).max(1);
+    let usable = available / 5 * 4;
+    let gb = |b: u64| b as f64 / (1u64 << 30) as f64;
+    match usable / each {
+        0 => Err(Error::Invalid(format!(
+            "{} at {size} px needs about {:.1} GB per image and this machine has {:.1} GB \
+             available; use a smaller --size",
+            layer.name,
+            gb(each),
+            gb(available)
+        ))),
+        n => Ok(n.min(usize::MAX as u64) as usize),
+    }
+}
+
+/// This machine's available memory (Linux's `MemAvailable`); `None` where it cannot be read.
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
 }
 
 /// The ascent of one batch: the same steps, records and retries on every image side.
@@ -231,4 +274,23 @@ fn run(
         .zip(xs)
         .map(|((r, t), x)| r.finish(&layer, t.filter, s, &x, seconds))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_is_split_to_fit_the_memory_left_and_an_image_too_large_is_refused() {
+        let layer = Layer::by_name("block1_conv1").unwrap();
+        let each = bytes_per_image(layer, 512);
+        // Room for 10 images' worth: 8 of them fit, with a fifth spare.
+        assert_eq!(host_fit(10 * each, layer, 512).unwrap(), 8);
+        let e = host_fit(each, layer, 4096).unwrap_err().to_string();
+        assert!(
+            e.contains("block1_conv1 at 4096 px needs about") && e.contains("smaller --size"),
+            "{e}"
+        );
+        assert!(available_memory().is_none_or(|m| m > 0));
+    }
 }
