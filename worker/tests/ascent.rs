@@ -136,6 +136,7 @@ fn a_nan_gradient_fails_that_filter_with_a_reason_and_spares_the_others() {
     };
     let faults = Faults {
         nan_filter: Some(4),
+        ..Faults::default()
     };
     let res = run_with_faults("block2_conv1", &[3, 4, 5], &s, faults);
     let failed = &res[1];

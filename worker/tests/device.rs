@@ -195,6 +195,7 @@ fn a_filter_that_fails_on_the_device_is_retried_then_failed_alone() {
     let mut dev = DeviceTrunk::new(w, &Device::Cpu).unwrap();
     let faults = ascent::Faults {
         nan_filter: Some(7),
+        ..ascent::Faults::default()
     };
     let targets: Vec<ascent::Target> = [2, 7, 9]
         .iter()
@@ -211,6 +212,51 @@ fn a_filter_that_fails_on_the_device_is_retried_then_failed_alone() {
         );
         assert!(ok.activation.is_finite() && ok.curve.len() == s.steps);
     }
+}
+
+#[test]
+fn a_device_out_of_memory_halves_the_batch_and_every_filter_still_finishes() {
+    let w = weights();
+    let layer = Layer::by_name("block1_conv2").unwrap();
+    let s = Settings {
+        size: 16,
+        steps: 4,
+        ..Preset::Atlas.settings()
+    };
+    let mut dev = DeviceTrunk::new(w, &Device::Cpu).unwrap();
+    assert!(dev.resident(), "the device path keeps its images");
+    let targets: Vec<ascent::Target> = [2, 7, 9, 11, 20]
+        .iter()
+        .map(|&f| ascent::Target::planned(&s, &layer, f))
+        .collect();
+    let whole = ascent::Faults::default();
+    let plain = ascent::ascend(&mut dev, w.preprocess, layer, &targets, &s, whole).unwrap();
+    // Every batch of more than 2 images fails as an exhausted GPU would: 5 -> 2, 2, 1.
+    let faults = ascent::Faults {
+        oom_above: Some(2),
+        ..whole
+    };
+    let halved = ascent::ascend(&mut dev, w.preprocess, layer, &targets, &s, faults).unwrap();
+    assert_eq!(halved.len(), 5);
+    for (a, b) in plain.iter().zip(&halved) {
+        assert_eq!(a.filter, b.filter);
+        assert!(b.failed_reason.is_none() && b.image.is_some(), "{b:?}");
+        let rel = (a.activation - b.activation).abs() / a.activation.abs().max(1e-3);
+        assert!(
+            rel < 1e-3,
+            "filter {}: {} vs {}",
+            a.filter,
+            a.activation,
+            b.activation
+        );
+    }
+    // Even one image out of memory is the device's error, not a loop.
+    let none = ascent::Faults {
+        oom_above: Some(0),
+        ..whole
+    };
+    let e = ascent::ascend(&mut dev, w.preprocess, layer, &targets, &s, none).unwrap_err();
+    assert!(e.to_string().contains("out of memory"), "{e}");
 }
 
 #[test]

@@ -34,18 +34,27 @@ pub struct Faults {
     /// The filter whose gradient is poisoned with NaN every step: it must be retried, then
     /// failed with a reason, and never stored as a NaN.
     pub nan_filter: Option<usize>,
+    /// A device batch wider than this fails with an out-of-memory error, as a GPU's would.
+    pub oom_above: Option<usize>,
 }
 
 impl Faults {
-    /// From the environment: `VGG_ATLAS_TEST_INJECT_NAN_FILTER=N` poisons filter N (read by
+    /// From the environment: `VGG_ATLAS_TEST_INJECT_NAN_FILTER=N` poisons filter N and
+    /// `VGG_ATLAS_TEST_INJECT_OOM_ABOVE=N` runs a device out of memory above N images (read by
     /// `visualize` and every worker, so the end-to-end tests can reach a real process).
     pub fn from_env() -> Faults {
+        let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse().ok());
         Faults {
-            nan_filter: std::env::var("VGG_ATLAS_TEST_INJECT_NAN_FILTER")
-                .ok()
-                .and_then(|v| v.parse().ok()),
+            nan_filter: var("VGG_ATLAS_TEST_INJECT_NAN_FILTER"),
+            oom_above: var("VGG_ATLAS_TEST_INJECT_OOM_ABOVE"),
         }
     }
+}
+
+/// Whether `e` is a device running out of memory (CUDA's and Metal's messages for it).
+fn out_of_memory(e: &Error) -> bool {
+    let text = e.to_string().to_ascii_lowercase();
+    text.contains("out of memory") || text.contains("out_of_memory")
 }
 
 /// Optimises one image per filter of `layer`, with the planner's seeds.
@@ -118,11 +127,46 @@ pub fn ascend_observed(
     }
     s.check(&layer)?;
     if let Some(device) = DeviceTrunk::of(&mut *trunk).filter(|d| d.resident()) {
-        let fit = device.fit_batch(layer, s.size)?.unwrap_or(targets.len());
+        let mut fit = device
+            .fit_batch(layer, s.size)?
+            .unwrap_or(targets.len())
+            .max(1);
         let mut results = Vec::with_capacity(targets.len());
-        for part in targets.chunks(fit.max(1)) {
-            let mut images = DeviceImages::new(device, preprocess, layer, part, s)?;
-            results.extend(run(&mut images, layer, part, s, faults, watch)?);
+        let mut rest = targets;
+        while !rest.is_empty() {
+            let part = &rest[..fit.min(rest.len())];
+            let done = match faults.oom_above {
+                Some(n) if part.len() > n => Err(Error::Invalid(format!(
+                    "out of memory (injected above {n} images)"
+                ))),
+                _ => DeviceImages::new(device, preprocess, layer, part, s)
+                    .and_then(|mut images| run(&mut images, layer, part, s, faults, watch)),
+            };
+            match done {
+                Ok(r) => {
+                    results.extend(r);
+                    rest = &rest[part.len()..];
+                }
+                // The estimate of free memory was short (another process took some, or the
+                // allocator's fragments): the same images again, half as many at once. Each
+                // filter's image depends only on its own seed, so nothing differs.
+                Err(e) if out_of_memory(&e) && part.len() > 1 => {
+                    fit = part.len() / 2;
+                    // Said once per process: a worker meets it on every lease of a layer.
+                    static SAID: std::sync::atomic::AtomicBool =
+                        std::sync::atomic::AtomicBool::new(false);
+                    if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        tracing::warn!(
+                            "the device ran out of memory with {} images of {} at {} px ({e}); \
+                             going on with batches of {fit}",
+                            part.len(),
+                            layer.name,
+                            s.size
+                        );
+                    }
+                }
+                Err(e) => return Err(e),
+            }
         }
         return Ok(results);
     }
