@@ -15,22 +15,8 @@ use std::time::Duration;
 
 use common::*;
 
-/// Two cheap layers, 128 filters, slow enough (30 steps) that a fault lands mid-run.
-const PLAN: [&str; 6] = [
-    "--layers",
-    "block1_conv1,block1_conv2",
-    "--size",
-    "32",
-    "--steps",
-    "30",
-];
-
 fn db_of(dir: &std::path::Path) -> String {
     format!("sqlite://{}", dir.join("atlas.db").display())
-}
-
-fn done(db: &str) -> i64 {
-    status_or_empty(db).map(|r| count(&r, "done")).unwrap_or(0)
 }
 
 fn stop(mut c: Child) {

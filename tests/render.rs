@@ -372,20 +372,6 @@ fn a_tls_coordinator_serves_workers_that_trust_its_ca_and_no_others() {
 }
 
 /// One HTTP GET on loopback: (status line, body).
-fn http_get(addr: &str, path: &str) -> (String, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    (head.lines().next().unwrap().to_string(), body.to_string())
-}
-
 #[test]
 fn health_and_prometheus_metrics_report_the_run() {
     let dir = tempfile::tempdir().unwrap();

@@ -27,12 +27,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
-        "cannot write {path}: {source}. Is the output folder writable, and is there space left?"
+        "cannot write {path}: {cause}. Is the output folder writable, and is there space left?"
     )]
     Write {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        // In the message, not chained as a source: `{:#}` prints it once.
+        cause: std::io::Error,
     },
     #[error("cannot encode {path}: {source}")]
     Encode {
@@ -367,10 +367,14 @@ fn save(img: &RgbImage, path: &Path) -> Result<()> {
     // Through a temporary name: a crash never leaves a truncated picture under the real name.
     let tmp = path.with_extension("png.partial");
     img.save_with_format(&tmp, image::ImageFormat::Png)
+        // A full disk leaves a truncated file: give its space back.
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })
         .map_err(|source| match source {
             image::ImageError::IoError(source) => Error::Write {
                 path: tmp.clone(),
-                source,
+                cause: source,
             },
             source => Error::Encode {
                 path: path.to_path_buf(),
@@ -379,7 +383,7 @@ fn save(img: &RgbImage, path: &Path) -> Result<()> {
         })?;
     std::fs::rename(&tmp, path).map_err(|source| Error::Write {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     })
 }
 
@@ -387,16 +391,19 @@ fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("partial");
     std::fs::write(&tmp, bytes)
         .and_then(|_| std::fs::rename(&tmp, path))
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })
         .map_err(|source| Error::Write {
             path: path.to_path_buf(),
-            source,
+            cause: source,
         })
 }
 
 fn create_dir(path: &Path) -> Result<()> {
     std::fs::create_dir_all(path).map_err(|source| Error::Write {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     })
 }
 
@@ -408,7 +415,7 @@ pub fn write_layer(out: &Path, layer: &LayerFilters, opts: &Options) -> Result<L
     if tiles_dir.exists() {
         std::fs::remove_dir_all(&tiles_dir).map_err(|source| Error::Write {
             path: tiles_dir.clone(),
-            source,
+            cause: source,
         })?;
     }
     create_dir(&tiles_dir)?;
@@ -473,7 +480,7 @@ fn examples_mosaic(
     if dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(|source| Error::Write {
             path: dir.clone(),
-            source,
+            cause: source,
         })?;
     }
     create_dir(&dir)?;

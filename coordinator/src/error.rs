@@ -92,3 +92,50 @@ pub enum Error {
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
 }
+
+/// Why the store cannot be used now, though it may be later: see [`Error::outage`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outage {
+    /// The database server is down or restarting, or the connection to it was lost.
+    Unreachable,
+    /// The disk under the database is full: reads still work, writes do not.
+    Full,
+}
+
+impl Error {
+    /// Whether this error is an outage of the store rather than a fault of the request: the
+    /// server gone or restarting (PostgreSQL's connection errors, `08…`, and shutdown codes,
+    /// `57P01`-`57P03`), a lost connection, a pool that timed out waiting for one, or a full
+    /// disk (PostgreSQL's `53100`, SQLite's `SQLITE_FULL` and its failed writes,
+    /// `SQLITE_IOERR`). Nothing was stored by the failed call, so retrying it later is safe:
+    /// workers keep their results until it succeeds.
+    pub fn outage(&self) -> Option<Outage> {
+        let Error::Database(e) = self else {
+            return None;
+        };
+        match e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Protocol(_) => Some(Outage::Unreachable),
+            sqlx::Error::Database(d) => {
+                let code = d.code()?;
+                if code == "53100" {
+                    return Some(Outage::Full);
+                }
+                if code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03") {
+                    return Some(Outage::Unreachable);
+                }
+                // SQLite gives its extended result code; the primary code is its low byte.
+                match code.parse::<i32>().ok()? & 0xff {
+                    13 | 10 if d.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() => {
+                        Some(Outage::Full)
+                    }
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
+    }
+}

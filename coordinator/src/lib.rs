@@ -1,7 +1,7 @@
 //! The coordinator of vgg-atlas: it plans runs ([`plan`]), leases filters to workers and records
 //! their results over gRPC ([`service`]), keeps runs, filters and results in SQLite or
 //! PostgreSQL ([`store`]), answers read-only SQL ([`query`]), serves health and metrics
-//! ([`metrics`]), draws a run's atlas from the store ([`draw`]), and runs a whole render
+//! ([`metrics`], [`health`]), draws a run's atlas from the store ([`draw`]), and runs a whole render
 //! ([`standalone`]). It depends on the contract crate, `vgg-atlas-proto`, and never on the
 //! worker: its build links no candle.
 
@@ -9,6 +9,7 @@ pub mod bench;
 pub mod draw;
 pub mod error;
 pub mod examples;
+pub mod health;
 pub mod metrics;
 pub mod pass_service;
 pub mod plan;

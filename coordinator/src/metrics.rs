@@ -1,4 +1,4 @@
-//! What an operator watches: `/healthz` (the store answers) and `/metrics` in the Prometheus
+//! What an operator watches: `/healthz` (the store answers and can store; see [`crate::health`]) and `/metrics` in the Prometheus
 //! text format, served over plain HTTP on a port of its own (`render --metrics-listen`). The
 //! per-layer counts are read from the store at each scrape, so they are right after a restart;
 //! the counters count since this coordinator started.
@@ -14,6 +14,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
 
+use crate::health::{describe, StoreHealth};
 use crate::store::Store;
 
 /// Counters the gRPC service keeps as it answers.
@@ -24,6 +25,8 @@ pub struct Stats {
     /// Filters a worker reported as failed (retried or failed for good).
     pub failures_reported: AtomicU64,
     pub leases_issued: AtomicU64,
+    /// Whether the store answers (an outage is reported on `/healthz`).
+    pub store: StoreHealth,
     /// Worker id -> when it last called.
     seen: Mutex<HashMap<String, Instant>>,
 }
@@ -49,36 +52,73 @@ struct Ctx {
     store: Arc<dyn Store>,
     run_id: String,
     stats: Arc<Stats>,
-    /// A worker counts as connected if it called within this window (two lease lengths).
-    window: Duration,
+    /// How long a lease lives without a heartbeat. A worker counts as connected if it called
+    /// within two of them.
+    lease: Duration,
 }
 
-/// Serves `/healthz` and `/metrics` on `listener` until the process ends.
+/// Serves `/healthz`, `/livez` (the process answers, whatever the store does: for a liveness
+/// probe, which must not restart a coordinator that is waiting out a database outage) and
+/// `/metrics` on `listener` until the process ends.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     store: Arc<dyn Store>,
     run_id: String,
     stats: Arc<Stats>,
-    window: Duration,
+    lease: Duration,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/healthz", get(health))
+        .route("/livez", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .with_state(Ctx {
             store,
             run_id,
             stats,
-            window,
+            lease,
         });
     axum::serve(listener, app).await
 }
 
+/// How long `/healthz` waits for the store: a stopped server makes the pool retry for longer.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `ok` while the store answers; 503 with what is wrong (and for how long) while it does not,
+/// or while its disk is full (reads still answer then; writes do not).
 async fn health(State(c): State<Ctx>) -> (StatusCode, String) {
-    match c.store.progress(&c.run_id).await {
-        Ok(_) => (StatusCode::OK, "ok\n".into()),
-        Err(e) => (
+    let health = &c.stats.store;
+    let read = tokio::time::timeout(HEALTH_TIMEOUT, c.store.progress(&c.run_id)).await;
+    match read {
+        Ok(Ok(_)) => {
+            // Ends an outage the render has not yet noticed is over (a coordinator that only
+            // stays up, `--stay`, has no other caller).
+            let _ = health
+                .recovered(&*c.store, &c.run_id, c.lease.as_millis() as i64)
+                .await;
+        }
+        Ok(Err(e)) => {
+            health.failed(&e);
+            if e.outage().is_none() {
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("the database gave an error: {e}\n"),
+                );
+            }
+        }
+        // As the pool says when it cannot connect (it retries for longer than this).
+        Err(_) => {
+            health.failed(&crate::Error::Database(sqlx::Error::PoolTimedOut));
+        }
+    }
+    match health.outage() {
+        None => (StatusCode::OK, "ok\n".into()),
+        Some((kind, lasted, why)) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("the store does not answer: {e}\n"),
+            format!(
+                "{} for {:.0} s: {why}\n",
+                describe(kind),
+                lasted.as_secs_f64()
+            ),
         ),
     }
 }
@@ -141,7 +181,7 @@ async fn metrics(State(c): State<Ctx>) -> (StatusCode, String) {
             "vgg_atlas_workers",
             "gauge",
             "Workers that called in the last two lease lengths.",
-            s.workers(c.window) as u64,
+            s.workers(2 * c.lease) as u64,
         ),
         (
             "vgg_atlas_results_recorded_total",

@@ -16,7 +16,7 @@ use vgg_atlas_proto::tonic::{Request, Response, Status};
 use crate::examples::{self as pass, MAX_LEASE_IMAGES};
 use crate::metrics::Stats;
 use crate::service::{
-    heartbeat_interval_ms, internal, lease_status, register_worker, retry_after_ms, serve_weights,
+    heartbeat_interval_ms, lease_status, register_worker, retry_after_ms, serve_weights,
     stream_file, ImageStream, WeightsStream,
 };
 use crate::store::{now_ms, PassSpec, Store};
@@ -87,7 +87,7 @@ impl pb::Coordinator for PassService {
             .store
             .pass_progress(&self.spec.pass_id)
             .await
-            .map_err(internal)?;
+            .map_err(|e| self.stats.store.status(e))?;
         Ok(Response::new(pb::RegisterResponse {
             worker_id,
             run: None,
@@ -114,13 +114,13 @@ impl pb::Coordinator for PassService {
             .store
             .lease_images(&self.spec.pass_id, batch, now_ms(), self.lease_ms)
             .await
-            .map_err(internal)?;
+            .map_err(|e| self.stats.store.status(e))?;
         let work = match lease {
             Some(l) => {
                 self.stats.leases_issued.fetch_add(1, Ordering::Relaxed);
                 let bars = pass::bars(&*self.store, &self.spec)
                     .await
-                    .map_err(internal)?;
+                    .map_err(|e| self.stats.store.status(e))?;
                 pb::poll_work_response::Work::ImageLease(pb::ImageLease {
                     lease_id: l.lease_id,
                     pass_id: self.spec.pass_id.clone(),
@@ -134,7 +134,7 @@ impl pb::Coordinator for PassService {
                     .store
                     .pass_progress(&self.spec.pass_id)
                     .await
-                    .map_err(internal)?;
+                    .map_err(|e| self.stats.store.status(e))?;
                 if p.pending == 0 && p.leased == 0 {
                     pb::poll_work_response::Work::Finished(true)
                 } else {
@@ -158,7 +158,7 @@ impl pb::Coordinator for PassService {
                 .store
                 .heartbeat_images(&lease_id, now, self.lease_ms)
                 .await
-                .map_err(internal)?;
+                .map_err(|e| self.stats.store.status(e))?;
             leases.push(lease_status(lease_id, held, now, self.lease_ms));
         }
         Ok(Response::new(pb::HeartbeatResponse { leases }))
@@ -210,7 +210,7 @@ impl pb::Coordinator for PassService {
             .await
             .map_err(|e| match e {
                 e @ crate::Error::NonFinite { .. } => Status::invalid_argument(e.to_string()),
-                e => internal(e),
+                e => self.stats.store.status(e),
             })?;
         self.stats
             .results_recorded

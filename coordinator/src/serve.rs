@@ -47,6 +47,10 @@ use vgg_atlas_atlas as atlas;
 use crate::store::{self, redact, Backend};
 use crate::Error;
 
+/// A row of `filter_examples` as `serve` reads it: filter, rank, image, activation, the crop
+/// box (left, top, width, height) and whether a crop is stored.
+type ExampleRow = (i32, i64, String, f32, i32, i32, i32, i32, bool);
+
 /// How long to wait for PostgreSQL, or for a SQLite file a writer holds busy.
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -426,7 +430,7 @@ impl Viewer {
         pass: &str,
         layer: &str,
     ) -> Result<Vec<(i32, atlas::Example)>, Error> {
-        let rows: Vec<(i32, i64, String, f32, i32, i32, i32, i32, bool)> = on_db!(self, |c| {
+        let rows: Vec<ExampleRow> = on_db!(self, |c| {
             sqlx::query_as(
                 "SELECT filter, rank, image, activation, crop_left, crop_top, crop_width, crop_height,
                         crop IS NOT NULL AND LENGTH(crop) > 0

@@ -77,11 +77,23 @@ impl CoordinatorService {
             return Ok(None);
         }
         let run = &self.run.run_id;
-        let lease = if self.store.has_leasable(run, now).await.map_err(internal)? {
+        let health = &self.stats.store;
+        // Nothing is leased during an outage, nor after it before the leases held meanwhile
+        // are renewed: no heartbeat could renew them.
+        health
+            .recovered(&*self.store, run, self.run.lease_ms)
+            .await
+            .map_err(|e| health.status(e))?;
+        let leasable = self
+            .store
+            .has_leasable(run, now)
+            .await
+            .map_err(|e| health.status(e))?;
+        let lease = if leasable {
             self.store
                 .lease(run, worker, batch, now, self.run.lease_ms)
                 .await
-                .map_err(internal)?
+                .map_err(|e| health.status(e))?
         } else {
             None
         };
@@ -105,7 +117,7 @@ impl CoordinatorService {
             .store
             .is_finished(&self.run.run_id)
             .await
-            .map_err(internal)?;
+            .map_err(|e| self.stats.store.status(e))?;
         self.finished.store(done, Ordering::Relaxed);
         Ok(done)
     }
@@ -284,10 +296,6 @@ pub(crate) fn lease_status(
     }
 }
 
-pub(crate) fn internal(e: crate::Error) -> Status {
-    Status::internal(e.to_string())
-}
-
 #[pb::tonic::async_trait]
 impl pb::Coordinator for CoordinatorService {
     async fn register(
@@ -302,7 +310,7 @@ impl pb::Coordinator for CoordinatorService {
             .store
             .unfinished(&self.run.run_id)
             .await
-            .map_err(internal)?;
+            .map_err(|e| self.stats.store.status(e))?;
         let finished = (self.run.filters_total as i64 - unfinished).max(0);
         Ok(Response::new(pb::RegisterResponse {
             worker_id,
@@ -337,7 +345,7 @@ impl pb::Coordinator for CoordinatorService {
                 self.run.lease_ms,
             )
             .await
-            .map_err(internal)?;
+            .map_err(|e| self.stats.store.status(e))?;
         let lease = match reclaimed {
             Some(l) => {
                 tracing::info!(worker = %req.worker_id, lease = %l.lease_id, "lease sent again: its first answer was lost");
@@ -387,7 +395,7 @@ impl pb::Coordinator for CoordinatorService {
                 .store
                 .heartbeat(&lease_id, now, self.run.lease_ms)
                 .await
-                .map_err(internal)?;
+                .map_err(|e| self.stats.store.status(e))?;
             leases.push(lease_status(lease_id, held, now, self.run.lease_ms));
         }
         Ok(Response::new(pb::HeartbeatResponse { leases }))
@@ -405,7 +413,7 @@ impl pb::Coordinator for CoordinatorService {
             .store
             .lease_layer(&self.run.run_id, &req.lease_id)
             .await
-            .map_err(internal)?;
+            .map_err(|e| self.stats.store.status(e))?;
         // Checked one by one; what passes is recorded in one transaction.
         let filters: Vec<u32> = req.results.iter().map(|r| r.filter).collect();
         let mut answers: Vec<Option<(pb::SubmitOutcome, String)>> = Vec::new();
@@ -449,8 +457,14 @@ impl pb::Coordinator for CoordinatorService {
             .store
             .submit_all(&submissions, now_ms())
             .await
-            .map_err(internal)?
+            .map_err(|e| self.stats.store.status(e))?
             .into_iter();
+        // Stored: if an outage was on, it is over (and if ending it fails, it goes on).
+        let _ = self
+            .stats
+            .store
+            .recovered(&*self.store, &self.run.run_id, self.run.lease_ms)
+            .await;
         let mut outcomes = Vec::with_capacity(answers.len());
         for (filter, answer) in filters.into_iter().zip(answers) {
             let (outcome, message) = match answer {
@@ -468,7 +482,7 @@ impl pb::Coordinator for CoordinatorService {
                     Err(
                         e @ (crate::Error::NonFinite { .. } | crate::Error::UnknownFilter { .. }),
                     ) => (pb::SubmitOutcome::Rejected, e.to_string()),
-                    Err(e) => return Err(internal(e)),
+                    Err(e) => return Err(self.stats.store.status(e)),
                 },
             };
             if outcome == pb::SubmitOutcome::Failed {

@@ -28,6 +28,9 @@ pub const DEFAULT_OUT: &str = "out/atlas";
 /// look when no `--db` (or `VGG_ATLAS_DB`) is given.
 pub const DEFAULT_DB: &str = "sqlite://out/atlas/atlas.db";
 
+/// How often a render waiting out an outage of its store asks it again.
+const OUTAGE_RECHECK: Duration = Duration::from_secs(1);
+
 /// Everything a render is asked to do, as the user gave it.
 #[derive(Debug, Clone)]
 pub struct RenderConfig {
@@ -211,13 +214,14 @@ impl Checked {
             },
             store::redact(&db)
         )));
+        let lease_ms = (cfg.lease_seconds * 1000) as i64;
         let ctx = service::RunContext {
             run_id: spec.run_id.clone(),
             settings: cfg.settings.to_wire(weights_sha256),
             layers: cfg.layers.iter().map(|l| l.name.to_string()).collect(),
             filters_total: spec.filters.len() as u32,
             weights_path: weights_path.to_path_buf(),
-            lease_ms: (cfg.lease_seconds * 1000) as i64,
+            lease_ms,
         };
         let addr = listener
             .local_addr()
@@ -235,6 +239,7 @@ impl Checked {
             )));
         }
         let coordinator = service::CoordinatorService::new(store.clone(), ctx);
+        let health = coordinator.stats();
         if let Some(listener) = metrics_listener {
             let at = listener
                 .local_addr()
@@ -247,7 +252,7 @@ impl Checked {
                 store.clone(),
                 spec.run_id.clone(),
                 coordinator.stats(),
-                Duration::from_secs(2 * cfg.lease_seconds),
+                Duration::from_secs(cfg.lease_seconds),
             ));
         }
         // Local workers get a plain loopback port of their own when --listen has TLS (same
@@ -282,14 +287,40 @@ impl Checked {
             });
         }
         loop {
-            let progress = store.progress(&spec.run_id).await?;
-            if store.is_finished(&spec.run_id).await? {
+            // An outage of the store (a database server restarting, a full disk) is waited out,
+            // said once in the log (see `health`); any other error ends the render.
+            let polled = async {
+                let progress = store.progress(&spec.run_id).await?;
+                let finished = store.is_finished(&spec.run_id).await?;
+                health
+                    .store
+                    .recovered(&*store, &spec.run_id, lease_ms)
+                    .await?;
+                Ok::<_, Error>((finished, progress))
+            }
+            .await;
+            let (finished, progress) = match polled {
+                Ok(p) => p,
+                Err(e) if health.store.failed(&e).is_some() => {
+                    tokio::time::sleep(OUTAGE_RECHECK).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if finished {
                 on(Event::Finished {
                     run_id: &spec.run_id,
                     progress: &progress,
                 });
-                let drawn =
-                    draw::write_atlas(store.clone(), &spec.run_id, &cfg.out, cfg.mosaic).await?;
+                let drawn = loop {
+                    match draw::write_atlas(store.clone(), &spec.run_id, &cfg.out, cfg.mosaic).await
+                    {
+                        Err(e) if health.store.failed(&e).is_some() => {
+                            tokio::time::sleep(OUTAGE_RECHECK).await
+                        }
+                        drawn => break drawn?,
+                    }
+                };
                 for w in &drawn.warnings {
                     on(Event::Say(format!("warning: {w}")));
                 }

@@ -196,6 +196,7 @@ store_tests!(
     non_finite_example_activations_are_refused,
     a_leases_results_are_answered_one_by_one_in_one_transaction,
     nothing_is_leasable_once_every_filter_is_leased,
+    leases_held_through_an_outage_are_renewed,
 );
 
 /// A pass of K = `top` over images `a.jpg`, `b.jpg`, ... (`n` of them).
@@ -1186,6 +1187,45 @@ async fn reported_failure_is_retried_then_fails_for_good(db: &TestDb) {
     );
 }
 
+async fn leases_held_through_an_outage_are_renewed(db: &TestDb) {
+    let s = &db.store;
+    s.create_or_resume_run(&spec("run-1", &[("block1_conv1", 4)], 3))
+        .await
+        .unwrap();
+    s.create_or_resume_run(&spec("run-2", &[("block1_conv1", 1)], 3))
+        .await
+        .unwrap();
+    // Filters 0-1 leased until 1000 (0 then submitted), 2 until 9000; run-2's until 1000.
+    let a = s.lease("run-1", "w1", 2, 0, 1000).await.unwrap().unwrap();
+    s.submit(&outcome(&a, 0, "w1", 1.0), 100).await.unwrap();
+    let late = s.lease("run-1", "w2", 1, 0, 9000).await.unwrap().unwrap();
+    assert_eq!(filter_ids(&late), vec![2]);
+    let other = s.lease("run-2", "w3", 1, 0, 1000).await.unwrap().unwrap();
+
+    // Back at 5000 after an outage: renewed to 6000 (filter 1; filter 2's deadline is later).
+    assert_eq!(s.renew_leases("run-1", 6000).await.unwrap(), 1);
+    let taken = s
+        .lease("run-1", "w4", 4, 5999, 1000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(filter_ids(&taken), vec![3], "only the pending filter");
+    let retaken = s
+        .lease("run-1", "w4", 4, 6000, 1000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(filter_ids(&retaken), vec![1], "expired at 6000");
+    assert_eq!(s.lease("run-1", "w4", 4, 6998, 1000).await.unwrap(), None);
+    // Another run's leases are its own.
+    let again = s
+        .lease("run-2", "w5", 1, 1000, 1000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(filter_ids(&again), filter_ids(&other));
+}
+
 async fn heartbeat_extends_the_lease_until_it_is_revoked(db: &TestDb) {
     let s = &db.store;
     s.create_or_resume_run(&spec("run-1", &[("block1_conv1", 2)], 3))
@@ -1287,19 +1327,22 @@ async fn progress_counts_every_state(db: &TestDb) {
     ));
 }
 
+/// A filter's (activation, border ratio); `None`: leave it leased.
+type Outcome = Option<(f32, Option<f32>)>;
+
 /// Leases everything and records `activations[layer][filter]` (`None`: leave it leased).
 async fn finish(s: &Arc<dyn Store>, run: &RunSpec, activations: &[&[Option<f32>]]) {
-    let results: Vec<Vec<Option<(f32, Option<f32>)>>> = activations
+    let results: Vec<Vec<Outcome>> = activations
         .iter()
         .map(|layer| layer.iter().map(|a| a.map(|a| (a, Some(1.0)))).collect())
         .collect();
-    let results: Vec<&[Option<(f32, Option<f32>)>]> = results.iter().map(Vec::as_slice).collect();
+    let results: Vec<&[Outcome]> = results.iter().map(Vec::as_slice).collect();
     finish_with(s, run, &results).await;
 }
 
 /// Leases everything and records `results[layer][filter]` = (activation, border ratio) (`None`:
 /// leave it leased). A filter whose activation is 0 is dead.
-async fn finish_with(s: &Arc<dyn Store>, run: &RunSpec, results: &[&[Option<(f32, Option<f32>)>]]) {
+async fn finish_with(s: &Arc<dyn Store>, run: &RunSpec, results: &[&[Outcome]]) {
     s.create_or_resume_run(run).await.unwrap();
     while let Some(lease) = s.lease(&run.run_id, "w1", 16, 0, MINUTE).await.unwrap() {
         let index = run

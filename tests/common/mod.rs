@@ -11,6 +11,16 @@ use std::time::{Duration, Instant};
 /// The token of every test coordinator; the workers get it from the environment.
 pub const TOKEN: &str = "render-test-token-0123456789";
 
+/// Two cheap layers, 128 filters, slow enough (30 steps) that a fault lands mid-run.
+pub const PLAN: [&str; 6] = [
+    "--layers",
+    "block1_conv1,block1_conv2",
+    "--size",
+    "32",
+    "--steps",
+    "30",
+];
+
 pub fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_vgg-atlas"));
     c.env("VGG_ATLAS_TOKEN", TOKEN);
@@ -158,6 +168,11 @@ pub fn status(db: &str) -> Vec<serde_json::Value> {
         .clone()
 }
 
+/// Finished filters of every run in the database; 0 while it cannot be read.
+pub fn done(db: &str) -> i64 {
+    status_or_empty(db).map(|r| count(&r, "done")).unwrap_or(0)
+}
+
 pub fn count(rows: &[serde_json::Value], key: &str) -> i64 {
     rows.iter().map(|r| r[key].as_i64().unwrap()).sum()
 }
@@ -188,11 +203,16 @@ pub fn status_or_empty(db: &str) -> Option<Vec<serde_json::Value>> {
         .flatten()
 }
 
-/// (layer, filter) -> finished_at_ms of every stored result, through `query`.
+/// (layer, filter) -> finished_at_ms of every stored result in the SQLite file `db`.
 pub fn finished_at(db: &Path) -> std::collections::HashMap<(String, i64), i64> {
-    let db = format!("sqlite://{}", db.display());
+    finished_at_in(&format!("sqlite://{}", db.display()))
+}
+
+/// (layer, filter) -> finished_at_ms of every stored result, through `query` on the database
+/// at `db` (a URL).
+pub fn finished_at_in(db: &str) -> std::collections::HashMap<(String, i64), i64> {
     let rows: serde_json::Value = serde_json::from_str(&query(
-        &db,
+        db,
         "SELECT layer, filter, finished_at_ms FROM results",
         "json",
     ))
@@ -210,4 +230,26 @@ pub fn finished_at(db: &Path) -> std::collections::HashMap<(String, i64), i64> {
             )
         })
         .collect()
+}
+
+/// One HTTP/1.1 GET on `addr`: the status line and the body.
+pub fn http_get(addr: &str, path: &str) -> (String, String) {
+    try_http_get(addr, path).unwrap()
+}
+
+/// [`http_get`], with a connection error returned instead of failing.
+pub fn try_http_get(addr: &str, path: &str) -> std::io::Result<(String, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    Ok((
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    ))
 }

@@ -289,6 +289,12 @@ pub trait Store: ExampleStore + Send + Sync {
     /// `false` when it holds none (all submitted, or revoked by expiry and re-lease).
     async fn heartbeat(&self, lease_id: &str, now_ms: i64, lease_ms: i64) -> Result<bool>;
 
+    /// Renews every lease of the run to at least `deadline_ms`, as a heartbeat from each of
+    /// their workers would, and says how many filters they hold. After an outage of the store
+    /// no heartbeat could renew a lease, so without it the leases of workers alive all along
+    /// would expire and be computed again by others.
+    async fn renew_leases(&self, run_id: &str, deadline_ms: i64) -> Result<u64>;
+
     /// Records one filter's outcome; see [`SubmitOutcome`]. Non-finite scores are an error.
     async fn submit(&self, submission: &Submission, now_ms: i64) -> Result<SubmitOutcome> {
         self.submit_all(std::slice::from_ref(submission), now_ms)
@@ -570,6 +576,9 @@ pub(crate) mod sql {
 
     pub const HEARTBEAT: &str =
         "UPDATE filters SET lease_deadline_ms = $2 WHERE lease_id = $1 AND state = 'leased'";
+
+    pub const RENEW_LEASES: &str = "UPDATE filters SET lease_deadline_ms = $2
+         WHERE run_id = $1 AND state = 'leased' AND lease_deadline_ms < $2";
 
     pub const SUBMIT_RETRY: &str = "UPDATE filters
          SET state = 'pending', failed_reason = $4, lease_id = NULL, worker = NULL, lease_deadline_ms = NULL

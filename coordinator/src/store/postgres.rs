@@ -45,6 +45,8 @@ impl PostgresStore {
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(CONNECT_TIMEOUT)
+            // Slow acquires are those of an outage, which the coordinator reports itself.
+            .acquire_slow_threshold(CONNECT_TIMEOUT)
             .connect_with(options)
             .await
             .map_err(unreachable)?;

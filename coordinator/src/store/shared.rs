@@ -110,6 +110,15 @@ macro_rules! impl_store {
                 Ok(held > 0)
             }
 
+            async fn renew_leases(&self, run_id: &str, deadline_ms: i64) -> $crate::Result<u64> {
+                Ok(sqlx::query($crate::store::sql::RENEW_LEASES)
+                    .bind(run_id)
+                    .bind(deadline_ms)
+                    .execute(self.writes())
+                    .await?
+                    .rows_affected())
+            }
+
             async fn submit_all(
                 &self,
                 submissions: &[$crate::store::Submission],

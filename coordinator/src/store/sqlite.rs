@@ -13,7 +13,7 @@ use std::time::Duration;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Sqlite, Transaction};
+use sqlx::{Connection, Sqlite, Transaction};
 use vgg_atlas_proto::FilterState;
 
 use super::{expired_reason, sql, Lease, RunSpec};
@@ -73,7 +73,7 @@ impl SqliteStore {
             hint: "Is the path writable, and is the file a SQLite database?",
             cause,
         };
-        let pool = SqlitePoolOptions::new()
+        let pool = pool_options()
             .max_connections(8)
             .connect_with(options.clone())
             .await
@@ -85,7 +85,7 @@ impl SqliteStore {
                 url: url.to_string(),
                 cause,
             })?;
-        let writer = SqlitePoolOptions::new()
+        let writer = pool_options()
             .max_connections(1)
             // A write may queue behind many others under a thousand workers.
             .acquire_timeout(BUSY_TIMEOUT)
@@ -124,6 +124,22 @@ impl SqliteStore {
         }
         Ok(())
     }
+}
+
+/// Pool options of both pools: a connection left inside a transaction is closed, not reused.
+/// SQLite rolls a transaction back by itself when a write fails with a full disk
+/// (`SQLITE_FULL`) or an I/O error; the rollback sqlx then sends fails ("no transaction is
+/// active") and its count of open transactions stays at one, so that every later `BEGIN` on
+/// the connection would fail ("non-zero transaction depth"), and the writer pool has only one.
+fn pool_options() -> SqlitePoolOptions {
+    SqlitePoolOptions::new().after_release(|conn, _| {
+        Box::pin(async move {
+            // A rollback queued by a dropped transaction is carried out before the ping
+            // answers; a connection still counted inside one after it is stuck.
+            conn.ping().await?;
+            Ok(!conn.is_in_transaction())
+        })
+    })
 }
 
 /// The write transaction holds the whole database, so the row needs no lock.

@@ -1,0 +1,129 @@
+//! Whether the store answers, as the coordinator last found it. An outage (the database server
+//! stopped or restarting, the connection lost, the disk full; see [`Error::outage`]) is said
+//! once in the log when it begins and once when it ends; meanwhile calls that need the store
+//! are answered `UNAVAILABLE` (workers keep their results and retry), nothing is leased, the
+//! render waits instead of stopping, and `/healthz` reports it. It ends with the leases of the
+//! run renewed ([`StoreHealth::recovered`]).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use vgg_atlas_proto::tonic::Status;
+
+use crate::error::{Error, Outage};
+use crate::store::{now_ms, Store};
+
+#[derive(Default)]
+pub struct StoreHealth {
+    /// Fast path for the common case: no outage.
+    down: AtomicBool,
+    outage: Mutex<Option<Down>>,
+    /// One recovery at a time.
+    recovering: tokio::sync::Mutex<()>,
+}
+
+struct Down {
+    since: Instant,
+    kind: Outage,
+    why: String,
+}
+
+/// What `/healthz` and the log say of an outage.
+pub fn describe(kind: Outage) -> &'static str {
+    match kind {
+        Outage::Unreachable => "the database does not answer",
+        Outage::Full => "the database cannot store anything: its disk is full",
+    }
+}
+
+impl StoreHealth {
+    /// Notes `e` if it is an outage (said in the log when the outage begins) and returns its
+    /// kind; `None` for any other error.
+    pub fn failed(&self, e: &Error) -> Option<Outage> {
+        let kind = e.outage()?;
+        let mut outage = self.outage.lock().unwrap_or_else(|p| p.into_inner());
+        match &mut *outage {
+            Some(d) if d.kind == kind => d.why = e.to_string(),
+            _ => {
+                tracing::warn!(
+                    "{} ({e}); workers keep their results and retry, and the run goes on when it is back",
+                    describe(kind)
+                );
+                *outage = Some(Down {
+                    since: Instant::now(),
+                    kind,
+                    why: e.to_string(),
+                });
+            }
+        }
+        self.down.store(true, Ordering::Relaxed);
+        Some(kind)
+    }
+
+    /// Whether an outage has begun and not yet ended.
+    pub fn is_down(&self) -> bool {
+        self.down.load(Ordering::Relaxed)
+    }
+
+    /// Called after the store answered: if an outage was on, it ends here, once every lease of
+    /// `run_id` has been renewed for `lease_ms` from now ([`Store::renew_leases`]; no heartbeat
+    /// could renew them meanwhile). Until then nothing is leased (see [`crate::service`]), so
+    /// no lease of a worker that was alive all along is taken from it; a worker that died
+    /// during the outage loses its leases one lease length after it. An error here (the write
+    /// that proves a full disk has room again failed) keeps the outage on.
+    pub async fn recovered(
+        &self,
+        store: &dyn Store,
+        run_id: &str,
+        lease_ms: i64,
+    ) -> Result<(), Error> {
+        if !self.is_down() {
+            return Ok(());
+        }
+        let _one = self.recovering.lock().await;
+        let Some((kind, lasted, _)) = self.outage() else {
+            return Ok(()); // ended by another caller meanwhile
+        };
+        match store.renew_leases(run_id, now_ms() + lease_ms).await {
+            Ok(held) => {
+                tracing::warn!(
+                    "the database answers again, after {:.1} s ({}); the {held} filters under \
+                     lease meanwhile keep their leases",
+                    lasted.as_secs_f64(),
+                    describe(kind),
+                );
+                *self.outage.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                self.down.store(false, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                self.failed(&e);
+                Err(e)
+            }
+        }
+    }
+
+    /// The outage now, if any: its kind, how long it has lasted, and the last error it gave.
+    pub fn outage(&self) -> Option<(Outage, Duration, String)> {
+        if !self.down.load(Ordering::Relaxed) {
+            return None;
+        }
+        let outage = self.outage.lock().unwrap_or_else(|p| p.into_inner());
+        outage
+            .as_ref()
+            .map(|d| (d.kind, d.since.elapsed(), d.why.clone()))
+    }
+
+    /// The gRPC answer to a call the store failed: `UNAVAILABLE` for an outage (the worker
+    /// keeps what it has and retries), `INTERNAL` otherwise.
+    pub fn status(&self, e: Error) -> Status {
+        match self.failed(&e) {
+            Some(kind) => Status::unavailable(format!(
+                "{} ({e}); keep the results and retry",
+                describe(kind)
+            )),
+            None => Status::internal(e.to_string()),
+        }
+    }
+}
