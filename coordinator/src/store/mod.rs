@@ -320,9 +320,7 @@ pub trait Store: ExampleStore + Send + Sync {
     async fn runs(&self) -> Result<Vec<(String, i64, String)>>;
 
     /// `true` when no filter of the run is pending or leased (each is done or failed).
-    async fn is_finished(&self, run_id: &str) -> Result<bool> {
-        Ok(self.unfinished(run_id).await? == 0)
-    }
+    async fn is_finished(&self, run_id: &str) -> Result<bool>;
 
     /// Whether [`Store::lease`] would find a filter now (one pending, or leased with its lease
     /// ended): a read, so that the polls of idle workers do not queue for the write lock.
@@ -565,6 +563,29 @@ pub(crate) mod sql {
     /// A filter is leasable when pending, or leased with a deadline that has passed.
     pub const LEASABLE: &str =
         "(state = 'pending' OR (state = 'leased' AND lease_deadline_ms <= $2))";
+
+    /// Whether anything is [`LEASABLE`]: each half is one index seek (`filters_leasing`,
+    /// `filters_expiry`), where the OR in one WHERE made SQLite walk the run's index entries,
+    /// all of them once nothing is left to lease.
+    pub const HAS_LEASABLE: &str = "SELECT EXISTS (SELECT 1 FROM filters WHERE run_id = $1 AND state = 'pending')
+         OR EXISTS (SELECT 1 FROM filters WHERE run_id = $1 AND state = 'leased' AND lease_deadline_ms <= $2)";
+
+    /// The layer to lease from: that of the first [`LEASABLE`] filter in plan order, the first
+    /// pending one and the first expired one found apart (an index seek each) for the same
+    /// reason as [`HAS_LEASABLE`].
+    pub const FIRST_LEASABLE_LAYER: &str = "SELECT layer FROM (
+             SELECT * FROM (SELECT layer, layer_index, filter FROM filters
+                            WHERE run_id = $1 AND state = 'pending'
+                            ORDER BY layer_index, filter LIMIT 1) pending
+             UNION ALL
+             SELECT * FROM (SELECT layer, layer_index, filter FROM filters
+                            WHERE run_id = $1 AND state = 'leased' AND lease_deadline_ms <= $2
+                            ORDER BY layer_index, filter LIMIT 1) expired
+         ) first ORDER BY layer_index, filter LIMIT 1";
+
+    /// Whether every filter of the run is finished: an index seek per unfinished state.
+    pub const IS_FINISHED: &str =
+        "SELECT NOT EXISTS (SELECT 1 FROM filters WHERE run_id = $1 AND state IN ('pending', 'leased'))";
 
     pub const FAIL_EXPIRED: &str = "UPDATE filters
          SET state = 'failed', failed_reason = $4, lease_id = NULL, lease_deadline_ms = NULL

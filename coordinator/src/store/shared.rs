@@ -250,15 +250,19 @@ macro_rules! impl_store {
             }
 
             async fn has_leasable(&self, run_id: &str, now_ms: i64) -> $crate::Result<bool> {
-                let one: Option<i32> = sqlx::query_scalar(&format!(
-                    "SELECT 1 FROM filters WHERE run_id = $1 AND {} LIMIT 1",
-                    $crate::store::sql::LEASABLE
-                ))
-                .bind(run_id)
-                .bind(now_ms)
-                .fetch_optional(&self.pool)
-                .await?;
-                Ok(one.is_some())
+                Ok(sqlx::query_scalar($crate::store::sql::HAS_LEASABLE)
+                    .bind(run_id)
+                    .bind(now_ms)
+                    .fetch_one(&self.pool)
+                    .await?)
+            }
+
+            async fn is_finished(&self, run_id: &str) -> $crate::Result<bool> {
+                self.require_run(run_id).await?;
+                Ok(sqlx::query_scalar($crate::store::sql::IS_FINISHED)
+                    .bind(run_id)
+                    .fetch_one(&self.pool)
+                    .await?)
             }
 
             async fn unfinished(&self, run_id: &str) -> $crate::Result<i64> {

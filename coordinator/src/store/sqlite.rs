@@ -180,11 +180,10 @@ impl_store!(SqliteStore, Sqlite, {
         loop {
             let candidates: Vec<(String, i32, i64, String, i32)> = sqlx::query_as(&format!(
                 "SELECT layer, filter, seed, state, attempts FROM filters
-                 WHERE run_id = $1 AND {leasable} AND layer = (
-                     SELECT layer FROM filters WHERE run_id = $1 AND {leasable}
-                     ORDER BY layer_index, filter LIMIT 1)
+                 WHERE run_id = $1 AND {leasable} AND layer = ({first})
                  ORDER BY filter LIMIT $3",
-                leasable = sql::LEASABLE
+                leasable = sql::LEASABLE,
+                first = sql::FIRST_LEASABLE_LAYER
             ))
             .bind(run_id)
             .bind(now_ms)
