@@ -768,3 +768,57 @@ async fn a_lease_whose_answer_was_lost_is_sent_again() {
     assert_eq!(held_filters, 8);
     coord.server.abort();
 }
+
+/// A heartbeat while more than half of the lease is left is answered from the coordinator's
+/// memory (the deadline the lease was issued with: nothing written); a later one renews the
+/// lease in the store, where another worker then finds nothing to take past the first deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_renews_in_the_store_once_half_the_lease_is_gone() {
+    let f = fixture(1000).await;
+    let coord = serve(f.store.clone(), f.ctx.clone()).await;
+    let mut c = client(&coord.url).await;
+    let a = register(&mut c, "a").await;
+    let b = register(&mut c, "b").await;
+    let held = lease(&mut c, &a, 64).await;
+    let beat = |c: &mut Client| {
+        let request = pb::HeartbeatRequest {
+            worker_id: a.clone(),
+            lease_ids: vec![held.lease_id.clone()],
+        };
+        let mut c = c.clone();
+        async move { c.heartbeat(request).await.unwrap().into_inner().leases[0].clone() }
+    };
+    let early = beat(&mut c).await;
+    assert_eq!(early.state, pb::LeaseState::Held as i32);
+    assert_eq!(
+        early.lease_deadline_ms, held.lease_deadline_ms,
+        "from memory"
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let late = beat(&mut c).await;
+    assert_eq!(late.state, pb::LeaseState::Held as i32);
+    assert!(
+        late.lease_deadline_ms >= held.lease_deadline_ms + 500,
+        "renewed: {} then {}",
+        held.lease_deadline_ms,
+        late.lease_deadline_ms
+    );
+    // Past the first deadline, the store holds the renewed one: nothing for b to take.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let poll = c
+        .poll_work(pb::PollWorkRequest {
+            worker_id: b,
+            batch: 4,
+            held_lease_ids: Vec::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        matches!(
+            poll.work,
+            Some(pb::poll_work_response::Work::RetryAfterMs(_))
+        ),
+        "{poll:?}"
+    );
+}
