@@ -196,9 +196,10 @@ fn healthz(addr: &str) -> (String, String) {
 }
 
 /// 128 filters rendered by two worker processes on a PostgreSQL store whose server is stopped
-/// twice: for 3 s, then for 10 s (longer than the 4 s lease). The coordinator keeps running,
-/// says so on `/healthz` and in its log, reconnects by itself, and the run finishes with every
-/// result stored before the outages unchanged. Recomputed at most: the leases in flight at each
+/// twice: for 3 s, then for 10 s (longer than the 4 s lease, and than the workers'
+/// `--give-up-after`). The coordinator keeps running, says so on `/healthz` and in its log,
+/// reconnects by itself, and the run finishes with every result stored before the outages
+/// unchanged. Recomputed at most: the leases in flight at each
 /// outage (two workers, a lease and a prefetched one each, 8 filters a lease).
 #[test]
 fn postgresql_stopped_and_started_again_mid_run_loses_nothing() {
@@ -219,7 +220,13 @@ fn postgresql_stopped_and_started_again_mid_run_loses_nothing() {
         &health,
     ]);
     let (mut render, addr, log) = coordinator_logged("127.0.0.1:0", dir.path(), &args);
-    let mut workers = [worker(&addr, "a"), worker(&addr, "b")];
+    // A coordinator that answers "my database is out" is not silent: workers that give up after
+    // 5 s without an answer wait out the 10 s outage.
+    let patient = ["--give-up-after", "5s"];
+    let mut workers = [
+        worker_with(&addr, "a", &patient),
+        worker_with(&addr, "b", &patient),
+    ];
     wait_until("16 finished filters", Duration::from_secs(120), || {
         done(&db) >= 16
     });

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use vgg_atlas_proto::tonic::metadata::MetadataValue;
 use vgg_atlas_proto::tonic::Status;
 
 use crate::error::{Error, Outage};
@@ -119,10 +120,17 @@ impl StoreHealth {
     /// keeps what it has and retries), `INTERNAL` otherwise.
     pub fn status(&self, e: Error) -> Status {
         match self.failed(&e) {
-            Some(kind) => Status::unavailable(format!(
-                "{} ({e}); keep the results and retry",
-                describe(kind)
-            )),
+            Some(kind) => {
+                let mut status = Status::unavailable(format!(
+                    "{} ({e}); keep the results and retry",
+                    describe(kind)
+                ));
+                status.metadata_mut().insert(
+                    vgg_atlas_proto::STORE_OUTAGE_METADATA,
+                    MetadataValue::from_static("1"),
+                );
+                status
+            }
             None => Status::internal(e.to_string()),
         }
     }

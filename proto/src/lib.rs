@@ -38,6 +38,13 @@ pub use v1::coordinator_client::CoordinatorClient;
 pub use v1::coordinator_server::{Coordinator, CoordinatorServer};
 pub use v1::*;
 
+/// Set (to `1`) on the `UNAVAILABLE` answer of a coordinator whose store is out (its database
+/// server down or restarting, its disk full): the coordinator itself is up and answering, so a
+/// worker keeps its results and waits for as long as the outage lasts, without counting it as
+/// silence (`worker --give-up-after`). Older workers ignore it and retry as for any
+/// `UNAVAILABLE`.
+pub const STORE_OUTAGE_METADATA: &str = "vgg-atlas-store-outage";
+
 /// The version of this contract a peer speaks, sent in `RegisterRequest.protocol_version`.
 /// Bumped on any breaking change (together with the package name) and on any addition old
 /// peers would silently misread, such as new run settings; see the header of `atlas.proto`.

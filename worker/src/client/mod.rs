@@ -90,7 +90,15 @@ pub async fn run_or_give_up(cfg: WorkerConfig, give_up_after: Option<Duration>) 
     loop {
         match session(&cfg, &endpoint, &mut engine, &mut carry).await {
             Ok(SessionEnd::Finished) => return Ok(()),
-            Err(SessionError::Retry(why)) => {
+            Err(e @ (SessionError::Retry(_) | SessionError::Outage(_))) => {
+                let (why, what) = match e {
+                    SessionError::Outage(why) => {
+                        carry.answered(); // the coordinator is there, its database is not
+                        (why, "answers that its database is out")
+                    }
+                    SessionError::Retry(why) => (why, "unreachable or lost"),
+                    SessionError::Fatal(_) => unreachable!("matched above"),
+                };
                 let silent = carry.last_answer.unwrap_or(started).elapsed();
                 let unsent = match &carry.unsent {
                     Some(u) => format!(" with {} results to submit", u.results.len()),
@@ -113,7 +121,7 @@ pub async fn run_or_give_up(cfg: WorkerConfig, give_up_after: Option<Duration>) 
                     ));
                 }
                 tracing::warn!(
-                    "coordinator {} unreachable or lost ({why}); retrying in {wait:?}{unsent}",
+                    "coordinator {} {what} ({why}); retrying in {wait:?}{unsent}",
                     cfg.connect,
                 );
                 tokio::time::sleep(wait).await;
@@ -174,6 +182,9 @@ enum Joined {
 
 pub(crate) enum SessionError {
     Retry(String),
+    /// The coordinator answered that its store is out ([`pb::STORE_OUTAGE_METADATA`]): retried
+    /// as [`SessionError::Retry`] is, but it was an answer (see `--give-up-after`).
+    Outage(String),
     Fatal(Error),
 }
 
@@ -187,6 +198,9 @@ impl From<tonic::Status> for SessionError {
                 "the coordinator refused this worker: {}",
                 s.message()
             ))),
+            tonic::Code::Unavailable if s.metadata().contains_key(pb::STORE_OUTAGE_METADATA) => {
+                SessionError::Outage(s.message().to_string())
+            }
             _ => SessionError::Retry(format!("{}: {}", s.code(), s.message())),
         }
     }
@@ -444,7 +458,7 @@ async fn session(
                             }
                         }
                         Err(status) => match SessionError::from(status) {
-                            SessionError::Retry(why) => {
+                            SessionError::Retry(why) | SessionError::Outage(why) => {
                                 tracing::warn!(lease = %lease.lease_id, "heartbeat failed ({why}); computing on, to submit when the coordinator is back");
                                 lost = Some(why);
                             }
@@ -495,7 +509,7 @@ async fn submit(
         }
         Err(status) => {
             let e = SessionError::from(status);
-            if matches!(e, SessionError::Retry(_)) {
+            if matches!(e, SessionError::Retry(_) | SessionError::Outage(_)) {
                 carry.unsent = Some(request);
             }
             return Err(e);
@@ -564,7 +578,7 @@ fn prefetched(
 ) -> Option<pb::Lease> {
     match got {
         Ok(Ok(Next::Lease(l))) => Some(*l),
-        Ok(Err(SessionError::Retry(why))) => {
+        Ok(Err(SessionError::Retry(why) | SessionError::Outage(why))) => {
             tracing::debug!("prefetch of the next lease failed: {why}");
             None
         }
