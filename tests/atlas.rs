@@ -973,7 +973,10 @@ fn layer_summary_of_0001() -> &'static str {
 /// SQL that takes today's SQLite schema back to the one before migration 0003: no
 /// `results.border_ratio` (nor its index), and `layer_summary` as 0001 made it.
 /// SQL taking today's SQLite schema back to before migration 0004 (no examples tables).
-const BEFORE_0004: &str = "DROP VIEW filter_examples;
+const BEFORE_0004: &str = "DROP INDEX filters_expiry;
+     DROP INDEX filters_worker;
+     DELETE FROM _sqlx_migrations WHERE version >= 5;
+     DROP VIEW filter_examples;
      DROP TABLE image_filters;
      DROP TABLE examples;
      DROP TABLE images;
