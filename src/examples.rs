@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use vgg_atlas_coordinator::examples as pass;
+use vgg_atlas_coordinator::health::StoreHealth;
 use vgg_atlas_coordinator::pass_service::PassService;
 use vgg_atlas_coordinator::service::retry_after_ms;
 use vgg_atlas_coordinator::standalone::{reachable, token_for, DEFAULT_DB};
@@ -198,6 +199,9 @@ async fn run(
     pool: rayon::ThreadPool,
     listening: bool,
 ) -> Result<()> {
+    // An outage of the store (a database server restarting, a full disk) is waited out, as a
+    // render does: said once in the log when it begins and when it ends.
+    let health = StoreHealth::default();
     let at_start = store.pass_progress(&spec.pass_id).await?;
     eprintln!(
         "{} pass {} over {}: {} images ({} new), {} finished already; top {}, {} px",
@@ -229,14 +233,18 @@ async fn run(
         let now = store::now_ms();
         let leased = match &local {
             Some(_) => {
-                store
-                    .lease_images(&spec.pass_id, batch, now, lease_ms)
+                health
+                    .patiently(true, || {
+                        store.lease_images(&spec.pass_id, batch, now, lease_ms)
+                    })
                     .await?
             }
             None => None,
         };
         let Some(lease) = leased else {
-            let p = store.pass_progress(&spec.pass_id).await?;
+            let p = health
+                .patiently(false, || store.pass_progress(&spec.pass_id))
+                .await?;
             if p.leased == 0 && p.pending == 0 {
                 break;
             }
@@ -248,7 +256,7 @@ async fn run(
             tokio::time::sleep(Duration::from_secs(if local.is_some() { 2 } else { 1 })).await;
             continue;
         };
-        let bars = pass::bars(store, spec).await?;
+        let bars = health.patiently(false, || pass::bars(store, spec)).await?;
         let files: Vec<(String, std::io::Result<Vec<u8>>)> = lease
             .images
             .iter()
@@ -293,9 +301,13 @@ async fn run(
             tokio::select! {
                 done = &mut compute => break done?,
                 _ = tokio::time::sleep(heartbeat) => {
-                    store
-                        .heartbeat_images(&lease.lease_id, store::now_ms(), lease_ms)
-                        .await?;
+                    let beat = store.heartbeat_images(&lease.lease_id, store::now_ms(), lease_ms);
+                    if let Err(e) = beat.await {
+                        // An outage: the batch goes on, to be submitted when it is over.
+                        if health.failed(&e).is_none() {
+                            return Err(e.into());
+                        }
+                    }
                 }
             }
         };
@@ -306,15 +318,19 @@ async fn run(
             .map(|f| pass::submission(spec, f).map_err(anyhow::Error::msg))
             .collect::<Result<_>>()?;
         examined_here += submissions.len();
-        store
-            .submit_images(
-                &spec.pass_id,
-                &lease.lease_id,
-                &submissions,
-                store::now_ms(),
-            )
+        health
+            .patiently(true, || {
+                store.submit_images(
+                    &spec.pass_id,
+                    &lease.lease_id,
+                    &submissions,
+                    store::now_ms(),
+                )
+            })
             .await?;
-        let p = store.pass_progress(&spec.pass_id).await?;
+        let p = health
+            .patiently(false, || store.pass_progress(&spec.pass_id))
+            .await?;
         match &bar {
             Some(b) => b.set_position(p.finished() as u64),
             None if last_log.elapsed() >= Duration::from_secs(10) => {

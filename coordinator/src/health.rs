@@ -88,19 +88,60 @@ impl StoreHealth {
         };
         match store.renew_leases(run_id, now_ms() + lease_ms).await {
             Ok(held) => {
-                tracing::warn!(
-                    "the database answers again, after {:.1} s ({}); the {held} filters under \
-                     lease meanwhile keep their leases",
-                    lasted.as_secs_f64(),
-                    describe(kind),
+                self.end(
+                    kind,
+                    lasted,
+                    &format!("the {held} filters under lease meanwhile keep their leases"),
                 );
-                *self.outage.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                self.down.store(false, Ordering::Relaxed);
                 Ok(())
             }
             Err(e) => {
                 self.failed(&e);
                 Err(e)
+            }
+        }
+    }
+
+    /// Called after the store answered, by a caller that holds no filter leases (an examples
+    /// pass, whose image leases are not renewed: a batch whose lease ran out and was taken by
+    /// another process is examined again there). Ends an outage of the server at once, and one
+    /// of a full disk once `wrote` (reads work on a full disk).
+    pub fn answered(&self, wrote: bool) {
+        if let Some((kind, lasted, _)) = self.outage() {
+            if kind == Outage::Unreachable || wrote {
+                self.end(kind, lasted, "going on");
+            }
+        }
+    }
+
+    fn end(&self, kind: Outage, lasted: Duration, then: &str) {
+        tracing::warn!(
+            "the database answers again, after {:.1} s ({}); {then}",
+            lasted.as_secs_f64(),
+            describe(kind),
+        );
+        *self.outage.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.down.store(false, Ordering::Relaxed);
+    }
+
+    /// Runs `op` until it succeeds or fails with something other than an outage, which it waits
+    /// out (asking again every second); for a caller that holds no filter leases, as
+    /// [`StoreHealth::answered`]. `wrote`: whether `op` writes.
+    pub async fn patiently<T, F, Fut>(&self, wrote: bool, mut op: F) -> Result<T, Error>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Error>>,
+    {
+        loop {
+            match op().await {
+                Ok(v) => {
+                    self.answered(wrote);
+                    return Ok(v);
+                }
+                Err(e) if self.failed(&e).is_some() => {
+                    tokio::time::sleep(Duration::from_secs(1)).await
+                }
+                Err(e) => return Err(e),
             }
         }
     }
