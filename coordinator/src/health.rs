@@ -48,7 +48,7 @@ impl StoreHealth {
             Some(d) if d.kind == kind => d.why = e.to_string(),
             _ => {
                 tracing::warn!(
-                    "{} ({e}); workers keep their results and retry, and the run goes on when it is back",
+                    "{} ({e}); results are kept and retried, and the work goes on when it is back",
                     describe(kind)
                 );
                 *outage = Some(Down {
