@@ -55,7 +55,8 @@ pub struct RenderArgs {
     /// Accept workers without a token; only with --listen on a loopback address.
     #[arg(long, conflicts_with = "token")]
     pub no_token: bool,
-    /// Serve /healthz and Prometheus /metrics over HTTP on this address (e.g. 0.0.0.0:9090).
+    /// Serve /healthz (503 while the database is out), /livez and Prometheus /metrics over HTTP on
+    /// this address (e.g. 0.0.0.0:9090).
     #[arg(long)]
     pub metrics_listen: Option<String>,
     /// Keep running after the run is finished (serving workers "finished", health and

@@ -143,28 +143,20 @@ fn render_resumes_after_kill_9_without_recomputing_finished_filters() {
     let dir = tempfile::tempdir().unwrap();
     let db = format!("sqlite://{}", dir.path().join("atlas.db").display());
     let args = [
-        "render",
-        "--layers",
-        "block1_conv1,block1_conv2",
-        "--size",
-        "32",
-        "--steps",
-        "30",
-        "--batch",
-        "4",
-        "--threads",
-        "1",
-        "--out",
-    ];
+        &["render"][..],
+        &PLAN,
+        &["--batch", "4", "--threads", "1", "--out"],
+    ]
+    .concat();
     let mut first = bin()
-        .args(args)
+        .args(&args)
         .arg(dir.path())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let t = Instant::now();
-    while status_or_empty(&db).map(|r| count(&r, "done")).unwrap_or(0) < 8 {
+    while done(&db) < 8 {
         assert!(
             t.elapsed() < Duration::from_secs(120),
             "no progress before the kill"
@@ -179,7 +171,7 @@ fn render_resumes_after_kill_9_without_recomputing_finished_filters() {
         "killed mid-run: {} finished",
         before.len()
     );
-    let second = bin().args(args).arg(dir.path()).output().unwrap();
+    let second = bin().args(&args).arg(dir.path()).output().unwrap();
     assert!(
         second.status.success(),
         "{}",

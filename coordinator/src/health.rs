@@ -30,6 +30,9 @@ struct Down {
     why: String,
 }
 
+/// How often an outage is asked again whether it is over.
+pub const OUTAGE_RECHECK: Duration = Duration::from_secs(1);
+
 /// What `/healthz` and the log say of an outage.
 pub fn describe(kind: Outage) -> &'static str {
     match kind {
@@ -125,7 +128,7 @@ impl StoreHealth {
     }
 
     /// Runs `op` until it succeeds or fails with something other than an outage, which it waits
-    /// out (asking again every second); for a caller that holds no filter leases, as
+    /// out (asking again every [`OUTAGE_RECHECK`]); for a caller that holds no filter leases, as
     /// [`StoreHealth::answered`]. `wrote`: whether `op` writes.
     pub async fn patiently<T, F, Fut>(&self, wrote: bool, mut op: F) -> Result<T, Error>
     where
@@ -138,9 +141,7 @@ impl StoreHealth {
                     self.answered(wrote);
                     return Ok(v);
                 }
-                Err(e) if self.failed(&e).is_some() => {
-                    tokio::time::sleep(Duration::from_secs(1)).await
-                }
+                Err(e) if self.failed(&e).is_some() => tokio::time::sleep(OUTAGE_RECHECK).await,
                 Err(e) => return Err(e),
             }
         }

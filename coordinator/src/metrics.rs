@@ -1,5 +1,5 @@
-//! What an operator watches: `/healthz` (the store answers and can store; see [`crate::health`]) and `/metrics` in the Prometheus
-//! text format, served over plain HTTP on a port of its own (`render --metrics-listen`). The
+//! What an operator watches: `/healthz` (the store answers and can store; see
+//! [`crate::health`]), `/livez`, and `/metrics` in the Prometheus text format, served over plain HTTP on a port of its own (`render --metrics-listen`). The
 //! per-layer counts are read from the store at each scrape, so they are right after a restart;
 //! the counters count since this coordinator started.
 

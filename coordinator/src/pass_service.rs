@@ -159,7 +159,7 @@ impl pb::Coordinator for PassService {
                 .heartbeat_images(&lease_id, now, self.lease_ms)
                 .await
                 .map_err(|e| self.stats.store.status(e))?;
-            leases.push(lease_status(lease_id, held, now, self.lease_ms));
+            leases.push(lease_status(lease_id, held.then_some(now + self.lease_ms)));
         }
         Ok(Response::new(pb::HeartbeatResponse { leases }))
     }

@@ -323,21 +323,15 @@ pub(crate) type WeightsStream =
     Pin<Box<dyn Stream<Item = Result<pb::WeightsChunk, Status>> + Send>>;
 pub(crate) type ImageStream = Pin<Box<dyn Stream<Item = Result<pb::ImageChunk, Status>> + Send>>;
 
-/// A heartbeat's answer for one lease: held (with its new deadline) or revoked.
-pub(crate) fn lease_status(
-    lease_id: String,
-    held: bool,
-    now: i64,
-    lease_ms: i64,
-) -> pb::LeaseStatus {
+/// A heartbeat's answer for one lease: held until `deadline`, or revoked (`None`).
+pub(crate) fn lease_status(lease_id: String, deadline: Option<i64>) -> pb::LeaseStatus {
     pb::LeaseStatus {
         lease_id,
-        state: if held {
-            pb::LeaseState::Held
-        } else {
-            pb::LeaseState::Revoked
+        state: match deadline {
+            Some(_) => pb::LeaseState::Held,
+            None => pb::LeaseState::Revoked,
         } as i32,
-        lease_deadline_ms: if held { (now + lease_ms) as u64 } else { 0 },
+        lease_deadline_ms: deadline.unwrap_or(0) as u64,
     }
 }
 
@@ -439,11 +433,7 @@ impl pb::Coordinator for CoordinatorService {
         let lease_ms = self.run.lease_ms;
         for lease_id in req.lease_ids {
             if let Some(deadline) = self.issued.fresh(&lease_id, now, lease_ms) {
-                leases.push(pb::LeaseStatus {
-                    lease_id,
-                    state: pb::LeaseState::Held as i32,
-                    lease_deadline_ms: deadline as u64,
-                });
+                leases.push(lease_status(lease_id, Some(deadline)));
                 continue;
             }
             let held = self
@@ -456,7 +446,7 @@ impl pb::Coordinator for CoordinatorService {
             } else {
                 self.issued.forget(&lease_id);
             }
-            leases.push(lease_status(lease_id, held, now, lease_ms));
+            leases.push(lease_status(lease_id, held.then_some(now + lease_ms)));
         }
         Ok(Response::new(pb::HeartbeatResponse { leases }))
     }

@@ -19,7 +19,7 @@ use vgg_atlas_proto::tonic::transport::Server;
 use vgg_atlas_proto::{Layer, Settings};
 
 use crate::store::{self, LayerProgress, Store};
-use crate::{draw, metrics, plan, service, Error, Result};
+use crate::{draw, health, metrics, plan, service, Error, Result};
 
 /// Where `render` writes when no `--out` is given: a folder no source folder is named like,
 /// ignored by git and by the Docker build context.
@@ -27,9 +27,6 @@ pub const DEFAULT_OUT: &str = "out/atlas";
 /// The database of a render into [`DEFAULT_OUT`], where `status`, `query`, `mosaic` and `serve`
 /// look when no `--db` (or `VGG_ATLAS_DB`) is given.
 pub const DEFAULT_DB: &str = "sqlite://out/atlas/atlas.db";
-
-/// How often a render waiting out an outage of its store asks it again.
-const OUTAGE_RECHECK: Duration = Duration::from_secs(1);
 
 /// Everything a render is asked to do, as the user gave it.
 #[derive(Debug, Clone)]
@@ -302,7 +299,7 @@ impl Checked {
             let (finished, progress) = match polled {
                 Ok(p) => p,
                 Err(e) if health.store.failed(&e).is_some() => {
-                    tokio::time::sleep(OUTAGE_RECHECK).await;
+                    tokio::time::sleep(health::OUTAGE_RECHECK).await;
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -312,15 +309,13 @@ impl Checked {
                     run_id: &spec.run_id,
                     progress: &progress,
                 });
-                let drawn = loop {
-                    match draw::write_atlas(store.clone(), &spec.run_id, &cfg.out, cfg.mosaic).await
-                    {
-                        Err(e) if health.store.failed(&e).is_some() => {
-                            tokio::time::sleep(OUTAGE_RECHECK).await
-                        }
-                        drawn => break drawn?,
-                    }
-                };
+                // The run is finished: no lease is held any more.
+                let drawn = health
+                    .store
+                    .patiently(false, || {
+                        draw::write_atlas(store.clone(), &spec.run_id, &cfg.out, cfg.mosaic)
+                    })
+                    .await?;
                 for w in &drawn.warnings {
                     on(Event::Say(format!("warning: {w}")));
                 }
