@@ -39,6 +39,7 @@ pub struct BenchReport {
     pub batch: usize,
     pub filters: usize,
     pub png_bytes: usize,
+    /// From the first worker's start to the last result recorded.
     pub seconds: f64,
     pub results_per_second: f64,
     pub leases_per_second: f64,
@@ -156,16 +157,20 @@ async fn measure(cfg: &BenchConfig, url: &str) -> Result<BenchReport> {
         }));
     }
     let mut round_trips = Vec::new();
-    let mut leases = 0usize;
+    let mut last_recorded = started;
     for t in tasks {
         let r = t
             .await
             .map_err(|e| Error::Bench(format!("a simulated worker panicked: {e}")))?;
-        let (n, times) = r?;
-        leases += n;
+        let (times, last) = r?;
         round_trips.extend(times);
+        last_recorded = last_recorded.max(last.unwrap_or(started));
     }
-    let seconds = started.elapsed().as_secs_f64();
+    let leases = round_trips.len();
+    // Until the last result was recorded: the workers that found nothing left to lease wait
+    // (as real ones do) before they learn that the run is finished, which is not the store's
+    // work.
+    let seconds = (last_recorded - started).as_secs_f64();
     server.abort();
     let progress = store.progress(&spec.run_id).await?;
     let done: i64 = progress.iter().map(|p| p.done).sum();
@@ -196,14 +201,15 @@ async fn measure(cfg: &BenchConfig, url: &str) -> Result<BenchReport> {
     })
 }
 
-/// A worker without compute; returns its lease count and per-lease round-trip times (ms).
+/// A worker without compute; returns its per-lease round-trip times (ms) and when its last
+/// result was recorded.
 async fn simulated_worker(
     url: String,
     name: String,
     batch: usize,
     png: Arc<Vec<u8>>,
     token: String,
-) -> Result<(usize, Vec<f64>)> {
+) -> Result<(Vec<f64>, Option<Instant>)> {
     let rpc = |e: tonic::Status| {
         let mut why = format!("{}: {}", e.code(), e.message());
         let mut cause = std::error::Error::source(&e);
@@ -235,6 +241,7 @@ async fn simulated_worker(
         .into_inner()
         .worker_id;
     let mut times = Vec::new();
+    let mut last = None;
     loop {
         let t = Instant::now();
         let work = client
@@ -249,9 +256,14 @@ async fn simulated_worker(
             .work;
         let lease = match work {
             Some(pb::poll_work_response::Work::Lease(l)) => l,
-            Some(pb::poll_work_response::Work::Finished(true)) => return Ok((times.len(), times)),
+            Some(pb::poll_work_response::Work::Finished(true)) => return Ok((times, last)),
+            // Waits as long as a real worker does (`vgg-atlas worker`'s `poll`).
+            Some(pb::poll_work_response::Work::RetryAfterMs(ms)) => {
+                tokio::time::sleep(Duration::from_millis(ms.into())).await;
+                continue;
+            }
             _ => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }
         };
@@ -297,6 +309,8 @@ async fn simulated_worker(
                 o.filter, o.message
             )));
         }
-        times.push(t.elapsed().as_secs_f64() * 1000.0);
+        let now = Instant::now();
+        times.push((now - t).as_secs_f64() * 1000.0);
+        last = Some(now);
     }
 }

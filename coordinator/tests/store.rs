@@ -195,6 +195,7 @@ store_tests!(
     concurrent_image_lessees_never_share_an_image,
     non_finite_example_activations_are_refused,
     a_leases_results_are_answered_one_by_one_in_one_transaction,
+    one_call_answers_the_results_of_several_leases_as_if_each_were_written_in_turn,
     nothing_is_leasable_once_every_filter_is_leased,
     leases_held_through_an_outage_are_renewed,
 );
@@ -1860,6 +1861,80 @@ async fn a_leases_results_are_answered_one_by_one_in_one_transaction(db: &TestDb
         .is_none());
     let p = &s.progress("run-1").await.unwrap()[0];
     assert_eq!((p.done, p.leased), (2, 2), "filters 1 and 2 still leased");
+}
+
+/// `submit_all` reads the rows once and plans every write in memory: what it answers must be
+/// what one call per submission, in filter order, would have answered.
+async fn one_call_answers_the_results_of_several_leases_as_if_each_were_written_in_turn(
+    db: &TestDb,
+) {
+    let s = &db.store;
+    s.create_or_resume_run(&spec(
+        "run-1",
+        &[("block1_conv1", 2), ("block1_conv2", 2)],
+        2,
+    ))
+    .await
+    .unwrap();
+    let first = s.lease("run-1", "w1", 2, 0, MINUTE).await.unwrap().unwrap();
+    let second = s.lease("run-1", "w2", 2, 0, MINUTE).await.unwrap().unwrap();
+    assert_eq!(
+        (first.layer.as_str(), second.layer.as_str()),
+        ("block1_conv1", "block1_conv2")
+    );
+    let all = [
+        outcome(&second, 1, "w2", 7.0),
+        // A failure with attempts left puts filter 0 back to pending; the result after it in
+        // the same call no longer holds the lease.
+        failure(&first, 0, "w1", "device lost"),
+        outcome(&first, 0, "w1", 2.0),
+        // Another worker's answer to w1's lease.
+        outcome(&first, 1, "w2", 3.0),
+        outcome(&first, 1, "w1", 4.0),
+        outcome(&second, 0, "w2", 6.0),
+    ];
+    let got: Vec<_> = s
+        .submit_all(&all, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(
+        got,
+        [
+            SubmitOutcome::Recorded,
+            SubmitOutcome::Pending,
+            SubmitOutcome::NotLeased,
+            SubmitOutcome::NotLeased,
+            SubmitOutcome::Recorded,
+            SubmitOutcome::Recorded,
+        ]
+    );
+    let stored = |layer: &'static str, filter| async move {
+        s.result("run-1", layer, filter)
+            .await
+            .unwrap()
+            .map(|r| (r.activation, r.worker))
+    };
+    assert_eq!(stored("block1_conv1", 0).await, None);
+    assert_eq!(stored("block1_conv1", 1).await, Some((4.0, "w1".into())));
+    assert_eq!(stored("block1_conv2", 0).await, Some((6.0, "w2".into())));
+    assert_eq!(stored("block1_conv2", 1).await, Some((7.0, "w2".into())));
+    let p = s.progress("run-1").await.unwrap();
+    assert_eq!(
+        p.iter()
+            .map(|l| (l.done, l.pending, l.leased))
+            .collect::<Vec<_>>(),
+        [(1, 1, 0), (2, 0, 0)]
+    );
+    // Filter 0 was put back with its reason, and is leased again.
+    let again = s
+        .lease("run-1", "w3", 4, 20, MINUTE)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.filters.iter().map(|f| f.0).collect::<Vec<_>>(), [0]);
 }
 
 async fn nothing_is_leasable_once_every_filter_is_leased(db: &TestDb) {

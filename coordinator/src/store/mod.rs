@@ -473,30 +473,145 @@ enum SubmitPlan {
     Record,
 }
 
-fn plan_submit(
-    state: &str,
-    lease_id: Option<&str>,
-    worker: Option<&str>,
-    attempts: i32,
-    max_attempts: i32,
-    r: &Submission,
-) -> SubmitPlan {
-    if state == FilterState::Done.name() {
+fn plan_submit(row: &SubmitRow, r: &Submission) -> SubmitPlan {
+    if row.state == FilterState::Done.name() {
         return SubmitPlan::Answer(SubmitOutcome::Duplicate);
     }
     // Only the worker the lease was issued to may answer it: a lease id seen by another worker
     // (in a log, say) does not let that worker write results.
-    if state != FilterState::Leased.name()
-        || lease_id != Some(r.lease_id.as_str())
-        || worker != Some(r.worker.as_str())
+    if row.state != FilterState::Leased.name()
+        || row.lease_id.as_deref() != Some(r.lease_id.as_str())
+        || row.worker.as_deref() != Some(r.worker.as_str())
     {
         return SubmitPlan::Answer(SubmitOutcome::NotLeased);
     }
     match &r.failed_reason {
-        Some(_) if attempts < max_attempts => SubmitPlan::Retry,
+        Some(_) if row.attempts < row.max_attempts => SubmitPlan::Retry,
         Some(reason) => SubmitPlan::Fail(reason.clone()),
         None => SubmitPlan::Record,
     }
+}
+
+/// Most rows (or `IN` list entries) one statement of [`Store::submit_all`] carries: 14 values
+/// a result row, far under either database's limit on bound values.
+const ROWS_PER_STATEMENT: usize = 256;
+
+/// A filter's lease state as [`Store::submit_all`] reads it, with its run's `max_attempts`.
+#[derive(Debug, Clone, PartialEq)]
+struct SubmitRow {
+    state: String,
+    lease_id: Option<String>,
+    worker: Option<String>,
+    attempts: i32,
+    max_attempts: i32,
+}
+
+/// `(run_id, layer, filter)`: a planned filter's key.
+type FilterKey = (String, String, i32);
+
+/// The writes of one [`Store::submit_all`], planned from the rows it read once.
+#[derive(Debug, Default)]
+struct SubmitWrites<'a> {
+    record: Vec<&'a Submission>,
+    retry: Vec<&'a Submission>,
+    fail: Vec<(&'a Submission, String)>,
+}
+
+impl SubmitWrites<'_> {
+    /// The recorded filters, grouped by `(run_id, layer)` for one `UPDATE` per group.
+    fn done_groups(&self) -> Vec<((&str, &str), Vec<i32>)> {
+        let mut groups: std::collections::BTreeMap<(&str, &str), Vec<i32>> = Default::default();
+        for r in &self.record {
+            groups
+                .entry((r.run_id.as_str(), r.layer.as_str()))
+                .or_default()
+                .push(r.filter);
+        }
+        groups.into_iter().collect()
+    }
+}
+
+/// The order [`Store::submit_all`] takes submissions in: by filter key, so that PostgreSQL
+/// locks rows in one order and two submissions that share filters cannot deadlock.
+fn submit_order(submissions: &[Submission]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..submissions.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (a, b) = (&submissions[a], &submissions[b]);
+        (&a.run_id, &a.layer, a.filter).cmp(&(&b.run_id, &b.layer, b.filter))
+    });
+    order
+}
+
+/// The filters whose rows [`Store::submit_all`] reads, grouped by `(run_id, layer)`, each
+/// group's filters ascending and without repeats; `skip` are the submissions already answered.
+fn row_groups<'a>(
+    submissions: &'a [Submission],
+    order: &[usize],
+    skip: &[Option<Result<SubmitOutcome>>],
+) -> Vec<((&'a str, &'a str), Vec<i32>)> {
+    let mut groups: Vec<((&str, &str), Vec<i32>)> = Vec::new();
+    for &i in order.iter().filter(|&&i| skip[i].is_none()) {
+        let r = &submissions[i];
+        let key = (r.run_id.as_str(), r.layer.as_str());
+        match groups.last_mut() {
+            Some((k, filters)) if *k == key => {
+                if filters.last() != Some(&r.filter) {
+                    filters.push(r.filter);
+                }
+            }
+            _ => groups.push((key, vec![r.filter])),
+        }
+    }
+    groups
+}
+
+/// Decides every submission in `order` from the rows read, as if each were written before the
+/// next is read: a second result for a filter recorded earlier in the same call is a duplicate.
+/// Answers go into `outcomes` (those already there are left alone); the writes are returned.
+fn plan_submissions<'a>(
+    submissions: &'a [Submission],
+    order: &[usize],
+    rows: &mut std::collections::HashMap<FilterKey, SubmitRow>,
+    outcomes: &mut [Option<Result<SubmitOutcome>>],
+) -> SubmitWrites<'a> {
+    let mut writes = SubmitWrites::default();
+    for &i in order {
+        if outcomes[i].is_some() {
+            continue;
+        }
+        let r = &submissions[i];
+        let key = (r.run_id.clone(), r.layer.clone(), r.filter);
+        let Some(row) = rows.get_mut(&key) else {
+            outcomes[i] = Some(Err(Error::UnknownFilter {
+                run_id: r.run_id.clone(),
+                layer: r.layer.clone(),
+                filter: r.filter,
+            }));
+            continue;
+        };
+        let outcome = match plan_submit(row, r) {
+            SubmitPlan::Answer(outcome) => outcome,
+            SubmitPlan::Retry => {
+                writes.retry.push(r);
+                row.state = FilterState::Pending.name().to_string();
+                (row.lease_id, row.worker) = (None, None);
+                SubmitOutcome::Pending
+            }
+            SubmitPlan::Fail(reason) => {
+                writes.fail.push((r, reason));
+                row.state = FilterState::Failed.name().to_string();
+                row.lease_id = None;
+                SubmitOutcome::Failed
+            }
+            SubmitPlan::Record => {
+                writes.record.push(r);
+                row.state = FilterState::Done.name().to_string();
+                SubmitOutcome::Recorded
+            }
+        };
+        outcomes[i] = Some(Ok(outcome));
+    }
+    writes
 }
 
 /// The URL with its password blanked out, for messages.
@@ -607,13 +722,6 @@ pub(crate) mod sql {
     pub const SUBMIT_FAIL: &str = "UPDATE filters
          SET state = 'failed', failed_reason = $4, worker = $5, lease_id = NULL, lease_deadline_ms = NULL
          WHERE run_id = $1 AND layer = $2 AND filter = $3";
-    pub const SUBMIT_DONE: &str = "UPDATE filters
-         SET state = 'done', worker = $4, lease_deadline_ms = NULL
-         WHERE run_id = $1 AND layer = $2 AND filter = $3";
-    pub const INSERT_RESULT: &str = "INSERT INTO results
-         (run_id, layer, filter, activation, objective, start_activation, curve, seconds, dead, worker, png,
-          finished_at_ms, retries, border_ratio)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)";
     pub const INSERT_FILTER: &str =
         "INSERT INTO filters (run_id, layer, layer_index, filter, seed) VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (run_id, layer, filter) DO NOTHING";

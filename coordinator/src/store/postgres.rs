@@ -92,11 +92,9 @@ impl PostgresStore {
     }
 }
 
-/// The filter's row is locked, so a result and a late duplicate cannot both be recorded.
-const SUBMIT_ROW: &str = "SELECT f.state, f.lease_id, f.worker, f.attempts, r.max_attempts
-     FROM filters f JOIN runs r ON r.run_id = f.run_id
-     WHERE f.run_id = $1 AND f.layer = $2 AND f.filter = $3
-     FOR UPDATE OF f";
+/// How `submit_all` locks the rows it reads: each filter's row, in filter order, so that a
+/// result and a late duplicate cannot both be recorded.
+const SUBMIT_ROWS_LOCK: &str = " FOR UPDATE OF f";
 
 impl_example_store!(PostgresStore, Postgres);
 

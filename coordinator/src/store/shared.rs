@@ -124,107 +124,114 @@ macro_rules! impl_store {
                 submissions: &[$crate::store::Submission],
                 now_ms: i64,
             ) -> $crate::Result<Vec<$crate::Result<$crate::store::SubmitOutcome>>> {
-                use $crate::store::{check_finite, curve_json, plan_submit, sql, SubmitOutcome, SubmitPlan};
-                let mut outcomes: Vec<Option<$crate::Result<SubmitOutcome>>> =
+                use $crate::store::{
+                    check_finite, curve_json, plan_submissions, row_groups, sql, submit_order,
+                    SubmitRow, ROWS_PER_STATEMENT,
+                };
+                let mut outcomes: Vec<Option<$crate::Result<$crate::store::SubmitOutcome>>> =
                     submissions.iter().map(|_| None).collect();
-                // Rows are locked (PostgreSQL) in one order, so two submissions that share
-                // filters cannot deadlock.
-                let mut order: Vec<usize> = (0..submissions.len()).collect();
-                order.sort_by(|&a, &b| {
-                    let (a, b) = (&submissions[a], &submissions[b]);
-                    (&a.run_id, &a.layer, a.filter).cmp(&(&b.run_id, &b.layer, b.filter))
-                });
-                let mut tx = self.write().await?;
-                for i in order {
+                let order = submit_order(submissions);
+                for &i in &order {
                     let r = &submissions[i];
                     if r.failed_reason.is_none() {
                         if let Err(e) = check_finite(r) {
                             outcomes[i] = Some(Err(e));
-                            continue;
                         }
                     }
-                    // On PostgreSQL the row is locked, so a result and a late duplicate cannot
-                    // both be recorded; on SQLite the write transaction holds the database.
-                    let row: Option<(String, Option<String>, Option<String>, i32, i32)> =
-                        sqlx::query_as(SUBMIT_ROW)
-                            .bind(&r.run_id)
-                            .bind(&r.layer)
-                            .bind(r.filter)
-                            .fetch_optional(&mut *tx)
-                            .await?;
-                    let Some((state, lease_id, worker, attempts, max_attempts)) = row else {
-                        outcomes[i] = Some(Err($crate::Error::UnknownFilter {
-                            run_id: r.run_id.clone(),
-                            layer: r.layer.clone(),
-                            filter: r.filter,
-                        }));
-                        continue;
-                    };
-                    let outcome = match plan_submit(
-                        &state,
-                        lease_id.as_deref(),
-                        worker.as_deref(),
-                        attempts,
-                        max_attempts,
-                        r,
-                    ) {
-                        // Nothing written.
-                        SubmitPlan::Answer(outcome) => outcome,
-                        SubmitPlan::Retry => {
-                            sqlx::query(sql::SUBMIT_RETRY)
-                                .bind(&r.run_id)
-                                .bind(&r.layer)
-                                .bind(r.filter)
-                                .bind(r.failed_reason.as_deref())
-                                .execute(&mut *tx)
-                                .await?;
-                            SubmitOutcome::Pending
+                }
+                // A few statements for the whole call, not three per filter: each is a round
+                // trip to the database (on SQLite, to its connection's thread) made while the
+                // write lock is held.
+                let mut tx = self.write().await?;
+                let mut rows = std::collections::HashMap::new();
+                for ((run_id, layer), filters) in row_groups(submissions, &order, &outcomes) {
+                    for chunk in filters.chunks(ROWS_PER_STATEMENT) {
+                        let mut q = sqlx::QueryBuilder::<$db>::new(
+                            "SELECT f.filter, f.state, f.lease_id, f.worker, f.attempts, r.max_attempts
+                             FROM filters f JOIN runs r ON r.run_id = f.run_id WHERE f.run_id = ",
+                        );
+                        q.push_bind(run_id).push(" AND f.layer = ").push_bind(layer);
+                        q.push(" AND f.filter IN (");
+                        let mut list = q.separated(", ");
+                        for f in chunk {
+                            list.push_bind(*f);
                         }
-                        SubmitPlan::Fail(reason) => {
-                            sqlx::query(sql::SUBMIT_FAIL)
-                                .bind(&r.run_id)
-                                .bind(&r.layer)
-                                .bind(r.filter)
-                                .bind(reason)
-                                .bind(&r.worker)
-                                .execute(&mut *tx)
-                                .await?;
-                            SubmitOutcome::Failed
+                        q.push(") ORDER BY f.filter").push(SUBMIT_ROWS_LOCK);
+                        let found: Vec<(i32, String, Option<String>, Option<String>, i32, i32)> =
+                            q.build_query_as().fetch_all(&mut *tx).await?;
+                        for (filter, state, lease_id, worker, attempts, max_attempts) in found {
+                            rows.insert(
+                                (run_id.to_string(), layer.to_string(), filter),
+                                SubmitRow { state, lease_id, worker, attempts, max_attempts },
+                            );
                         }
-                        SubmitPlan::Record => {
-                            sqlx::query(sql::INSERT_RESULT)
-                                .bind(&r.run_id)
-                                .bind(&r.layer)
-                                .bind(r.filter)
-                                .bind(r.activation)
-                                .bind(r.objective)
-                                .bind(r.start_activation)
-                                .bind(curve_json(&r.curve))
-                                .bind(r.seconds)
-                                .bind(r.dead)
-                                .bind(&r.worker)
-                                .bind(&r.png)
-                                .bind(now_ms)
-                                .bind(r.retries as i32)
-                                .bind(r.border_ratio)
-                                .execute(&mut *tx)
-                                .await?;
-                            sqlx::query(sql::SUBMIT_DONE)
-                                .bind(&r.run_id)
-                                .bind(&r.layer)
-                                .bind(r.filter)
-                                .bind(&r.worker)
-                                .execute(&mut *tx)
-                                .await?;
-                            SubmitOutcome::Recorded
+                    }
+                }
+                let writes = plan_submissions(submissions, &order, &mut rows, &mut outcomes);
+                for chunk in writes.record.chunks(ROWS_PER_STATEMENT) {
+                    let mut q = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO results (run_id, layer, filter, activation, objective,
+                         start_activation, curve, seconds, dead, worker, png, finished_at_ms,
+                         retries, border_ratio) ",
+                    );
+                    q.push_values(chunk, |mut row, r| {
+                        row.push_bind(&r.run_id)
+                            .push_bind(&r.layer)
+                            .push_bind(r.filter)
+                            .push_bind(r.activation)
+                            .push_bind(r.objective)
+                            .push_bind(r.start_activation)
+                            .push_bind(curve_json(&r.curve))
+                            .push_bind(r.seconds)
+                            .push_bind(r.dead)
+                            .push_bind(&r.worker)
+                            .push_bind(&r.png)
+                            .push_bind(now_ms)
+                            .push_bind(r.retries as i32)
+                            .push_bind(r.border_ratio);
+                    });
+                    q.build().execute(&mut *tx).await?;
+                }
+                for ((run_id, layer), filters) in writes.done_groups() {
+                    for chunk in filters.chunks(ROWS_PER_STATEMENT) {
+                        // The row's worker is already the submitter's (plan_submit checks it).
+                        let mut q = sqlx::QueryBuilder::<$db>::new(
+                            "UPDATE filters SET state = 'done', lease_deadline_ms = NULL WHERE run_id = ",
+                        );
+                        q.push_bind(run_id).push(" AND layer = ").push_bind(layer);
+                        q.push(" AND filter IN (");
+                        let mut list = q.separated(", ");
+                        for f in chunk {
+                            list.push_bind(*f);
                         }
-                    };
-                    outcomes[i] = Some(Ok(outcome));
+                        q.push(")");
+                        q.build().execute(&mut *tx).await?;
+                    }
+                }
+                // A retry or a failure is rare: a statement each.
+                for r in &writes.retry {
+                    sqlx::query(sql::SUBMIT_RETRY)
+                        .bind(&r.run_id)
+                        .bind(&r.layer)
+                        .bind(r.filter)
+                        .bind(r.failed_reason.as_deref())
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                for (r, reason) in &writes.fail {
+                    sqlx::query(sql::SUBMIT_FAIL)
+                        .bind(&r.run_id)
+                        .bind(&r.layer)
+                        .bind(r.filter)
+                        .bind(reason)
+                        .bind(&r.worker)
+                        .execute(&mut *tx)
+                        .await?;
                 }
                 tx.commit().await?;
                 Ok(outcomes
                     .into_iter()
-                    .map(|o| o.expect("every submission is answered in the loop"))
+                    .map(|o| o.expect("every submission is answered by plan_submissions"))
                     .collect())
             }
 

@@ -142,10 +142,9 @@ fn pool_options() -> SqlitePoolOptions {
     })
 }
 
-/// The write transaction holds the whole database, so the row needs no lock.
-const SUBMIT_ROW: &str = "SELECT f.state, f.lease_id, f.worker, f.attempts, r.max_attempts
-     FROM filters f JOIN runs r ON r.run_id = f.run_id
-     WHERE f.run_id = $1 AND f.layer = $2 AND f.filter = $3";
+/// How `submit_all` locks the rows it reads: not at all, the write transaction holds the
+/// whole database.
+const SUBMIT_ROWS_LOCK: &str = "";
 
 impl_example_store!(SqliteStore, Sqlite);
 
