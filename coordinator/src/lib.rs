@@ -6,6 +6,7 @@
 //! worker: its build links no candle.
 
 pub mod bench;
+pub mod commit;
 pub mod draw;
 pub mod error;
 pub mod examples;

@@ -25,6 +25,9 @@ pub struct Stats {
     /// Filters a worker reported as failed (retried or failed for good).
     pub failures_reported: AtomicU64,
     pub leases_issued: AtomicU64,
+    /// Lease and submit calls written by [`crate::commit`], and the transactions they took.
+    pub write_calls: AtomicU64,
+    pub write_groups: AtomicU64,
     /// Whether the store answers (an outage is reported on `/healthz`).
     pub store: StoreHealth,
     /// Worker id -> when it last called.
@@ -206,6 +209,18 @@ async fn metrics(State(c): State<Ctx>) -> (StatusCode, String) {
             "counter",
             "Leases issued by this coordinator process.",
             s.leases_issued.load(Ordering::Relaxed),
+        ),
+        (
+            "vgg_atlas_write_calls_total",
+            "counter",
+            "Lease and submit calls written to the store.",
+            s.write_calls.load(Ordering::Relaxed),
+        ),
+        (
+            "vgg_atlas_write_groups_total",
+            "counter",
+            "Transactions those calls took: calls that arrive together are written together.",
+            s.write_groups.load(Ordering::Relaxed),
         ),
     ] {
         let _ = writeln!(

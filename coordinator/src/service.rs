@@ -16,6 +16,7 @@ use vgg_atlas_proto::tonic::{Request, Response, Status};
 pub type Server =
     InterceptedService<pb::CoordinatorServer<CoordinatorService>, pb::auth::CheckToken>;
 
+use crate::commit::GroupCommit;
 use crate::metrics::Stats;
 use crate::store::{self, now_ms, Store};
 
@@ -43,6 +44,8 @@ pub struct CoordinatorService {
     finished: Arc<AtomicBool>,
     /// The leases this process issued: see [`Issued`].
     issued: Arc<Issued>,
+    /// Where leases and results are written, together when they arrive together.
+    writes: Arc<GroupCommit>,
 }
 
 /// The deadline this process last wrote for each lease it issued. A heartbeat while more than
@@ -95,13 +98,21 @@ pub const IDLE_RECHECK_MS: i64 = 200;
 
 impl CoordinatorService {
     pub fn new(store: Arc<dyn Store>, run: RunContext) -> CoordinatorService {
+        let stats: Arc<Stats> = Arc::default();
+        let writes = GroupCommit::new(
+            store.clone(),
+            stats.clone(),
+            run.run_id.clone(),
+            run.lease_ms,
+        );
         CoordinatorService {
             store,
             run,
-            stats: Arc::default(),
+            stats,
             idle_until: Arc::default(),
             finished: Arc::default(),
             issued: Arc::default(),
+            writes: Arc::new(writes),
         }
     }
 
@@ -135,10 +146,7 @@ impl CoordinatorService {
             .await
             .map_err(|e| health.status(e))?;
         let lease = if leasable {
-            self.store
-                .lease(run, worker, batch, now, self.run.lease_ms)
-                .await
-                .map_err(|e| health.status(e))?
+            self.writes.lease(worker, batch, now).await?
         } else {
             None
         };
@@ -503,12 +511,7 @@ impl pb::Coordinator for CoordinatorService {
             };
             answers.push(answer);
         }
-        let mut stored = self
-            .store
-            .submit_all(&submissions, now_ms())
-            .await
-            .map_err(|e| self.stats.store.status(e))?
-            .into_iter();
+        let mut stored = self.writes.submit(submissions, now_ms()).await?.into_iter();
         self.issued.forget(&req.lease_id);
         // Stored: if an outage was on, it is over (and if ending it fails, it goes on).
         let _ = self

@@ -196,6 +196,7 @@ store_tests!(
     non_finite_example_activations_are_refused,
     a_leases_results_are_answered_one_by_one_in_one_transaction,
     one_call_answers_the_results_of_several_leases_as_if_each_were_written_in_turn,
+    several_leases_in_one_call_are_served_in_turn_each_from_one_layer,
     nothing_is_leasable_once_every_filter_is_leased,
     leases_held_through_an_outage_are_renewed,
 );
@@ -1935,6 +1936,79 @@ async fn one_call_answers_the_results_of_several_leases_as_if_each_were_written_
         .unwrap()
         .unwrap();
     assert_eq!(again.filters.iter().map(|f| f.0).collect::<Vec<_>>(), [0]);
+}
+
+async fn several_leases_in_one_call_are_served_in_turn_each_from_one_layer(db: &TestDb) {
+    let s = &db.store;
+    s.create_or_resume_run(&spec(
+        "run-1",
+        &[("block1_conv1", 5), ("block1_conv2", 3)],
+        3,
+    ))
+    .await
+    .unwrap();
+    let requests = [
+        ("w1", 2),
+        ("w2", 0),
+        ("w3", 2),
+        ("w4", 2),
+        ("w5", 2),
+        ("w6", 1),
+    ];
+    let got = s.lease_many("run-1", &requests, 0, MINUTE).await.unwrap();
+    let seen: Vec<Option<(&str, Vec<i32>)>> = got
+        .iter()
+        .map(|l| {
+            l.as_ref()
+                .map(|l| (l.layer.as_str(), l.filters.iter().map(|f| f.0).collect()))
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            Some(("block1_conv1", vec![0, 1])),
+            None,
+            Some(("block1_conv1", vec![2, 3])),
+            // A lease holds one layer's filters: the rest of the layer, then the next layer.
+            Some(("block1_conv1", vec![4])),
+            Some(("block1_conv2", vec![0, 1])),
+            Some(("block1_conv2", vec![2])),
+        ]
+    );
+    // Each lease is its worker's, under its own id, with the plan's seeds.
+    let mut ids = std::collections::HashSet::new();
+    for (lease, (worker, _)) in got.iter().zip(requests) {
+        let Some(lease) = lease else { continue };
+        assert!(ids.insert(lease.lease_id.clone()), "lease ids are distinct");
+        let held = s.worker_leases("run-1", worker).await.unwrap();
+        assert_eq!(
+            held,
+            lease
+                .filters
+                .iter()
+                .map(|&(f, seed)| (lease.lease_id.clone(), lease.layer.clone(), f, seed))
+                .collect::<Vec<_>>(),
+            "{worker}"
+        );
+        let index = i32::from(lease.layer == "block1_conv2");
+        assert!(lease
+            .filters
+            .iter()
+            .all(|&(f, seed)| seed == self::seed(index, f)));
+    }
+    assert_eq!(
+        s.lease_many("run-1", &[("w7", 1), ("w8", 4)], 10, MINUTE)
+            .await
+            .unwrap(),
+        [None, None],
+        "nothing left"
+    );
+    // After the deadline the same filters are leased again, to whoever asks.
+    let again = s
+        .lease_many("run-1", &[("w9", 8)], MINUTE, MINUTE)
+        .await
+        .unwrap();
+    assert_eq!(again[0].as_ref().unwrap().filters.len(), 5);
 }
 
 async fn nothing_is_leasable_once_every_filter_is_leased(db: &TestDb) {

@@ -243,7 +243,28 @@ pub trait Store: ExampleStore + Send + Sync {
         batch: usize,
         now_ms: i64,
         lease_ms: i64,
-    ) -> Result<Option<Lease>>;
+    ) -> Result<Option<Lease>> {
+        Ok(self
+            .lease_many(run_id, &[(worker, batch)], now_ms, lease_ms)
+            .await?
+            .pop()
+            .flatten())
+    }
+
+    /// How many write transactions are worth running at once ([`crate::commit`]): one on
+    /// SQLite, which has one writer; several on PostgreSQL, whose server runs them side by side.
+    fn writers(&self) -> usize;
+
+    /// [`Store::lease`] for several `(worker, batch)` requests, served in turn in one
+    /// transaction (one commit instead of one each); a lease per request, `None` for those
+    /// that found nothing (and for a batch of 0).
+    async fn lease_many(
+        &self,
+        run_id: &str,
+        requests: &[(&str, usize)],
+        now_ms: i64,
+        lease_ms: i64,
+    ) -> Result<Vec<Option<Lease>>>;
 
     /// Filters under lease to `worker`: `(lease_id, layer, filter, seed)`, in plan order.
     async fn worker_leases(

@@ -10,9 +10,8 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Connection, PgConnection, Postgres, Transaction};
-use vgg_atlas_proto::FilterState;
 
-use super::{expired_reason, redact, sql, Lease, RunSpec};
+use super::{redact, RunSpec};
 use crate::{Error, Result};
 
 /// How long to wait for a connection before saying the server is unreachable.
@@ -96,6 +95,16 @@ impl PostgresStore {
 /// result and a late duplicate cannot both be recorded.
 const SUBMIT_ROWS_LOCK: &str = " FOR UPDATE OF f";
 
+/// The layer a lease takes its filters from: that of the first leasable filter that no other
+/// transaction has locked (the condition is `sql::LEASABLE`'s).
+const LEASE_LAYER_FIRST: &str = "SELECT layer FROM filters WHERE run_id = $1
+     AND (state = 'pending' OR (state = 'leased' AND lease_deadline_ms <= $2))
+     ORDER BY layer_index, filter LIMIT 1 FOR UPDATE SKIP LOCKED";
+
+/// How the candidates of a lease are locked: each row, skipping those another transaction
+/// (another coordinator process, another group) is leasing now.
+const LEASE_LOCK: &str = " FOR UPDATE SKIP LOCKED";
+
 impl_example_store!(PostgresStore, Postgres);
 
 impl_store!(PostgresStore, Postgres, {
@@ -103,88 +112,8 @@ impl_store!(PostgresStore, Postgres, {
         self.pool.close().await;
     }
 
-    async fn lease(
-        &self,
-        run_id: &str,
-        worker: &str,
-        batch: usize,
-        now_ms: i64,
-        lease_ms: i64,
-    ) -> Result<Option<Lease>> {
-        if batch == 0 {
-            return Ok(None);
-        }
-        let mut tx = self.write().await?;
-        let max_attempts = Self::max_attempts(&mut tx, run_id).await?;
-        let lease_id = uuid::Uuid::new_v4().to_string();
-        let lease_deadline_ms = now_ms + lease_ms;
-        // Loops only when every candidate had used its last attempt and failed instead.
-        loop {
-            // The first filter we can lock decides the layer; the rest of the batch comes from it.
-            let layer: Option<String> = sqlx::query_scalar(&format!(
-                "SELECT layer FROM filters WHERE run_id = $1 AND {leasable}
-                 ORDER BY layer_index, filter LIMIT 1 FOR UPDATE SKIP LOCKED",
-                leasable = sql::LEASABLE
-            ))
-            .bind(run_id)
-            .bind(now_ms)
-            .fetch_optional(&mut *tx)
-            .await?;
-            let Some(layer) = layer else {
-                tx.commit().await?; // keeps the filters failed in earlier rounds
-                return Ok(None);
-            };
-            let candidates: Vec<(i32, i64, String, i32)> = sqlx::query_as(&format!(
-                "SELECT filter, seed, state, attempts FROM filters
-                 WHERE run_id = $1 AND {leasable} AND layer = $3
-                 ORDER BY filter LIMIT $4 FOR UPDATE SKIP LOCKED",
-                leasable = sql::LEASABLE
-            ))
-            .bind(run_id)
-            .bind(now_ms)
-            .bind(&layer)
-            .bind(i64::try_from(batch).unwrap_or(i64::MAX))
-            .fetch_all(&mut *tx)
-            .await?;
-            let mut filters = Vec::with_capacity(candidates.len());
-            for (filter, seed, state, attempts) in candidates {
-                if state == FilterState::Leased.name() && attempts >= max_attempts {
-                    sqlx::query(sql::FAIL_EXPIRED)
-                        .bind(run_id)
-                        .bind(&layer)
-                        .bind(filter)
-                        .bind(expired_reason(attempts))
-                        .execute(&mut *tx)
-                        .await?;
-                } else {
-                    filters.push((filter, seed));
-                }
-            }
-            if filters.is_empty() {
-                continue;
-            }
-            let ids: Vec<i32> = filters.iter().map(|&(filter, _)| filter).collect();
-            sqlx::query(
-                "UPDATE filters
-                 SET state = 'leased', lease_id = $4, worker = $5, lease_deadline_ms = $6, attempts = attempts + 1
-                 WHERE run_id = $1 AND layer = $2 AND filter = ANY($3)",
-            )
-            .bind(run_id)
-            .bind(&layer)
-            .bind(&ids)
-            .bind(&lease_id)
-            .bind(worker)
-            .bind(lease_deadline_ms)
-            .execute(&mut *tx)
-            .await?;
-            tx.commit().await?;
-            return Ok(Some(Lease {
-                lease_id,
-                run_id: run_id.to_string(),
-                layer,
-                filters,
-                lease_deadline_ms,
-            }));
-        }
+    fn writers(&self) -> usize {
+        // A quarter of the pool: the rest is left to reads.
+        4
     }
 });

@@ -119,6 +119,105 @@ macro_rules! impl_store {
                     .rows_affected())
             }
 
+            async fn lease_many(
+                &self,
+                run_id: &str,
+                requests: &[(&str, usize)],
+                now_ms: i64,
+                lease_ms: i64,
+            ) -> $crate::Result<Vec<Option<$crate::store::Lease>>> {
+                use $crate::store::{expired_reason, sql, Lease, ROWS_PER_STATEMENT};
+                use vgg_atlas_proto::FilterState;
+                let mut tx = self.write().await?;
+                let max_attempts = Self::max_attempts(&mut tx, run_id).await?;
+                let lease_deadline_ms = now_ms + lease_ms;
+                let mut leases: Vec<Option<Lease>> = requests.iter().map(|_| None).collect();
+                // Each round serves the requests in turn from one layer, in filter order, with
+                // two reads and one write (per 256 filters) for all of them; a round ends where
+                // that layer does. Loops again also when every candidate had used its last
+                // attempt and failed instead.
+                let mut next = 0;
+                loop {
+                    let wanted: usize = requests[next..].iter().map(|r| r.1).sum();
+                    if wanted == 0 {
+                        break;
+                    }
+                    let layer: Option<String> = sqlx::query_scalar(LEASE_LAYER_FIRST)
+                        .bind(run_id)
+                        .bind(now_ms)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    let Some(layer) = layer else {
+                        break;
+                    };
+                    let candidates: Vec<(i32, i64, String, i32)> = sqlx::query_as(&format!(
+                        "SELECT filter, seed, state, attempts FROM filters
+                         WHERE run_id = $1 AND {leasable} AND layer = $3
+                         ORDER BY filter LIMIT $4{LEASE_LOCK}",
+                        leasable = sql::LEASABLE
+                    ))
+                    .bind(run_id)
+                    .bind(now_ms)
+                    .bind(&layer)
+                    .bind(i64::try_from(wanted).unwrap_or(i64::MAX))
+                    .fetch_all(&mut *tx)
+                    .await?;
+                    let mut usable = Vec::with_capacity(candidates.len());
+                    for (filter, seed, state, attempts) in candidates {
+                        if state == FilterState::Leased.name() && attempts >= max_attempts {
+                            sqlx::query(sql::FAIL_EXPIRED)
+                                .bind(run_id)
+                                .bind(&layer)
+                                .bind(filter)
+                                .bind(expired_reason(attempts))
+                                .execute(&mut *tx)
+                                .await?;
+                        } else {
+                            usable.push((filter, seed));
+                        }
+                    }
+                    // (filter, lease id, worker) of every filter leased this round.
+                    let mut rows: Vec<(i32, String, &str)> = Vec::with_capacity(usable.len());
+                    let mut usable = usable.into_iter().peekable();
+                    while next < requests.len() && usable.peek().is_some() {
+                        let (worker, batch) = requests[next];
+                        let filters: Vec<(i32, i64)> = usable.by_ref().take(batch).collect();
+                        if !filters.is_empty() {
+                            let lease_id = uuid::Uuid::new_v4().to_string();
+                            rows.extend(filters.iter().map(|f| (f.0, lease_id.clone(), worker)));
+                            leases[next] = Some(Lease {
+                                lease_id,
+                                run_id: run_id.to_string(),
+                                layer: layer.clone(),
+                                filters,
+                                lease_deadline_ms,
+                            });
+                        }
+                        next += 1;
+                    }
+                    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+                        // VALUES columns are column1.. on both databases.
+                        let mut q = sqlx::QueryBuilder::<$db>::new(
+                            "UPDATE filters SET state = 'leased', attempts = attempts + 1,
+                             lease_id = v.column2, worker = v.column3, lease_deadline_ms = ",
+                        );
+                        q.push_bind(lease_deadline_ms).push(" FROM (");
+                        q.push_values(chunk, |mut row, (filter, lease_id, worker)| {
+                            row.push_bind(*filter).push_bind(lease_id).push_bind(*worker);
+                        });
+                        q.push(") AS v WHERE filters.run_id = ")
+                            .push_bind(run_id)
+                            .push(" AND filters.layer = ")
+                            .push_bind(&layer)
+                            .push(" AND filters.filter = v.column1");
+                        q.build().execute(&mut *tx).await?;
+                    }
+                }
+                // Also keeps the filters failed on their last attempt when nothing was leased.
+                tx.commit().await?;
+                Ok(leases)
+            }
+
             async fn submit_all(
                 &self,
                 submissions: &[$crate::store::Submission],

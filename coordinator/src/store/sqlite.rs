@@ -14,9 +14,8 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{Connection, Sqlite, Transaction};
-use vgg_atlas_proto::FilterState;
 
-use super::{expired_reason, sql, Lease, RunSpec};
+use super::{sql, RunSpec};
 use crate::{Error, Result};
 
 /// How long a write waits for another writer (or a checkpoint) before giving up.
@@ -146,6 +145,14 @@ fn pool_options() -> SqlitePoolOptions {
 /// whole database.
 const SUBMIT_ROWS_LOCK: &str = "";
 
+/// The layer a lease takes its filters from: that of the first leasable filter (an index seek
+/// each for the first pending and the first expired one).
+const LEASE_LAYER_FIRST: &str = sql::FIRST_LEASABLE_LAYER;
+
+/// How the candidates of a lease are locked: not at all, the write transaction holds the whole
+/// database.
+const LEASE_LOCK: &str = "";
+
 impl_example_store!(SqliteStore, Sqlite);
 
 impl_store!(SqliteStore, Sqlite, {
@@ -160,76 +167,8 @@ impl_store!(SqliteStore, Sqlite, {
         }
     }
 
-    async fn lease(
-        &self,
-        run_id: &str,
-        worker: &str,
-        batch: usize,
-        now_ms: i64,
-        lease_ms: i64,
-    ) -> Result<Option<Lease>> {
-        if batch == 0 {
-            return Ok(None);
-        }
-        let mut tx = self.write().await?;
-        let max_attempts = Self::max_attempts(&mut tx, run_id).await?;
-        let lease_id = uuid::Uuid::new_v4().to_string();
-        let lease_deadline_ms = now_ms + lease_ms;
-        // Loops only when every candidate had used its last attempt and failed instead.
-        loop {
-            let candidates: Vec<(String, i32, i64, String, i32)> = sqlx::query_as(&format!(
-                "SELECT layer, filter, seed, state, attempts FROM filters
-                 WHERE run_id = $1 AND {leasable} AND layer = ({first})
-                 ORDER BY filter LIMIT $3",
-                leasable = sql::LEASABLE,
-                first = sql::FIRST_LEASABLE_LAYER
-            ))
-            .bind(run_id)
-            .bind(now_ms)
-            .bind(i64::try_from(batch).unwrap_or(i64::MAX))
-            .fetch_all(&mut *tx)
-            .await?;
-            let Some(layer) = candidates.first().map(|c| c.0.clone()) else {
-                tx.commit().await?; // keeps the filters failed in earlier rounds
-                return Ok(None);
-            };
-            let mut filters = Vec::with_capacity(candidates.len());
-            for (_, filter, seed, state, attempts) in candidates {
-                if state == FilterState::Leased.name() && attempts >= max_attempts {
-                    sqlx::query(sql::FAIL_EXPIRED)
-                        .bind(run_id)
-                        .bind(&layer)
-                        .bind(filter)
-                        .bind(expired_reason(attempts))
-                        .execute(&mut *tx)
-                        .await?;
-                    continue;
-                }
-                sqlx::query(
-                    "UPDATE filters
-                     SET state = 'leased', lease_id = $4, worker = $5, lease_deadline_ms = $6, attempts = attempts + 1
-                     WHERE run_id = $1 AND layer = $2 AND filter = $3",
-                )
-                .bind(run_id)
-                .bind(&layer)
-                .bind(filter)
-                .bind(&lease_id)
-                .bind(worker)
-                .bind(lease_deadline_ms)
-                .execute(&mut *tx)
-                .await?;
-                filters.push((filter, seed));
-            }
-            if !filters.is_empty() {
-                tx.commit().await?;
-                return Ok(Some(Lease {
-                    lease_id,
-                    run_id: run_id.to_string(),
-                    layer,
-                    filters,
-                    lease_deadline_ms,
-                }));
-            }
-        }
+    fn writers(&self) -> usize {
+        // One writer: see `SqliteStore::writer`.
+        1
     }
 });
