@@ -46,49 +46,103 @@ pub struct CoordinatorService {
     issued: Arc<Issued>,
     /// Where leases and results are written, together when they arrive together.
     writes: Arc<GroupCommit>,
+    /// `(when, unfinished filters)` as last read for `Register`.
+    unfinished: Arc<std::sync::Mutex<Option<(i64, i64)>>>,
 }
 
-/// The deadline this process last wrote for each lease it issued. A heartbeat while more than
-/// half of the lease is left is answered from here instead of writing it (a lease cannot be
-/// taken before its deadline, so it is still held): under a thousand workers heartbeats were a
-/// third of the writes, and SQLite has one writer. The store stays the authority: a lease not
-/// known here (issued before a restart, or by another coordinator process) is renewed in the
-/// store as before.
+/// What this process knows of the leases it issued, so that the calls of a thousand workers
+/// do not each read the store for it. The store stays the authority: anything not known here
+/// (a lease issued before a restart, or by another coordinator process) is asked of it as
+/// before.
+///
+/// - **Deadlines.** A heartbeat while more than half of the lease is left is answered from the
+///   deadline this process last wrote (a lease cannot be taken before it) instead of writing
+///   it: under a thousand workers heartbeats were a third of the writes.
+/// - **Each worker's leases.** A poll asks the store for a lease whose answer was lost
+///   ([`Store::reclaim`]) only when it could find one: on the worker's first poll to this
+///   process, or when this process issued it a lease that the poll does not say it holds.
+///   Otherwise every poll read the worker's rows. (Behind a load balancer that sends one
+///   worker's polls to several coordinator processes, a lost answer from another process is
+///   then found when the lease expires, as it was before reclaiming existed.)
 #[derive(Default)]
 struct Issued {
-    leases: std::sync::Mutex<std::collections::HashMap<String, i64>>,
+    state: std::sync::Mutex<IssuedState>,
 }
 
+#[derive(Default)]
+struct IssuedState {
+    /// Lease id -> its deadline as last written.
+    leases: std::collections::HashMap<String, i64>,
+    /// Worker id -> the ids of its leases issued here and not yet submitted; present once the
+    /// store has been asked for the worker's leases.
+    workers: std::collections::HashMap<String, std::collections::HashSet<String>>,
+}
+
+/// Past this many entries the long-expired leases are dropped, and past this many workers
+/// their lease lists (so the next poll of each asks the store again).
+const ISSUED_MAX: usize = 100_000;
+
 impl Issued {
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, i64>> {
-        self.leases.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, IssuedState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn issued(&self, lease: &store::Lease, now: i64) {
-        let mut leases = self.lock();
-        if leases.len() >= 100_000 {
-            leases.retain(|_, deadline| *deadline > now); // the long expired
+    fn issued(&self, worker: &str, lease: &store::Lease, now: i64) {
+        let mut s = self.lock();
+        if s.leases.len() >= ISSUED_MAX {
+            s.leases.retain(|_, deadline| *deadline > now); // the long expired
         }
-        leases.insert(lease.lease_id.clone(), lease.lease_deadline_ms);
+        if s.workers.len() >= ISSUED_MAX {
+            s.workers.clear();
+        }
+        s.leases
+            .insert(lease.lease_id.clone(), lease.lease_deadline_ms);
+        if let Some(ids) = s.workers.get_mut(worker) {
+            ids.insert(lease.lease_id.clone());
+        }
     }
 
     /// The deadline of a lease of ours that has more than `lease_ms / 2` left at `now`.
     fn fresh(&self, lease_id: &str, now: i64, lease_ms: i64) -> Option<i64> {
-        let leases = self.lock();
-        let deadline = *leases.get(lease_id)?;
+        let deadline = *self.lock().leases.get(lease_id)?;
         (deadline - now > lease_ms / 2).then_some(deadline)
     }
 
     fn renewed(&self, lease_id: &str, deadline: i64) {
-        if let Some(entry) = self.lock().get_mut(lease_id) {
+        if let Some(entry) = self.lock().leases.get_mut(lease_id) {
             *entry = deadline;
         }
     }
 
-    fn forget(&self, lease_id: &str) {
-        self.lock().remove(lease_id);
+    fn forget(&self, worker: &str, lease_id: &str) {
+        let mut s = self.lock();
+        s.leases.remove(lease_id);
+        if let Some(ids) = s.workers.get_mut(worker) {
+            ids.remove(lease_id);
+        }
+    }
+
+    /// Whether the store may hold a lease of `worker` that it does not know it has: see
+    /// [`Issued`].
+    fn may_have_lost(&self, worker: &str, held: &[String]) -> bool {
+        match self.lock().workers.get(worker) {
+            None => true,
+            Some(ids) => ids.iter().any(|id| !held.contains(id)),
+        }
+    }
+
+    /// The store was asked: the worker's leases are those it holds, and `reclaimed`.
+    fn checked(&self, worker: &str, held: &[String], reclaimed: Option<&str>) {
+        let ids = held.iter().map(String::as_str).chain(reclaimed);
+        self.lock()
+            .workers
+            .insert(worker.to_string(), ids.map(str::to_string).collect());
     }
 }
+
+/// How long `Register`'s count of finished filters (shown by the worker, nothing more) is
+/// reused: a thousand workers registering at once asked the store a thousand times.
+const REGISTER_COUNT_MS: i64 = 1000;
 
 /// How long "nothing to lease" is believed without asking the store again. Near the end of a
 /// run every idle worker polls; a thousand of them would otherwise keep the store busy
@@ -113,7 +167,24 @@ impl CoordinatorService {
             finished: Arc::default(),
             issued: Arc::default(),
             writes: Arc::new(writes),
+            unfinished: Arc::default(),
         }
+    }
+
+    /// The run's unfinished filters, read at most every [`REGISTER_COUNT_MS`].
+    async fn unfinished(&self) -> Result<i64, Status> {
+        let now = now_ms();
+        let cached = *self.unfinished.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, n)) = cached.filter(|(at, _)| now - at < REGISTER_COUNT_MS) {
+            return Ok(n);
+        }
+        let n = self
+            .store
+            .unfinished(&self.run.run_id)
+            .await
+            .map_err(|e| self.stats.store.status(e))?;
+        *self.unfinished.lock().unwrap_or_else(|p| p.into_inner()) = Some((now, n));
+        Ok(n)
     }
 
     /// Whether the store was found with nothing to lease less than [`IDLE_RECHECK_MS`] ago.
@@ -353,11 +424,7 @@ impl pb::Coordinator for CoordinatorService {
         let worker_id = register_worker(&req)?;
         self.stats.saw(&worker_id);
         // A count, not the per-layer summary: a thousand workers register at once.
-        let unfinished = self
-            .store
-            .unfinished(&self.run.run_id)
-            .await
-            .map_err(|e| self.stats.store.status(e))?;
+        let unfinished = self.unfinished().await?;
         let finished = (self.run.filters_total as i64 - unfinished).max(0);
         Ok(Response::new(pb::RegisterResponse {
             worker_id,
@@ -382,17 +449,25 @@ impl pb::Coordinator for CoordinatorService {
         let batch = req.batch.max(1) as usize;
         let now = now_ms();
         let idle_before = self.idle(now);
-        let reclaimed = self
-            .store
-            .reclaim(
-                &self.run.run_id,
-                &req.worker_id,
-                &req.held_lease_ids,
-                now,
-                self.run.lease_ms,
-            )
-            .await
-            .map_err(|e| self.stats.store.status(e))?;
+        let held = &req.held_lease_ids;
+        let reclaimed = if self.issued.may_have_lost(&req.worker_id, held) {
+            let found = self
+                .store
+                .reclaim(
+                    &self.run.run_id,
+                    &req.worker_id,
+                    held,
+                    now,
+                    self.run.lease_ms,
+                )
+                .await
+                .map_err(|e| self.stats.store.status(e))?;
+            let id = found.as_ref().map(|l| l.lease_id.as_str());
+            self.issued.checked(&req.worker_id, held, id);
+            found
+        } else {
+            None
+        };
         let lease = match reclaimed {
             Some(l) => {
                 tracing::info!(worker = %req.worker_id, lease = %l.lease_id, "lease sent again: its first answer was lost");
@@ -403,7 +478,7 @@ impl pb::Coordinator for CoordinatorService {
         let asked_store = !idle_before;
         if let Some(l) = &lease {
             self.stats.leases_issued.fetch_add(1, Ordering::Relaxed);
-            self.issued.issued(l, now);
+            self.issued.issued(&req.worker_id, l, now);
         }
         let work = match lease {
             Some(l) => pb::poll_work_response::Work::Lease(pb::Lease {
@@ -452,7 +527,7 @@ impl pb::Coordinator for CoordinatorService {
             if held {
                 self.issued.renewed(&lease_id, now + lease_ms);
             } else {
-                self.issued.forget(&lease_id);
+                self.issued.forget(&req.worker_id, &lease_id);
             }
             leases.push(lease_status(lease_id, held.then_some(now + lease_ms)));
         }
@@ -512,7 +587,7 @@ impl pb::Coordinator for CoordinatorService {
             answers.push(answer);
         }
         let mut stored = self.writes.submit(submissions, now_ms()).await?.into_iter();
-        self.issued.forget(&req.lease_id);
+        self.issued.forget(&req.worker_id, &req.lease_id);
         // Stored: if an outage was on, it is over (and if ending it fails, it goes on).
         let _ = self
             .stats
