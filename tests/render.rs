@@ -430,6 +430,15 @@ fn health_and_prometheus_metrics_report_the_run() {
     }
     assert_eq!(value("vgg_atlas_workers"), 1);
     assert!(value("vgg_atlas_leases_issued_total") >= 64 / 8);
+    // Every lease and every submission was written, some perhaps in the same transaction.
+    let (calls, groups) = (
+        value("vgg_atlas_write_calls_total"),
+        value("vgg_atlas_write_groups_total"),
+    );
+    assert!(
+        groups > 0 && calls >= groups && calls >= 2 * (64 / 8),
+        "{calls} write calls in {groups} groups"
+    );
     assert!(
         render.try_wait().unwrap().is_none(),
         "--stay keeps the coordinator up after the run"
