@@ -61,8 +61,12 @@ impl Sink for StoreSink {
     }
 }
 
-/// At most this many calls in one group, and results with at most this many image bytes: a
-/// group's transaction stays short (a few hundred milliseconds at most) and its memory bounded.
+/// At most this many calls in one group, and results with at most this many image bytes
+/// shared among the writers: a group's transaction stays short (a few hundred milliseconds at
+/// most) and its memory bounded. Every call of a group waits for all of it: with four
+/// PostgreSQL writers, groups of 16 MB instead of 64 MB took the p99 of a thousand workers'
+/// round trips from 2.3 s to 1.9 s (`bench-coordinator`), while SQLite's one writer measured
+/// the same with either.
 const MAX_CALLS: usize = 512;
 const MAX_IMAGE_BYTES: usize = 64 << 20;
 
@@ -148,9 +152,11 @@ impl GroupCommit {
             let (tx, rx) = mpsc::unbounded_channel();
             // Writers take turns at the queue: one gathers the next group while others write.
             let rx = Arc::new(tokio::sync::Mutex::new(rx));
-            for _ in 0..self.sink.writers().max(1) {
+            let writers = self.sink.writers().max(1);
+            for _ in 0..writers {
                 let writer = Writer {
                     sink: self.sink.clone(),
+                    max_bytes: MAX_IMAGE_BYTES / writers,
                     stats: self.stats.clone(),
                     run_id: self.run_id.clone(),
                     lease_ms: self.lease_ms,
@@ -169,6 +175,7 @@ fn gone() -> Status {
 
 struct Writer {
     sink: Arc<dyn Sink>,
+    max_bytes: usize,
     stats: Arc<Stats>,
     run_id: String,
     lease_ms: i64,
@@ -224,7 +231,7 @@ impl Writer {
                             });
                         }
                     }
-                    if leases.len() + submits.len() < MAX_CALLS && bytes < MAX_IMAGE_BYTES {
+                    if leases.len() + submits.len() < MAX_CALLS && bytes < self.max_bytes {
                         next = queue.try_recv().ok();
                     }
                 }

@@ -59,8 +59,9 @@ pub struct CoordinatorService {
 ///   deadline this process last wrote (a lease cannot be taken before it) instead of writing
 ///   it: under a thousand workers heartbeats were a third of the writes.
 /// - **Each worker's leases.** A poll asks the store for a lease whose answer was lost
-///   ([`Store::reclaim`]) only when it could find one: on the worker's first poll to this
-///   process, or when this process issued it a lease that the poll does not say it holds.
+///   ([`Store::reclaim`]) only when it could find one: on the first poll to this process of a
+///   worker that registered with an id it already had (a reconnect), or when this process
+///   issued it a lease that the poll does not say it holds.
 ///   Otherwise every poll read the worker's rows. (Behind a load balancer that sends one
 ///   worker's polls to several coordinator processes, a lost answer from another process is
 ///   then found when the lease expires, as it was before reclaiming existed.)
@@ -423,6 +424,10 @@ impl pb::Coordinator for CoordinatorService {
         let req = req.into_inner();
         let worker_id = register_worker(&req)?;
         self.stats.saw(&worker_id);
+        if req.worker_id.is_empty() {
+            // A worker id new from this process holds no lease anywhere yet.
+            self.issued.checked(&worker_id, &[], None);
+        }
         // A count, not the per-layer summary: a thousand workers register at once.
         let unfinished = self.unfinished().await?;
         let finished = (self.run.filters_total as i64 - unfinished).max(0);
