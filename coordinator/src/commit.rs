@@ -76,17 +76,8 @@ type Reply<T> = oneshot::Sender<std::result::Result<T, Status>>;
 pub type Outcomes = Vec<Result<SubmitOutcome>>;
 
 enum Call {
-    Lease {
-        worker: String,
-        batch: usize,
-        now_ms: i64,
-        reply: Reply<Option<Lease>>,
-    },
-    Submit {
-        submissions: Vec<Submission>,
-        now_ms: i64,
-        reply: Reply<Outcomes>,
-    },
+    Lease(LeaseCall),
+    Submit(SubmitCall),
 }
 
 /// The write side of one run's leases and results (see the module's doc).
@@ -123,12 +114,12 @@ impl GroupCommit {
         now_ms: i64,
     ) -> std::result::Result<Option<Lease>, Status> {
         let (reply, answer) = oneshot::channel();
-        self.send(Call::Lease {
+        self.send(Call::Lease(LeaseCall {
             worker: worker.to_string(),
             batch,
             now_ms,
             reply,
-        })?;
+        }))?;
         answer.await.map_err(|_| gone())?
     }
 
@@ -139,11 +130,11 @@ impl GroupCommit {
         now_ms: i64,
     ) -> std::result::Result<Outcomes, Status> {
         let (reply, answer) = oneshot::channel();
-        self.send(Call::Submit {
+        self.send(Call::Submit(SubmitCall {
             submissions,
             now_ms,
             reply,
-        })?;
+        }))?;
         answer.await.map_err(|_| gone())?
     }
 
@@ -207,28 +198,10 @@ impl Writer {
                 let mut next = Some(first);
                 while let Some(call) = next.take() {
                     match call {
-                        Call::Lease {
-                            worker,
-                            batch,
-                            now_ms,
-                            reply,
-                        } => leases.push(LeaseCall {
-                            worker,
-                            batch,
-                            now_ms,
-                            reply,
-                        }),
-                        Call::Submit {
-                            submissions,
-                            now_ms,
-                            reply,
-                        } => {
-                            bytes += submissions.iter().map(|s| s.png.len()).sum::<usize>();
-                            submits.push(SubmitCall {
-                                submissions,
-                                now_ms,
-                                reply,
-                            });
+                        Call::Lease(call) => leases.push(call),
+                        Call::Submit(call) => {
+                            bytes += call.submissions.iter().map(|s| s.png.len()).sum::<usize>();
+                            submits.push(call);
                         }
                     }
                     if leases.len() + submits.len() < MAX_CALLS && bytes < self.max_bytes {
@@ -252,12 +225,6 @@ impl Writer {
 
     /// One transaction for every call's results; each call answered with its own part.
     async fn submit(&self, calls: Vec<SubmitCall>) {
-        if calls.len() == 1 {
-            let call = calls.into_iter().next().expect("one call");
-            let got = self.sink.submit_all(&call.submissions, call.now_ms).await;
-            let _ = call.reply.send(got.map_err(|e| self.stats.store.status(e)));
-            return;
-        }
         // One time for the whole group: the latest, so no result is stamped before it arrived.
         let now_ms = calls.iter().map(|c| c.now_ms).max().unwrap_or_default();
         let counts: Vec<usize> = calls.iter().map(|c| c.submissions.len()).collect();
@@ -271,13 +238,7 @@ impl Writer {
                     let _ = reply.send(Ok(outcomes.by_ref().take(n).collect()));
                 }
             }
-            Err(e) if e.outage().is_some() => {
-                let status = self.stats.store.status(e);
-                for reply in replies {
-                    let _ = reply.send(Err(status.clone()));
-                }
-            }
-            Err(e) => {
+            Err(e) if replies.len() > 1 && e.outage().is_none() => {
                 tracing::warn!(
                     "a group of {} submissions failed ({e}); written again one call at a time",
                     all.len()
@@ -287,6 +248,13 @@ impl Writer {
                     let part: Vec<Submission> = all.by_ref().take(n).collect();
                     let got = self.sink.submit_all(&part, now_ms).await;
                     let _ = reply.send(got.map_err(|e| self.stats.store.status(e)));
+                }
+            }
+            // An outage, or the one call's own error.
+            Err(e) => {
+                let status = self.stats.store.status(e);
+                for reply in replies {
+                    let _ = reply.send(Err(status.clone()));
                 }
             }
         }

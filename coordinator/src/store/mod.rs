@@ -687,6 +687,14 @@ mod tests {
 }
 
 /// SQL that reads the same in both dialects (SQLite accepts `$N` placeholders too).
+/// [`sql::LEASABLE`] as a literal, for `concat!` into a backend's own statement.
+macro_rules! leasable {
+    () => {
+        "(state = 'pending' OR (state = 'leased' AND lease_deadline_ms <= $2))"
+    };
+}
+pub(crate) use leasable;
+
 pub(crate) mod sql {
     pub const INSERT_RUN: &str =
         "INSERT INTO runs (run_id, weights_sha256, settings, max_attempts, created_at_ms)
@@ -697,8 +705,7 @@ pub(crate) mod sql {
         "SELECT run_id, created_at_ms, settings FROM runs ORDER BY created_at_ms, run_id";
 
     /// A filter is leasable when pending, or leased with a deadline that has passed.
-    pub const LEASABLE: &str =
-        "(state = 'pending' OR (state = 'leased' AND lease_deadline_ms <= $2))";
+    pub const LEASABLE: &str = leasable!();
 
     /// Whether anything is [`LEASABLE`]: each half is one index seek (`filters_leasing`,
     /// `filters_expiry`), where the OR in one WHERE made SQLite walk the run's index entries,

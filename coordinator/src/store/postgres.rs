@@ -96,10 +96,12 @@ impl PostgresStore {
 const SUBMIT_ROWS_LOCK: &str = " FOR UPDATE OF f";
 
 /// The layer a lease takes its filters from: that of the first leasable filter that no other
-/// transaction has locked (the condition is `sql::LEASABLE`'s).
-const LEASE_LAYER_FIRST: &str = "SELECT layer FROM filters WHERE run_id = $1
-     AND (state = 'pending' OR (state = 'leased' AND lease_deadline_ms <= $2))
-     ORDER BY layer_index, filter LIMIT 1 FOR UPDATE SKIP LOCKED";
+/// transaction has locked.
+const LEASE_LAYER_FIRST: &str = concat!(
+    "SELECT layer FROM filters WHERE run_id = $1 AND ",
+    super::leasable!(),
+    " ORDER BY layer_index, filter LIMIT 1 FOR UPDATE SKIP LOCKED"
+);
 
 /// How the candidates of a lease are locked: each row, skipping those another transaction
 /// (another coordinator process, another group) is leasing now.
