@@ -350,8 +350,12 @@ async fn run(
     }
     let seconds = started.elapsed().as_secs_f64();
     let finished_at = Instant::now();
-    let (made, crop_seconds) = make_crops(store, spec, &folder, &pool).await?;
-    let p = store.pass_progress(&spec.pass_id).await?;
+    // The crops and the report wait out an outage too: every image is examined by now, and a
+    // database restarting at the end should not fail the command.
+    let (made, crop_seconds) = make_crops(store, &health, spec, &folder, &pool).await?;
+    let p = health
+        .patiently(false, || store.pass_progress(&spec.pass_id))
+        .await?;
     eprintln!(
         "pass {}: {} images done, {} skipped; {} examined here in {:.1} s ({:.2} images/s)",
         spec.pass_id,
@@ -367,7 +371,9 @@ async fn run(
             spec.top
         );
     }
-    let skipped = store.skipped_images(&spec.pass_id).await?;
+    let skipped = health
+        .patiently(false, || store.skipped_images(&spec.pass_id))
+        .await?;
     for (image, reason) in skipped.iter().take(10) {
         eprintln!("  skipped {image}: {}", reason.as_deref().unwrap_or("?"));
     }
@@ -392,20 +398,32 @@ async fn run(
 
 /// Makes the crops of the examples that have none, image by image (each file read and fitted
 /// again once); a file that can no longer be read gets empty crops and a warning. Returns how
-/// many crops were stored and the seconds it took.
+/// many crops were stored and the seconds it took. An outage of the store is waited out, as
+/// in the pass itself.
 async fn make_crops(
     store: &dyn Store,
+    health: &StoreHealth,
     spec: &PassSpec,
     folder: &std::path::Path,
     pool: &Arc<rayon::ThreadPool>,
 ) -> Result<(usize, f64)> {
     let started = Instant::now();
     let mut made = 0;
+    let mut said = false;
     loop {
         // A few images at a time: a first-layer crop is tiny, a block5 one up to 30 KB.
-        let missing = store.missing_crops(&spec.pass_id, 8).await?;
+        let missing = health
+            .patiently(false, || store.missing_crops(&spec.pass_id, 8))
+            .await?;
         if missing.is_empty() {
             break;
+        }
+        if !said {
+            said = true;
+            eprintln!(
+                "making the crops of each filter's top {}: every image is examined",
+                spec.top
+            );
         }
         let (folder, side, pool) = (folder.to_path_buf(), spec.side as u32, pool.clone());
         let done = tokio::task::spawn_blocking(move || {
@@ -439,7 +457,9 @@ async fn make_crops(
         })
         .await?;
         made += done.iter().filter(|(_, png)| !png.is_empty()).count();
-        store.store_crops(&spec.pass_id, &done).await?;
+        health
+            .patiently(true, || store.store_crops(&spec.pass_id, &done))
+            .await?;
     }
     Ok((made, started.elapsed().as_secs_f64()))
 }

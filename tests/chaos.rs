@@ -569,10 +569,11 @@ fn a_soak_of_random_kills_loses_nothing_and_recomputes_at_most_what_was_in_fligh
 }
 
 /// An examples pass (`vgg-atlas examples`, 40 images, batches of 4) on a PostgreSQL store whose
-/// server is stopped for 14 s mid-pass: the pass waits the outage out (said in its log), keeps
-/// the batch it was examining, and finishes with every image examined once.
+/// server is stopped for 14 s mid-pass, then again for 12 s as the crops begin: the pass waits
+/// both outages out (said in its log), keeps the batch it was examining, and finishes with every
+/// image examined once and every example cropped.
 #[test]
-fn an_examples_pass_waits_out_postgresql_stopped_mid_pass() {
+fn an_examples_pass_waits_out_postgresql_stopped_mid_pass_and_during_its_crops() {
     use std::io::{BufRead, BufReader};
     let pg = match Postgres::start() {
         Ok(pg) => pg,
@@ -629,6 +630,18 @@ fn an_examples_pass_waits_out_postgresql_stopped_mid_pass() {
     // Longer than the pool waits for a connection (10 s): the pass's calls fail meanwhile.
     std::thread::sleep(Duration::from_secs(14));
     pg.start_again();
+    // The second outage, when the pass says it begins the crops (every image examined).
+    let said = |what: &str| log.lock().unwrap().iter().any(|l| l.contains(what));
+    wait_until("the crops to begin", Duration::from_secs(300), || {
+        said("making the crops") || said("crops of the top")
+    });
+    assert!(
+        !said("crops of the top"),
+        "the crops took too little time to stop the server under them; make the pass bigger"
+    );
+    pg.stop();
+    std::thread::sleep(Duration::from_secs(12));
+    pg.start_again();
     assert!(
         wait(&mut pass, Duration::from_secs(300)).success(),
         "the pass finished: {:?}",
@@ -641,12 +654,23 @@ fn an_examples_pass_waits_out_postgresql_stopped_mid_pass() {
         "csv",
     );
     let again: i64 = attempts.lines().nth(1).unwrap().trim().parse().unwrap();
+    let uncropped = query(
+        &db,
+        "SELECT COUNT(*) AS n FROM examples WHERE crop IS NULL OR length(crop) = 0",
+        "csv",
+    );
+    assert_eq!(
+        uncropped.lines().nth(1).map(str::trim),
+        Some("0"),
+        "every example has its crop"
+    );
     let log = log.lock().unwrap().join("\n");
-    assert!(
-        log.contains("the database does not answer") && log.contains("the database answers again"),
-        "the outage is said in the pass's log:\n{log}"
+    assert_eq!(
+        log.matches("the database answers again").count(),
+        2,
+        "each outage is said in the pass's log:\n{log}"
     );
     eprintln!(
-        "FAULTS PostgreSQL stopped for 14 s during an examples pass at {at} of 40 images: 1 injected, 0 lost, {again} images examined again"
+        "FAULTS PostgreSQL stopped for 14 s during an examples pass at {at} of 40 images, then for 12 s as its crops began: 2 injected, 0 lost, {again} images examined again, every example cropped"
     );
 }
