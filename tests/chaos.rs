@@ -343,8 +343,8 @@ fn integrity(file: &std::path::Path) -> String {
 /// says so (log, `/healthz`) and records nothing more, the workers keep their results and
 /// retry, the store stays intact (`PRAGMA integrity_check`), and once space is freed the run
 /// finishes with nothing lost or computed again. Then the disk fills before the atlas is drawn:
-/// the render says what is full, and the same command, run again after space is freed, draws
-/// it.
+/// the render warns at its start that the disk is short, says what is full, and the same
+/// command, run again after space is freed, draws it.
 #[test]
 fn a_full_disk_stops_results_until_space_is_freed_and_corrupts_nothing() {
     if Command::new("sqlite3").arg("--version").output().is_err() {
@@ -366,6 +366,11 @@ fn a_full_disk_stops_results_until_space_is_freed_and_corrupts_nothing() {
         done(&db) >= 16
     });
     let before = finished_at_in(&db);
+    let short = |log: &str| log.contains("warning: the disk under");
+    assert!(
+        !short(&log.lock().unwrap().join("\n")),
+        "a render that fits its disk is warned of none"
+    );
     let filler = disk.fill();
     let said = || {
         log.lock()
@@ -422,6 +427,10 @@ fn a_full_disk_stops_results_until_space_is_freed_and_corrupts_nothing() {
         "drawing onto a full disk succeeded: {err}"
     );
     assert!(err.contains("No space left on device"), "{err}");
+    assert!(
+        short(&err),
+        "the render said the disk was short at its start: {err}"
+    );
     assert_eq!(integrity(&file), "ok", "the store after a refused render");
     std::fs::remove_file(&filler).unwrap();
     let drawn = again();

@@ -17,6 +17,7 @@ pub mod plan;
 pub mod query;
 pub mod serve;
 pub mod service;
+pub mod space;
 pub mod standalone;
 pub mod store;
 

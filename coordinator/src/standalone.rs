@@ -19,7 +19,7 @@ use vgg_atlas_proto::tonic::transport::Server;
 use vgg_atlas_proto::{Layer, Settings};
 
 use crate::store::{self, LayerProgress, Store};
-use crate::{draw, health, metrics, plan, service, Error, Result};
+use crate::{draw, health, metrics, plan, service, space, Error, Result};
 
 /// Where `render` writes when no `--out` is given: a folder no source folder is named like,
 /// ignored by git and by the Docker build context.
@@ -195,12 +195,9 @@ impl Checked {
             .await?;
         }
         let created = store.create_or_resume_run(&spec).await?;
-        let planned: i64 = store
-            .progress(&spec.run_id)
-            .await?
-            .iter()
-            .map(|p| p.total)
-            .sum();
+        let progress = store.progress(&spec.run_id).await?;
+        let planned: i64 = progress.iter().map(|p| p.total).sum();
+        let stored: i64 = progress.iter().map(|p| p.done + p.failed).sum();
         on(Event::Say(format!(
             "{} run {} ({}) in {}",
             if created { "new" } else { "resuming" },
@@ -211,6 +208,20 @@ impl Checked {
             },
             store::redact(&db)
         )));
+        let db_file = match store::backend(&db)? {
+            store::Backend::Sqlite(path) => Some(Path::new(path)),
+            store::Backend::Postgres => None,
+        };
+        let needs = space::render_needs(
+            db_file,
+            &cfg.out,
+            planned as u64,
+            (planned - stored).max(0) as u64,
+            cfg.settings.size,
+        );
+        for w in space::warnings(&needs) {
+            on(Event::Say(format!("warning: {w}")));
+        }
         let lease_ms = (cfg.lease_seconds * 1000) as i64;
         let ctx = service::RunContext {
             run_id: spec.run_id.clone(),

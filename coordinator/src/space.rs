@@ -1,0 +1,229 @@
+//! Free space ahead of a render: what the render will write to the SQLite store's disk and to
+//! the output folder's, against what those disks have free, said at the start instead of hours
+//! later. A full disk loses nothing (results wait with their workers, see [`crate::health`]),
+//! but a user who learns it at the start can free space or choose another `--out` before the
+//! render waits on it.
+//!
+//! The figures are estimates, on the large side: a filter's image is an RGB PNG of a texture
+//! that barely compresses (`3 * size^2` bytes; at 128 px the stored images measure 23-49 KB,
+//! `SELECT layer, length(png) FROM results`), stored once in the database and drawn twice
+//! into the output folder (its tile, and its place in the layer's two mosaics), plus the
+//! overview picture.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// What a render writes to one place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Need {
+    /// What is written there, for the message ("the store", "the atlas").
+    pub what: &'static str,
+    pub path: PathBuf,
+    pub bytes: u64,
+}
+
+/// The bytes of one filter's image at `size` px, as stored and as drawn: an RGB PNG that barely
+/// compresses, with its row.
+pub fn image_bytes(size: usize) -> u64 {
+    3 * (size as u64).pow(2) + 1024
+}
+
+/// The overview picture and the pages, whatever the run's size (4 MB for a sample of 13).
+const OVERVIEW_BYTES: u64 = 8 << 20;
+
+/// What a render of `total` filters at `size` px, `remaining` of them not yet stored, writes:
+/// the store (when it is a SQLite file, `db_file`) one image per remaining filter; the output
+/// folder its pictures, less those of a previous drawing there (they are replaced, one file at a
+/// time, so only the growth needs room).
+pub fn render_needs(
+    db_file: Option<&Path>,
+    out: &Path,
+    total: u64,
+    remaining: u64,
+    size: usize,
+) -> Vec<Need> {
+    let mut needs = Vec::new();
+    if let Some(file) = db_file {
+        needs.push(Need {
+            what: "the store",
+            path: file.to_path_buf(),
+            bytes: remaining * image_bytes(size),
+        });
+    }
+    let pictures = total * 2 * image_bytes(size) + OVERVIEW_BYTES;
+    needs.push(Need {
+        what: "the atlas",
+        path: out.to_path_buf(),
+        bytes: pictures.saturating_sub(drawn_bytes(out)),
+    });
+    needs
+}
+
+/// The bytes of the pictures a previous drawing left in `out`: its tiles and its `.png` files.
+fn drawn_bytes(out: &Path) -> u64 {
+    fn sum(dir: &Path, depth: usize) -> u64 {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return 0;
+        };
+        entries
+            .flatten()
+            .map(|e| match e.metadata() {
+                Ok(m) if m.is_dir() && depth > 0 => sum(&e.path(), depth - 1),
+                Ok(m) if m.is_file() && e.path().extension().is_some_and(|x| x == "png") => m.len(),
+                _ => 0,
+            })
+            .sum()
+    }
+    sum(&out.join("tiles"), 1) + sum(out, 0)
+}
+
+/// A filesystem as seen from a path: its device and the bytes free to an unprivileged writer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Disk {
+    pub device: u64,
+    pub free: u64,
+}
+
+/// The disk `path` is on (or will be: its nearest existing ancestor's).
+pub fn disk(path: &Path) -> std::io::Result<Disk> {
+    let mut at = path;
+    while !at.exists() {
+        at = match at.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+    }
+    let device = std::fs::metadata(at)?.dev();
+    let s = rustix::fs::statvfs(at)?;
+    Ok(Disk {
+        device,
+        free: s.f_bavail.saturating_mul(s.f_frsize),
+    })
+}
+
+/// One warning per disk whose free space is less than what `needs` write to it (needs on the
+/// same disk add up). A need whose disk cannot be read is passed over.
+pub fn warnings(needs: &[Need]) -> Vec<String> {
+    let placed: Vec<(Disk, &Need)> = needs
+        .iter()
+        .filter_map(|n| disk(&n.path).ok().map(|d| (d, n)))
+        .collect();
+    shortfalls(&placed)
+}
+
+/// [`warnings`] on disks already read.
+pub fn shortfalls(placed: &[(Disk, &Need)]) -> Vec<String> {
+    let mut devices: Vec<u64> = placed.iter().map(|(d, _)| d.device).collect();
+    devices.sort_unstable();
+    devices.dedup();
+    devices
+        .into_iter()
+        .filter_map(|device| {
+            let on: Vec<&(Disk, &Need)> =
+                placed.iter().filter(|(d, _)| d.device == device).collect();
+            let need: u64 = on.iter().map(|(_, n)| n.bytes).sum();
+            let free = on.iter().map(|(d, _)| d.free).min().unwrap_or(0);
+            (free < need).then(|| {
+                let paths: Vec<String> = on
+                    .iter()
+                    .map(|(_, n)| n.path.display().to_string())
+                    .collect();
+                let parts: Vec<String> = on
+                    .iter()
+                    .map(|(_, n)| format!("{} {}", n.what, mb(n.bytes)))
+                    .collect();
+                format!(
+                    "the disk under {} has {} free, and this render writes about {} there ({}). \
+                     Free some space, or choose another --out or --db: a full disk loses \
+                     nothing, but stops the render until space is freed",
+                    paths.join(" and "),
+                    mb(free),
+                    mb(need),
+                    parts.join(", ")
+                )
+            })
+        })
+        .collect()
+}
+
+fn mb(bytes: u64) -> String {
+    format!("{:.0} MB", bytes as f64 / 1e6)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn need(what: &'static str, path: &str, bytes: u64) -> Need {
+        Need {
+            what,
+            path: path.into(),
+            bytes,
+        }
+    }
+
+    #[test]
+    fn needs_on_one_disk_add_up_and_each_short_disk_is_said_once() {
+        let (store, atlas) = (
+            need("the store", "/a/atlas.db", 60),
+            need("the atlas", "/a", 50),
+        );
+        let one = Disk {
+            device: 1,
+            free: 100,
+        };
+        // 60 + 50 on a disk with 100 free: short, though each alone fits.
+        let said = shortfalls(&[(one, &store), (one, &atlas)]);
+        assert_eq!(said.len(), 1, "{said:?}");
+        assert!(
+            said[0].starts_with("the disk under /a/atlas.db and /a has 0 MB free")
+                && said[0].contains("(the store 0 MB, the atlas 0 MB)"),
+            "{}",
+            said[0]
+        );
+        // On two disks of 100 each, both fit.
+        let two = Disk {
+            device: 2,
+            free: 100,
+        };
+        assert!(shortfalls(&[(one, &store), (two, &atlas)]).is_empty());
+        // A full second disk is said, the first not.
+        let full = Disk { device: 2, free: 0 };
+        let said = shortfalls(&[(one, &store), (full, &atlas)]);
+        assert_eq!(said.len(), 1);
+        assert!(
+            said[0].starts_with("the disk under /a has 0 MB free"),
+            "{}",
+            said[0]
+        );
+    }
+
+    #[test]
+    fn a_render_needs_its_images_in_the_store_and_twice_in_the_atlas_less_what_is_drawn() {
+        let out = tempfile::tempdir().unwrap();
+        let db = out.path().join("atlas.db");
+        let needs = render_needs(Some(&db), out.path(), 100, 40, 128);
+        assert_eq!(needs[0].bytes, 40 * image_bytes(128));
+        let fresh = needs[1].bytes;
+        assert_eq!(fresh, 200 * image_bytes(128) + OVERVIEW_BYTES);
+        // Pictures already drawn there are replaced, not added to.
+        std::fs::create_dir_all(out.path().join("tiles/block1_conv1")).unwrap();
+        std::fs::write(out.path().join("tiles/block1_conv1/0.png"), vec![0u8; 5000]).unwrap();
+        std::fs::write(out.path().join("atlas.png"), vec![0u8; 7000]).unwrap();
+        std::fs::write(out.path().join("notes.txt"), vec![0u8; 9000]).unwrap();
+        let again = render_needs(None, out.path(), 100, 0, 128);
+        assert_eq!(again.len(), 1, "no store need without a SQLite file");
+        assert_eq!(again[0].bytes, fresh - 12_000);
+    }
+
+    #[test]
+    fn the_disk_of_a_path_not_made_yet_is_its_nearest_ancestors() {
+        let dir = tempfile::tempdir().unwrap();
+        let here = disk(dir.path()).unwrap();
+        assert_eq!(
+            disk(&dir.path().join("not/yet/made")).unwrap().device,
+            here.device
+        );
+        assert!(here.free > 0);
+    }
+}
