@@ -155,10 +155,12 @@ fn render_resumes_after_kill_9_without_recomputing_finished_filters() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    // A bound against a render that hangs, not a speed check: on two cores shared with other
+    // suites' renders the first 8 filters have taken over 120 s.
     let t = Instant::now();
     while done(&db) < 8 {
         assert!(
-            t.elapsed() < Duration::from_secs(120),
+            t.elapsed() < Duration::from_secs(300),
             "no progress before the kill"
         );
         std::thread::sleep(Duration::from_millis(50));
