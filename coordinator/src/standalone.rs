@@ -218,6 +218,7 @@ impl Checked {
             planned as u64,
             (planned - stored).max(0) as u64,
             cfg.settings.size,
+            cfg.mosaic.tile,
         );
         for w in space::warnings(&needs) {
             on(Event::Say(format!("warning: {w}")));
