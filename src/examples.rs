@@ -17,9 +17,11 @@ use vgg_atlas_coordinator::examples as pass;
 use vgg_atlas_coordinator::health::StoreHealth;
 use vgg_atlas_coordinator::pass_service::PassService;
 use vgg_atlas_coordinator::service::retry_after_ms;
+use vgg_atlas_coordinator::space;
 use vgg_atlas_coordinator::standalone::{reachable, token_for, DEFAULT_DB};
 use vgg_atlas_coordinator::store::{self, ImageSubmission, PassSpec, Store};
 use vgg_atlas_proto as pb;
+use vgg_atlas_proto::layers::{CONV_LAYERS, LAYERS};
 use vgg_atlas_worker::engine::examples::{
     crops, examine, skipped, ImageFile, DEFAULT_SIDE, DEFAULT_TOP,
 };
@@ -134,6 +136,7 @@ pub fn examples(a: ExamplesArgs) -> Result<()> {
         // The pass and its images are stored before any worker can ask for them.
         let created = store.create_or_resume_pass(&spec).await?;
         let added = store.add_images(&spec.pass_id, &images).await?;
+        say_short_disk(&*store, &a.db, &spec).await?;
         if let (Some(listener), Some(check)) = (listener, check) {
             let addr = listener.local_addr()?;
             let service = PassService::new(
@@ -179,6 +182,25 @@ pub fn examples(a: ExamplesArgs) -> Result<()> {
         store.close().await;
         result
     })
+}
+
+/// Says when the disk under a SQLite store has less free space than the pass will write there.
+async fn say_short_disk(store: &dyn Store, db: &str, spec: &PassSpec) -> Result<()> {
+    let store::Backend::Sqlite(file) = store::backend(db)? else {
+        return Ok(()); // the server's disk is not in sight
+    };
+    let p = store.pass_progress(&spec.pass_id).await?;
+    let filters: usize = LAYERS[..CONV_LAYERS].iter().map(|l| l.filters()).sum();
+    let needs = space::pass_needs(
+        Some(std::path::Path::new(file)),
+        (p.images - p.finished()).max(0) as u64,
+        filters as u64,
+        spec.top as u64,
+    );
+    for w in space::warnings("examples pass", &needs) {
+        eprintln!("warning: {w}");
+    }
+    Ok(())
 }
 
 /// The engine of this process, when it examines images itself.

@@ -20,6 +20,8 @@ use std::path::{Path, PathBuf};
 pub struct Need {
     /// What is written there, for the message ("the store", "the atlas").
     pub what: &'static str,
+    /// The flag that puts it elsewhere ("--db", "--out").
+    pub flag: &'static str,
     pub path: PathBuf,
     pub bytes: u64,
 }
@@ -50,6 +52,7 @@ pub fn render_needs(
     if let Some(file) = db_file {
         needs.push(Need {
             what: "the store",
+            flag: "--db",
             path: file.to_path_buf(),
             bytes: remaining * image_bytes(size),
         });
@@ -58,10 +61,35 @@ pub fn render_needs(
     let pictures = total * per_filter + OVERVIEW_BYTES;
     needs.push(Need {
         what: "the atlas",
+        flag: "--out",
         path: out.to_path_buf(),
         bytes: pictures.saturating_sub(drawn_bytes(out)),
     });
     needs
+}
+
+/// Per image examined, what an examples pass stores beside its crops: the image's row and its
+/// strongest filters (`image_filters`, 117 rows an image over the 13 layers).
+const PASS_IMAGE_BYTES: u64 = 16 << 10;
+
+/// Per example, its crop: a PNG of at most 96 px (7.2 KB on average over a pass of the test
+/// photos with `--top 9`, 26 KB at most).
+const CROP_BYTES: u64 = 8 << 10;
+
+/// What an examples pass with `remaining` images to examine writes to its store (when it is a
+/// SQLite file): their rows, and while any remain, the crops of every filter's top `top`, which
+/// a pass of `top` images already fills (an estimate for a new pass: a pass that grows keeps
+/// most of its crops).
+pub fn pass_needs(db_file: Option<&Path>, remaining: u64, filters: u64, top: u64) -> Vec<Need> {
+    match db_file {
+        Some(file) if remaining > 0 => vec![Need {
+            what: "the store",
+            flag: "--db",
+            path: file.to_path_buf(),
+            bytes: remaining * PASS_IMAGE_BYTES + filters * top * CROP_BYTES,
+        }],
+        _ => Vec::new(),
+    }
 }
 
 /// The bytes of the pictures a previous drawing left in `out`: its tiles and its `.png` files.
@@ -107,17 +135,18 @@ pub fn disk(path: &Path) -> std::io::Result<Disk> {
 }
 
 /// One warning per disk whose free space is less than what `needs` write to it (needs on the
-/// same disk add up). A need whose disk cannot be read is passed over.
-pub fn warnings(needs: &[Need]) -> Vec<String> {
+/// same disk add up); `job` names what writes ("render", "examples pass"). A need whose disk
+/// cannot be read is passed over.
+pub fn warnings(job: &str, needs: &[Need]) -> Vec<String> {
     let placed: Vec<(Disk, &Need)> = needs
         .iter()
         .filter_map(|n| disk(&n.path).ok().map(|d| (d, n)))
         .collect();
-    shortfalls(&placed)
+    shortfalls(job, &placed)
 }
 
 /// [`warnings`] on disks already read.
-pub fn shortfalls(placed: &[(Disk, &Need)]) -> Vec<String> {
+pub fn shortfalls(job: &str, placed: &[(Disk, &Need)]) -> Vec<String> {
     let mut devices: Vec<u64> = placed.iter().map(|(d, _)| d.device).collect();
     devices.sort_unstable();
     devices.dedup();
@@ -137,14 +166,18 @@ pub fn shortfalls(placed: &[(Disk, &Need)]) -> Vec<String> {
                     .iter()
                     .map(|(_, n)| format!("{} {}", n.what, mb(n.bytes)))
                     .collect();
+                let mut flags: Vec<&str> = on.iter().map(|(_, n)| n.flag).collect();
+                flags.sort_unstable();
+                flags.dedup();
                 format!(
-                    "the disk under {} has {} free, and this render writes about {} there ({}). \
-                     Free some space, or choose another --out or --db: a full disk loses \
-                     nothing, but stops the render until space is freed",
+                    "the disk under {} has {} free, and this {job} writes about {} there ({}). \
+                     Free some space, or choose another {}: a full disk loses nothing, but \
+                     stops the {job} until space is freed",
                     paths.join(" and "),
                     mb(free),
                     mb(need),
-                    parts.join(", ")
+                    parts.join(", "),
+                    flags.join(" or ")
                 )
             })
         })
@@ -162,6 +195,7 @@ mod tests {
     fn need(what: &'static str, path: &str, bytes: u64) -> Need {
         Need {
             what,
+            flag: if what == "the store" { "--db" } else { "--out" },
             path: path.into(),
             bytes,
         }
@@ -178,11 +212,12 @@ mod tests {
             free: 100,
         };
         // 60 + 50 on a disk with 100 free: short, though each alone fits.
-        let said = shortfalls(&[(one, &store), (one, &atlas)]);
+        let said = shortfalls("render", &[(one, &store), (one, &atlas)]);
         assert_eq!(said.len(), 1, "{said:?}");
         assert!(
             said[0].starts_with("the disk under /a/atlas.db and /a has 0 MB free")
-                && said[0].contains("(the store 0 MB, the atlas 0 MB)"),
+                && said[0].contains("(the store 0 MB, the atlas 0 MB)")
+                && said[0].contains("choose another --db or --out"),
             "{}",
             said[0]
         );
@@ -191,10 +226,10 @@ mod tests {
             device: 2,
             free: 100,
         };
-        assert!(shortfalls(&[(one, &store), (two, &atlas)]).is_empty());
+        assert!(shortfalls("render", &[(one, &store), (two, &atlas)]).is_empty());
         // A full second disk is said, the first not.
         let full = Disk { device: 2, free: 0 };
-        let said = shortfalls(&[(one, &store), (full, &atlas)]);
+        let said = shortfalls("render", &[(one, &store), (full, &atlas)]);
         assert_eq!(said.len(), 1);
         assert!(
             said[0].starts_with("the disk under /a has 0 MB free"),
@@ -222,6 +257,24 @@ mod tests {
         let again = render_needs(None, out.path(), 100, 0, 128, 64);
         assert_eq!(again.len(), 1, "no store need without a SQLite file");
         assert_eq!(again[0].bytes, fresh - 12_000);
+    }
+
+    #[test]
+    fn an_examples_pass_needs_its_images_rows_and_the_crops_only_while_images_remain() {
+        let db = Path::new("/a/atlas.db");
+        let needs = pass_needs(Some(db), 100, 4224, 9);
+        assert_eq!(
+            needs[0].bytes,
+            100 * PASS_IMAGE_BYTES + 4224 * 9 * CROP_BYTES
+        );
+        assert!(
+            pass_needs(Some(db), 0, 4224, 9).is_empty(),
+            "a finished pass"
+        );
+        assert!(
+            pass_needs(None, 100, 4224, 9).is_empty(),
+            "a PostgreSQL store"
+        );
     }
 
     #[test]

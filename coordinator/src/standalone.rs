@@ -220,7 +220,7 @@ impl Checked {
             cfg.settings.size,
             cfg.mosaic.tile,
         );
-        for w in space::warnings(&needs) {
+        for w in space::warnings("render", &needs) {
             on(Event::Say(format!("warning: {w}")));
         }
         let lease_ms = (cfg.lease_seconds * 1000) as i64;
