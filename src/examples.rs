@@ -136,7 +136,7 @@ pub fn examples(a: ExamplesArgs) -> Result<()> {
         // The pass and its images are stored before any worker can ask for them.
         let created = store.create_or_resume_pass(&spec).await?;
         let added = store.add_images(&spec.pass_id, &images).await?;
-        say_short_disk(&*store, &a.db, &spec).await?;
+        say_short_disk(&*store, &a.db, &spec).await;
         if let (Some(listener), Some(check)) = (listener, check) {
             let addr = listener.local_addr()?;
             let service = PassService::new(
@@ -185,11 +185,15 @@ pub fn examples(a: ExamplesArgs) -> Result<()> {
 }
 
 /// Says when the disk under a SQLite store has less free space than the pass will write there.
-async fn say_short_disk(store: &dyn Store, db: &str, spec: &PassSpec) -> Result<()> {
-    let store::Backend::Sqlite(file) = store::backend(db)? else {
-        return Ok(()); // the server's disk is not in sight
+/// Only a warning: a store that cannot say its progress now is passed over (the pass itself
+/// waits for it).
+async fn say_short_disk(store: &dyn Store, db: &str, spec: &PassSpec) {
+    let Ok(store::Backend::Sqlite(file)) = store::backend(db) else {
+        return; // the server's disk is not in sight
     };
-    let p = store.pass_progress(&spec.pass_id).await?;
+    let Ok(p) = store.pass_progress(&spec.pass_id).await else {
+        return;
+    };
     let filters: usize = LAYERS[..CONV_LAYERS].iter().map(|l| l.filters()).sum();
     let needs = space::pass_needs(
         Some(std::path::Path::new(file)),
@@ -200,7 +204,6 @@ async fn say_short_disk(store: &dyn Store, db: &str, spec: &PassSpec) -> Result<
     for w in space::warnings("examples pass", &needs) {
         eprintln!("warning: {w}");
     }
-    Ok(())
 }
 
 /// The engine of this process, when it examines images itself.

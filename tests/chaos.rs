@@ -773,10 +773,6 @@ fn an_examples_pass_waits_out_postgresql_stopped_mid_pass_and_during_its_crops()
     wait_until("the crops to begin", Duration::from_secs(300), || {
         said("making the crops") || said("crops of the top")
     });
-    assert!(
-        !said("crops of the top"),
-        "the crops took too little time to stop the server under them; make the pass bigger"
-    );
     pg.stop();
     std::thread::sleep(Duration::from_secs(12));
     pg.start_again();
@@ -802,11 +798,29 @@ fn an_examples_pass_waits_out_postgresql_stopped_mid_pass_and_during_its_crops()
         Some("0"),
         "every example has its crop"
     );
-    let log = log.lock().unwrap().join("\n");
-    assert_eq!(
-        log.matches("the database answers again").count(),
-        2,
+    let lines = log.lock().unwrap().clone();
+    let log = lines.join("\n");
+    assert!(
+        log.matches("the database answers again").count() >= 2,
         "each outage is said in the pass's log:\n{log}"
+    );
+    // The second outage began while the crops were being made, not after them.
+    let line = |what: &str, nth: usize| {
+        lines
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.contains(what))
+            .map(|(i, _)| i)
+            .nth(nth)
+    };
+    let (began, down, made) = (
+        line("making the crops", 0),
+        line("the database does not answer", 1),
+        line("crops of the top", 0),
+    );
+    assert!(
+        matches!((began, down, made), (Some(b), Some(d), Some(m)) if b < d && d < m),
+        "the second outage came after the crops began and before they were made:\n{log}"
     );
     eprintln!(
         "FAULTS PostgreSQL stopped for 14 s during an examples pass at {at} of 40 images, then for 12 s as its crops began: 2 injected, 0 lost, {again} images examined again, every example cropped"

@@ -197,7 +197,10 @@ impl Checked {
         let created = store.create_or_resume_run(&spec).await?;
         let progress = store.progress(&spec.run_id).await?;
         let planned: i64 = progress.iter().map(|p| p.total).sum();
-        let stored: i64 = progress.iter().map(|p| p.done + p.failed).sum();
+        let stored: i64 = progress
+            .iter()
+            .map(|p| p.total - p.pending - p.leased)
+            .sum();
         on(Event::Say(format!(
             "{} run {} ({}) in {}",
             if created { "new" } else { "resuming" },
