@@ -308,6 +308,14 @@ impl Tmpfs {
         Ok(Tmpfs { dir })
     }
 
+    /// [`Tmpfs::mount`], for a test that checks a SQLite store on it with the sqlite3 shell.
+    fn for_sqlite(bytes: u64) -> Result<Tmpfs, String> {
+        if Command::new("sqlite3").arg("--version").output().is_err() {
+            return Err("no sqlite3 shell to check the store's integrity".into());
+        }
+        Tmpfs::mount(bytes)
+    }
+
     /// Fills what is left of the filesystem with one file, returned.
     fn fill(&self) -> PathBuf {
         use std::io::Write;
@@ -327,6 +335,20 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg("-l").arg(&self.dir).output();
         let _ = std::fs::remove_dir(&self.dir);
     }
+}
+
+/// Every line `child` writes to its (piped) stderr, kept as it comes.
+fn keep_log(child: &mut std::process::Child) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    use std::io::{BufRead, BufReader};
+    let lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = log.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            keep.lock().unwrap().push(line);
+        }
+    });
+    log
 }
 
 /// `PRAGMA integrity_check` of a SQLite file, by the sqlite3 shell.
@@ -351,10 +373,7 @@ fn integrity(file: &std::path::Path) -> String {
 /// command, run again after space is freed, draws it.
 #[test]
 fn a_full_disk_stops_results_until_space_is_freed_and_corrupts_nothing() {
-    if Command::new("sqlite3").arg("--version").output().is_err() {
-        return unavailable("no sqlite3 shell to check the store's integrity");
-    }
-    let disk = match Tmpfs::mount(32 << 20) {
+    let disk = match Tmpfs::for_sqlite(32 << 20) {
         Ok(d) => d,
         Err(why) => return unavailable(&why),
     };
@@ -457,11 +476,8 @@ fn a_full_disk_stops_results_until_space_is_freed_and_corrupts_nothing() {
 /// once and every example cropped.
 #[test]
 fn an_examples_pass_waits_out_a_full_disk_under_its_store() {
-    use std::io::{BufRead, BufReader, Write};
-    if Command::new("sqlite3").arg("--version").output().is_err() {
-        return unavailable("no sqlite3 shell to check the store's integrity");
-    }
-    let disk = match Tmpfs::mount(64 << 20) {
+    use std::io::Write;
+    let disk = match Tmpfs::for_sqlite(64 << 20) {
         Ok(d) => d,
         Err(why) => return unavailable(&why),
     };
@@ -482,14 +498,7 @@ fn an_examples_pass_waits_out_a_full_disk_under_its_store() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let lines = BufReader::new(pass.stderr.take().unwrap()).lines();
-    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let keep = log.clone();
-    std::thread::spawn(move || {
-        for line in lines.map_while(Result::ok) {
-            keep.lock().unwrap().push(line);
-        }
-    });
+    let log = keep_log(&mut pass);
     let said = |what: &str| log.lock().unwrap().iter().any(|l| l.contains(what));
     wait_until(
         "the pass to say its disk is full",
@@ -712,7 +721,6 @@ fn a_soak_of_random_kills_loses_nothing_and_recomputes_at_most_what_was_in_fligh
 /// image examined once and every example cropped.
 #[test]
 fn an_examples_pass_waits_out_postgresql_stopped_mid_pass_and_during_its_crops() {
-    use std::io::{BufRead, BufReader};
     let pg = match Postgres::start() {
         Ok(pg) => pg,
         Err(why) => return unavailable(&why),
@@ -740,14 +748,7 @@ fn an_examples_pass_waits_out_postgresql_stopped_mid_pass_and_during_its_crops()
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let lines = BufReader::new(pass.stderr.take().unwrap()).lines();
-    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let keep = log.clone();
-    std::thread::spawn(move || {
-        for line in lines.map_while(Result::ok) {
-            keep.lock().unwrap().push(line);
-        }
-    });
+    let log = keep_log(&mut pass);
     let examined = || -> i64 {
         let o = bin()
             .args(["query", "--db", &db, "--format", "csv"])
