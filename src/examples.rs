@@ -21,7 +21,7 @@ use vgg_atlas_coordinator::space;
 use vgg_atlas_coordinator::standalone::{reachable, token_for, DEFAULT_DB};
 use vgg_atlas_coordinator::store::{self, ImageSubmission, PassSpec, Store};
 use vgg_atlas_proto as pb;
-use vgg_atlas_proto::layers::{CONV_LAYERS, LAYERS};
+use vgg_atlas_proto::layers::conv_filters;
 use vgg_atlas_worker::engine::examples::{
     crops, examine, skipped, ImageFile, DEFAULT_SIDE, DEFAULT_TOP,
 };
@@ -194,11 +194,10 @@ async fn say_short_disk(store: &dyn Store, db: &str, spec: &PassSpec) {
     let Ok(p) = store.pass_progress(&spec.pass_id).await else {
         return;
     };
-    let filters: usize = LAYERS[..CONV_LAYERS].iter().map(|l| l.filters()).sum();
     let needs = space::pass_needs(
         Some(std::path::Path::new(file)),
         (p.images - p.finished()).max(0) as u64,
-        filters as u64,
+        conv_filters() as u64,
         spec.top as u64,
     );
     for w in space::warnings("examples pass", &needs) {

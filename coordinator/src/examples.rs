@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
-use vgg_atlas_proto::{CONV_LAYERS, LAYERS};
+use vgg_atlas_proto::{conv_filters, CONV_LAYERS, LAYERS};
 
 use vgg_atlas_proto as pb;
 
@@ -152,8 +152,7 @@ pub fn submission(
     let side = pass.side as usize;
     let top = pass.top as usize;
     let conv = &LAYERS[..CONV_LAYERS];
-    let filters_total: usize = conv.iter().map(|l| l.filters()).sum();
-    if f.examples.len() > filters_total || f.filters.len() > CONV_LAYERS * top {
+    if f.examples.len() > conv_filters() || f.filters.len() > CONV_LAYERS * top {
         return Err(format!(
             "{image}: {} examples and {} strongest filters, more than the pass keeps",
             f.examples.len(),

@@ -16,7 +16,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-/// What a render writes to one place.
+/// What a render or an examples pass writes to one place.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Need {
     /// What is written there, for the message ("the store", "the atlas").
@@ -29,7 +29,7 @@ pub struct Need {
 
 /// The bytes of one filter's image at `size` px, as stored and as drawn: an RGB PNG that barely
 /// compresses, with its row.
-pub fn image_bytes(size: usize) -> u64 {
+fn image_bytes(size: usize) -> u64 {
     3 * (size as u64).pow(2) + 1024
 }
 
@@ -148,10 +148,10 @@ pub fn disk(path: &Path) -> std::io::Result<Disk> {
     })
 }
 
-/// One warning per disk whose free space is less than what `needs` write to it (needs on the
-/// same device add up: two subvolumes or bind mounts that share their free space are taken as
-/// two disks, which can only miss a shortfall, never invent one); `job` names what writes ("render", "examples pass"). A need whose disk
-/// cannot be read is passed over.
+/// One warning per disk whose free space is less than what `needs` write to it; `job` names what
+/// writes ("render", "examples pass"). Needs on the same device add up (two subvolumes or bind
+/// mounts that share their free space are taken as two disks, which can only miss a shortfall,
+/// never invent one). A need whose disk cannot be read is passed over.
 pub fn warnings(job: &str, needs: &[Need]) -> Vec<String> {
     let placed: Vec<(Disk, &Need)> = needs
         .iter()
@@ -161,7 +161,7 @@ pub fn warnings(job: &str, needs: &[Need]) -> Vec<String> {
 }
 
 /// [`warnings`] on disks already read.
-pub fn shortfalls(job: &str, placed: &[(Disk, &Need)]) -> Vec<String> {
+fn shortfalls(job: &str, placed: &[(Disk, &Need)]) -> Vec<String> {
     let mut devices: Vec<u64> = placed.iter().map(|(d, _)| d.device).collect();
     devices.sort_unstable();
     devices.dedup();

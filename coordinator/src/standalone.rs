@@ -197,10 +197,7 @@ impl Checked {
         let created = store.create_or_resume_run(&spec).await?;
         let progress = store.progress(&spec.run_id).await?;
         let planned: i64 = progress.iter().map(|p| p.total).sum();
-        let stored: i64 = progress
-            .iter()
-            .map(|p| p.total - p.pending - p.leased)
-            .sum();
+        let unstored: i64 = progress.iter().map(|p| p.pending + p.leased).sum();
         on(Event::Say(format!(
             "{} run {} ({}) in {}",
             if created { "new" } else { "resuming" },
@@ -219,7 +216,7 @@ impl Checked {
             db_file,
             &cfg.out,
             planned as u64,
-            (planned - stored).max(0) as u64,
+            unstored as u64,
             cfg.settings.size,
             cfg.mosaic.tile,
         );

@@ -87,6 +87,12 @@ pub const LAYERS: [Layer; 16] = [
 /// The 13 conv layers, the atlas's default.
 pub const CONV_LAYERS: usize = 13;
 
+/// The filters of the 13 conv layers together (4,224): the atlas's filters, and each image's
+/// candidates in an examples pass.
+pub fn conv_filters() -> usize {
+    LAYERS[..CONV_LAYERS].iter().map(|l| l.filters()).sum()
+}
+
 /// Spatial size of the input the dense layers need (7x7 after five pools).
 pub const DENSE_INPUT_SIZE: usize = 224;
 
@@ -223,6 +229,7 @@ mod tests {
     fn conv_layers_have_4224_filters() {
         let n: usize = LAYERS[..CONV_LAYERS].iter().map(|l| l.filters()).sum();
         assert_eq!(n, 4224);
+        assert_eq!(conv_filters(), n);
     }
 
     #[test]

@@ -21,7 +21,7 @@ mod state;
 pub mod tls;
 
 pub use error::{Error, Result};
-pub use layers::{Layer, LayerKind, ReceptiveField, CONV_LAYERS, LAYERS};
+pub use layers::{conv_filters, Layer, LayerKind, ReceptiveField, CONV_LAYERS, LAYERS};
 pub use method::{filter_seed, Objective, Optimizer, Parameterization, Preset, Settings};
 pub use state::FilterState;
 

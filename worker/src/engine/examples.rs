@@ -15,7 +15,7 @@ use image::codecs::png::{CompressionType, FilterType as PngFilter, PngEncoder};
 use image::imageops::FilterType;
 use image::{ImageFormat, ImageReader, RgbImage};
 use sha2::{Digest, Sha256};
-use vgg_atlas_proto::layers::{CONV_LAYERS, LAYERS};
+use vgg_atlas_proto::layers::{conv_filters, CONV_LAYERS, LAYERS};
 
 use super::trunk::{ImagePeaks, Trunk};
 use super::weights::{hex, Preprocess};
@@ -84,7 +84,7 @@ pub fn skipped(image: String, sha256: String, reason: String) -> ImageFinding {
 /// a filter's top K is not full), checked against the network.
 pub fn bars_from_wire(wire: &[f32]) -> Result<Bars> {
     let conv = &LAYERS[..CONV_LAYERS];
-    let total: usize = conv.iter().map(|l| l.filters()).sum();
+    let total = conv_filters();
     if wire.len() != total {
         return Err(Error::Invalid(format!(
             "the lease carries {} bars; VGG16's conv layers have {total} filters",
@@ -350,7 +350,7 @@ mod tests {
 
     #[test]
     fn bars_from_the_wire_are_checked_and_split_by_layer() {
-        let total: usize = LAYERS[..CONV_LAYERS].iter().map(|l| l.filters()).sum();
+        let total = conv_filters();
         let mut wire = vec![-1.0; total];
         wire[64] = 2.5; // block1_conv2's filter 0
         let bars = bars_from_wire(&wire).unwrap();
