@@ -94,6 +94,11 @@ pub struct Method {
     /// and shifted by a random offset over a whole period, so its borders are not special.
     #[arg(long)]
     pub roll_blocks: Option<u32>,
+    /// Ascend a filter whose image ends mostly silent (its mean before the ReLU below 0) a
+    /// second time on the pre-ReLU objective, and keep the image that excites it more (true
+    /// or false).
+    #[arg(long)]
+    pub second_ascent: Option<bool>,
 }
 
 impl Method {
@@ -120,6 +125,7 @@ impl Method {
             warmup_steps,
             cosine_decay,
             roll_blocks,
+            second_ascent,
             objective,
             parameterization,
             optimizer

@@ -8,7 +8,7 @@ use clap::Args;
 use serde_json::json;
 use vgg_atlas_atlas::quality;
 use vgg_atlas_proto::Layer;
-use vgg_atlas_worker::engine::ascent::{self, Faults, Target, Watch};
+use vgg_atlas_worker::engine::ascent::{self, Faults, Progress, Target, Watch};
 use vgg_atlas_worker::engine::vgg::Vgg16;
 
 use crate::args::{parse_filters, Compute, Method};
@@ -136,7 +136,7 @@ pub fn visualize(a: VisualizeArgs) -> Result<()> {
                 &settings,
                 Faults::from_env(),
                 &mut Watch {
-                    on_step: Some(&mut |images| steps.step(images)),
+                    on_progress: Some(&mut |p| steps.progress(p)),
                     phases: None,
                 },
             )
@@ -153,6 +153,11 @@ pub fn visualize(a: VisualizeArgs) -> Result<()> {
                     format!("FAILED: {f}")
                 } else if r.dead {
                     "dead".into()
+                } else if let Some(a) = r.second_ascent {
+                    format!(
+                        "(mostly silent: a second, pre-ReLU ascent reached {:.3}, the first {:.3})",
+                        a.second_activation, a.first_activation
+                    )
                 } else {
                     String::new()
                 };
@@ -207,6 +212,7 @@ struct StepProgress {
     layer: &'static str,
     done: u64,
     total: u64,
+    steps: usize,
     last_line: std::time::Instant,
 }
 
@@ -230,12 +236,22 @@ impl StepProgress {
             layer,
             done: 0,
             total,
+            steps,
             last_line: std::time::Instant::now(),
         }
     }
 
-    /// `images` images took one more step.
-    fn step(&mut self, images: usize) {
+    fn progress(&mut self, p: Progress) {
+        let images = match p {
+            Progress::Step(images) => images,
+            Progress::SecondAscent(filters) => {
+                self.total += (filters * (self.steps + 1)) as u64;
+                if let Some(bar) = &self.bar {
+                    bar.set_length(self.total);
+                }
+                return;
+            }
+        };
         self.done += images as u64;
         match &self.bar {
             Some(bar) => bar.set_position(self.done),

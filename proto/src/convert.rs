@@ -30,6 +30,7 @@ impl Settings {
             warmup_steps: self.warmup_steps,
             cosine_decay: self.cosine_decay,
             roll_blocks: self.roll_blocks,
+            second_ascent: self.second_ascent,
         }
     }
 }
@@ -96,6 +97,7 @@ impl TryFrom<&RunSettings> for Settings {
             warmup_steps: s.warmup_steps,
             cosine_decay: s.cosine_decay,
             roll_blocks: s.roll_blocks,
+            second_ascent: s.second_ascent,
         })
     }
 }

@@ -48,7 +48,7 @@ pub const STORE_OUTAGE_METADATA: &str = "vgg-atlas-store-outage";
 /// The version of this contract a peer speaks, sent in `RegisterRequest.protocol_version`.
 /// Bumped on any breaking change (together with the package name) and on any addition old
 /// peers would silently misread, such as new run settings; see the header of `atlas.proto`.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// The largest gRPC message either side accepts. tonic's default of 4 MiB is too small for a
 /// submit of a large batch of large images (64 filters at 512x512 are ~50 MB of PNG); set it on

@@ -146,6 +146,7 @@ impl Preset {
             warmup_steps: 0,
             cosine_decay: false,
             roll_blocks: 0,
+            second_ascent: false,
         };
         match self {
             Preset::Quick => quick,
@@ -158,8 +159,9 @@ impl Preset {
             },
             // lucid's image side at 64 steps, with what measured best at that length
             // (docs/method.md): 8x the step size after an 8-step warm-up, the activation
-            // itself as the objective (woken by pre-ReLU while silent), and the images of
-            // block1 and block2 rolled, so their borders are not special.
+            // itself as the objective (woken by pre-ReLU while silent), the images of
+            // block1 and block2 rolled, so their borders are not special, and a second,
+            // pre-ReLU ascent for a filter whose image ends mostly silent.
             Preset::Atlas => Settings {
                 preset: Preset::Atlas,
                 steps: 64,
@@ -167,6 +169,7 @@ impl Preset {
                 learning_rate: 0.4,
                 warmup_steps: 8,
                 roll_blocks: 2,
+                second_ascent: true,
                 ..Preset::Lucid.settings()
             },
             Preset::Lucid => Settings {
@@ -231,6 +234,13 @@ pub struct Settings {
     /// Left out of the JSON when 0.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub roll_blocks: u32,
+    /// A filter whose image ends mostly silent under a post-ReLU objective (its mean before
+    /// the ReLU below 0: the image's positions where it is silent outweigh those where it
+    /// fires, and post-ReLU gives them no gradient) is ascended again from the same seed on
+    /// the pre-ReLU mean, which gives every position a gradient; the image that excites it
+    /// more is kept. No effect with the pre-ReLU objective. Left out of the JSON when unset.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub second_ascent: bool,
 }
 
 fn is_zero(v: &u32) -> bool {
@@ -364,7 +374,7 @@ mod tests {
     fn the_settings_json_of_stored_runs_does_not_change() {
         assert_eq!(
             serde_json::to_string(&Preset::Atlas.settings()).unwrap(),
-            r#"{"preset":"atlas","size":128,"steps":64,"seed":0,"objective":"post-relu-wake","parameterization":"fourier","optimizer":"adam","learning_rate":0.4,"rmsprop_decay":0.95,"lp_norm_p":6.0,"lp_norm_weight":0.0,"tv_beta":2.0,"tv_weight":0.0,"fourier_decay":1.0,"jitter":8,"rotate_degrees":10.0,"scale_jitter":0.1,"warmup_steps":8,"roll_blocks":2}"#
+            r#"{"preset":"atlas","size":128,"steps":64,"seed":0,"objective":"post-relu-wake","parameterization":"fourier","optimizer":"adam","learning_rate":0.4,"rmsprop_decay":0.95,"lp_norm_p":6.0,"lp_norm_weight":0.0,"tv_beta":2.0,"tv_weight":0.0,"fourier_decay":1.0,"jitter":8,"rotate_degrees":10.0,"scale_jitter":0.1,"warmup_steps":8,"roll_blocks":2,"second_ascent":true}"#
         );
         // The presets without the schedule or the roll keep the JSON they had before those
         // fields existed, so their stored runs keep their ids.
@@ -374,8 +384,13 @@ mod tests {
         );
         let old: Settings = serde_json::from_str(r#"{"preset":"atlas","size":128,"steps":64,"seed":0,"objective":"pre-relu","parameterization":"fourier","optimizer":"adam","learning_rate":0.05,"rmsprop_decay":0.95,"lp_norm_p":6.0,"lp_norm_weight":0.0,"tv_beta":2.0,"tv_weight":0.0,"fourier_decay":1.0,"jitter":8,"rotate_degrees":10.0,"scale_jitter":0.1}"#).unwrap();
         assert_eq!(
-            (old.warmup_steps, old.cosine_decay, old.roll_blocks),
-            (0, false, 0)
+            (
+                old.warmup_steps,
+                old.cosine_decay,
+                old.roll_blocks,
+                old.second_ascent
+            ),
+            (0, false, 0, false)
         );
     }
 

@@ -46,6 +46,7 @@ fn settings() -> RunSettings {
         warmup_steps: 8,
         cosine_decay: true,
         roll_blocks: 1,
+        second_ascent: true,
     }
 }
 

@@ -239,3 +239,53 @@ fn the_lucid_and_keras_vis_presets_raise_the_activation_reproducibly_in_any_batc
         assert_ne!(other_seed[0].image, alone[0].image, "{preset:?}");
     }
 }
+
+#[test]
+fn a_filter_whose_image_ends_mostly_silent_is_ascended_again_pre_relu_and_keeps_the_better_image() {
+    // The atlas preset, small: block2_conv1's filter 0 ends mostly silent under the woken
+    // objective (its mean before the ReLU below 0, measured -316 at 64 px and 16 steps); 1-3
+    // fire on most of their images.
+    let first = Settings {
+        size: 64,
+        steps: 16,
+        second_ascent: false,
+        ..Preset::Atlas.settings()
+    };
+    let filters = [0usize, 1, 2, 3];
+    let once = run("block2_conv1", &filters, &first);
+    let pre_relu = run("block2_conv1", &filters, &first.clone().with_pre_relu());
+    let both = run(
+        "block2_conv1",
+        &filters,
+        &Settings {
+            second_ascent: true,
+            ..first
+        },
+    );
+    let silent: Vec<usize> = once
+        .iter()
+        .filter(|r| r.pre_activation < 0.0)
+        .map(|r| r.filter)
+        .collect();
+    assert_eq!(silent, [0], "the filters that end mostly silent");
+    for ((a, p), r) in once.iter().zip(&pre_relu).zip(&both) {
+        if a.pre_activation >= 0.0 {
+            // Not ascended again: the first ascent's result, image and all.
+            assert_eq!(r.second_ascent, None, "filter {}", r.filter);
+            assert_eq!((r.activation, &r.curve), (a.activation, &a.curve));
+            assert_eq!(r.image, a.image);
+            continue;
+        }
+        let pair = r.second_ascent.expect("ascended again");
+        assert_eq!(
+            (pair.first_activation, pair.second_activation),
+            (a.activation, p.activation),
+            "filter {}: the second ascent is the pre-ReLU ascent from the same seed",
+            r.filter
+        );
+        let kept = if p.activation > a.activation { p } else { a };
+        assert_eq!((r.activation, &r.curve), (kept.activation, &kept.curve));
+        assert_eq!(r.image, kept.image);
+        assert!(r.seconds >= a.seconds);
+    }
+}

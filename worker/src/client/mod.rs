@@ -605,11 +605,13 @@ fn refused(layer: &str, targets: &[Target], why: &str) -> Vec<FilterResult> {
             activation: 0.0,
             objective: 0.0,
             start_activation: 0.0,
+            pre_activation: 0.0,
             curve: Vec::new(),
             dead: false,
             failed_reason: Some(format!("the worker refused the lease: {why}")),
             retries: 0,
             seconds: 0.0,
+            second_ascent: None,
             image: None,
         })
         .collect()

@@ -2,7 +2,8 @@
 //! one image per filter, by gradient ascent on each image's own objective (the target filter's
 //! mean activation minus the regularizers). This file decides, for every backend alike: each
 //! image's seed (the lease's), its transform at each step, what is recorded, when a step is
-//! retried after a non-finite value and with what step size, and the results.
+//! retried after a non-finite value and with what step size, which filters are ascended a
+//! second time, and the results.
 //!
 //! What differs between backends sits behind [`ImageSide`]: where the images live, how they are
 //! rendered from their parameters, transformed, fed to the trunk, regularized and stepped —
@@ -12,7 +13,7 @@
 
 use std::time::Instant;
 
-use vgg_atlas_proto::{Layer, Settings};
+use vgg_atlas_proto::{Layer, Objective, Settings};
 
 use super::device_images::DeviceImages;
 use super::device_trunk::{bytes_per_image, DeviceTrunk};
@@ -20,7 +21,7 @@ use super::host_images::HostImages;
 use super::image_side::ImageSide;
 pub use super::image_side::Target;
 use super::profile::Phases;
-use super::record::{FilterResult, Record};
+use super::record::{FilterResult, Record, SecondAscent};
 use super::transform::Affine;
 use super::trunk::Trunk;
 use super::weights::Preprocess;
@@ -94,11 +95,21 @@ pub fn ascend(
     )
 }
 
+/// What an ascent tells its watcher as it goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// This many images took one more step.
+    Step(usize),
+    /// This many filters are about to be ascended a second time (`Settings::second_ascent`):
+    /// that many images' steps more than the run planned.
+    SecondAscent(usize),
+}
+
 /// What a caller may watch of an ascent.
 #[derive(Default)]
 pub struct Watch<'a> {
-    /// Called after each step with the number of images that took it (a progress display).
-    pub on_step: Option<&'a mut (dyn FnMut(usize) + Send)>,
+    /// Called as the ascent goes (a progress display).
+    pub on_progress: Option<&'a mut (dyn FnMut(Progress) + Send)>,
     /// The wall time of each phase, summed over the steps of every batch; `None` after an
     /// ascent on a device that keeps its images (it does not measure them).
     pub phases: Option<Phases>,
@@ -106,6 +117,61 @@ pub struct Watch<'a> {
 
 /// [`ascend`], reporting to `watch` as it goes.
 pub fn ascend_observed(
+    trunk: &mut dyn Trunk,
+    preprocess: Preprocess,
+    layer: Layer,
+    targets: &[Target],
+    s: &Settings,
+    faults: Faults,
+    watch: &mut Watch,
+) -> Result<Vec<FilterResult>> {
+    let mut results = ascend_once(trunk, preprocess, layer, targets, s, faults, watch)?;
+    if !s.second_ascent || s.objective == Objective::PreRelu {
+        return Ok(results);
+    }
+    // The filters whose image ended mostly silent: post-ReLU gave most of it no gradient.
+    let again: Vec<usize> = (0..results.len())
+        .filter(|&i| results[i].failed_reason.is_none() && results[i].pre_activation < 0.0)
+        .collect();
+    if again.is_empty() {
+        return Ok(results);
+    }
+    if let Some(f) = watch.on_progress.as_mut() {
+        f(Progress::SecondAscent(again.len()));
+    }
+    let pre_relu = Settings {
+        objective: Objective::PreRelu,
+        second_ascent: false,
+        ..s.clone()
+    };
+    let targets_again: Vec<Target> = again.iter().map(|&i| targets[i]).collect();
+    let seconds = ascend_once(
+        trunk,
+        preprocess,
+        layer,
+        &targets_again,
+        &pre_relu,
+        faults,
+        watch,
+    )?;
+    for (i, second) in again.into_iter().zip(seconds) {
+        let first = &mut results[i];
+        let pair = SecondAscent {
+            first_activation: first.activation,
+            second_activation: second.activation,
+        };
+        let time = first.seconds + second.seconds;
+        if second.failed_reason.is_none() && second.activation > first.activation {
+            *first = second;
+        }
+        first.seconds = time;
+        first.second_ascent = Some(pair);
+    }
+    Ok(results)
+}
+
+/// One ascent of every target with the settings' objective.
+fn ascend_once(
     trunk: &mut dyn Trunk,
     preprocess: Preprocess,
     layer: Layer,
@@ -298,8 +364,8 @@ fn run(
             }
             images.update(&vec![false; b], &bad, &vec![false; b], &lr)?;
         }
-        if let Some(f) = watch.on_step.as_mut() {
-            f(b);
+        if let Some(f) = watch.on_progress.as_mut() {
+            f(Progress::Step(b));
         }
     }
     let xs = images.images()?;

@@ -17,6 +17,9 @@ pub struct FilterResult {
     /// The optimised objective at the end: the target (pre- or post-ReLU mean) minus the regularizers.
     pub objective: f32,
     pub start_activation: f32,
+    /// The filter's mean response before the ReLU on the final image: below 0 when the
+    /// image's silent positions outweigh those where it fires.
+    pub pre_activation: f32,
     /// Post-ReLU activation after each step.
     pub curve: Vec<f32>,
     /// Activation 0 from start to end: no setting of this run could raise it.
@@ -28,9 +31,20 @@ pub struct FilterResult {
     /// Number of steps that produced non-finite values and were retried with a smaller step.
     pub retries: u32,
     pub seconds: f32,
+    /// Set when the filter was ascended a second time (`Settings::second_ascent`): the image
+    /// kept is the one with the higher activation.
+    pub second_ascent: Option<SecondAscent>,
     /// The image, RGB 8-bit, `size x size` (deprocessed: standardised to std 0.1 around 0.5).
     #[serde(skip)]
     pub image: Option<image::RgbImage>,
+}
+
+/// The activations of a filter's two ascents, when it had a second; the result is that of the
+/// higher one (the first on a tie).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct SecondAscent {
+    pub first_activation: f32,
+    pub second_activation: f32,
 }
 
 /// How many times one image may retry a step that produced NaN/Inf before it is failed.
@@ -45,6 +59,8 @@ pub(crate) struct Record {
     pub retries: u32,
     /// The objective at the last finite scoring: the target minus the regularizers.
     pub objective: f32,
+    /// The pre-ReLU mean at the last finite scoring.
+    pub pre: f32,
 }
 
 impl Record {
@@ -62,6 +78,7 @@ impl Record {
         if !sc.post.is_finite() || !target.is_finite() {
             return None;
         }
+        self.pre = sc.pre;
         if step == 0 {
             self.start = sc.post;
         } else {
@@ -110,11 +127,13 @@ impl Record {
                 0.0
             },
             start_activation: self.start,
+            pre_activation: self.pre,
             curve: self.curve,
             dead,
             failed_reason: self.failed_reason,
             retries: self.retries,
             seconds,
+            second_ascent: None,
             image,
         }
     }
