@@ -194,9 +194,18 @@ async fn say_short_disk(store: &dyn Store, db: &str, spec: &PassSpec) {
     let Ok(p) = store.pass_progress(&spec.pass_id).await else {
         return;
     };
+    let remaining = (p.images - p.finished()).max(0) as u64;
+    let missing_crops = match remaining {
+        0 => match store.missing_crop_count(&spec.pass_id).await {
+            Ok(n) => n,
+            Err(_) => return,
+        },
+        _ => 0,
+    };
     let needs = space::pass_needs(
         Some(std::path::Path::new(file)),
-        (p.images - p.finished()).max(0) as u64,
+        remaining,
+        missing_crops,
         conv_filters() as u64,
         spec.top as u64,
     );

@@ -78,17 +78,29 @@ const PASS_IMAGE_BYTES: u64 = 16 << 10;
 /// photos with `--top 9`, 26 KB at most).
 const CROP_BYTES: u64 = 8 << 10;
 
-/// What an examples pass with `remaining` images to examine writes to its store (when it is a
-/// SQLite file): their rows, and while any remain, the crops of every filter's top `top`, which
-/// a pass of `top` images already fills (an estimate for a new pass: a pass that grows keeps
-/// most of its crops).
-pub fn pass_needs(db_file: Option<&Path>, remaining: u64, filters: u64, top: u64) -> Vec<Need> {
+/// What an examples pass writes to its store (when it is a SQLite file). With `remaining`
+/// images to examine: their rows, and the crops of every filter's top `top`, which a pass of
+/// `top` images already fills (an estimate for a new pass: a pass that grows keeps most of its
+/// crops). With every image examined: the `missing_crops` its examples still lack (a pass
+/// stopped while it made them).
+pub fn pass_needs(
+    db_file: Option<&Path>,
+    remaining: u64,
+    missing_crops: u64,
+    filters: u64,
+    top: u64,
+) -> Vec<Need> {
+    let bytes = if remaining > 0 {
+        remaining * PASS_IMAGE_BYTES + filters * top * CROP_BYTES
+    } else {
+        missing_crops * CROP_BYTES
+    };
     match db_file {
-        Some(file) if remaining > 0 => vec![Need {
+        Some(file) if bytes > 0 => vec![Need {
             what: "the store",
             flag: "--db",
             path: file.to_path_buf(),
-            bytes: remaining * PASS_IMAGE_BYTES + filters * top * CROP_BYTES,
+            bytes,
         }],
         _ => Vec::new(),
     }
@@ -275,19 +287,22 @@ mod tests {
     }
 
     #[test]
-    fn an_examples_pass_needs_its_images_rows_and_the_crops_only_while_images_remain() {
+    fn an_examples_pass_needs_its_images_rows_and_its_crops_then_only_the_crops_still_missing() {
         let db = Path::new("/a/atlas.db");
-        let needs = pass_needs(Some(db), 100, 4224, 9);
+        let needs = pass_needs(Some(db), 100, 0, 4224, 9);
         assert_eq!(
             needs[0].bytes,
             100 * PASS_IMAGE_BYTES + 4224 * 9 * CROP_BYTES
         );
+        let crops_left = pass_needs(Some(db), 0, 500, 4224, 9);
+        assert_eq!(crops_left.len(), 1, "a pass stopped while making its crops");
+        assert_eq!(crops_left[0].bytes, 500 * CROP_BYTES);
         assert!(
-            pass_needs(Some(db), 0, 4224, 9).is_empty(),
+            pass_needs(Some(db), 0, 0, 4224, 9).is_empty(),
             "a finished pass"
         );
         assert!(
-            pass_needs(None, 100, 4224, 9).is_empty(),
+            pass_needs(None, 100, 0, 4224, 9).is_empty(),
             "a PostgreSQL store"
         );
     }

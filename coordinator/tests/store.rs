@@ -352,6 +352,7 @@ async fn an_examples_pass_keeps_each_filters_top_k(db: &TestDb) {
 
     // The crops: asked for image by image (the first 2 images that lack any), stored, and then
     // no longer asked for; an example that fell out of its top K is never asked for.
+    assert_eq!(s.missing_crop_count(id).await.unwrap(), 4);
     let missing = s.missing_crops(id, 2).await.unwrap();
     let asked: Vec<(&str, i32)> = missing
         .iter()
@@ -364,6 +365,7 @@ async fn an_examples_pass_keeps_each_filters_top_k(db: &TestDb) {
     let left = s.missing_crops(id, 10).await.unwrap();
     let left: Vec<(&str, i32)> = left.iter().map(|m| (m.image.as_str(), m.filter)).collect();
     assert_eq!(left, [("d.jpg", 1)]);
+    assert_eq!(s.missing_crop_count(id).await.unwrap(), 1);
     let stored = s.layer_examples(id, "block1_conv1").await.unwrap();
     let crops: Vec<(i32, i64, Option<Vec<u8>>)> = stored
         .into_iter()

@@ -186,6 +186,9 @@ pub(crate) mod sql {
     pub const LAYER_EXAMPLES: &str = "SELECT filter, rank, image, activation,
                 crop_left, crop_top, crop_width, crop_height, crop
          FROM filter_examples WHERE pass_id = $1 AND layer = $2 ORDER BY filter, rank";
+    /// How many examples have no crop yet.
+    pub const MISSING_CROP_COUNT: &str =
+        "SELECT COUNT(*) FROM examples WHERE pass_id = $1 AND crop IS NULL";
     /// Every example without its crop, of the first `$2` images (by name) that have one.
     pub const MISSING_CROPS: &str =
         "SELECT image, layer, filter, crop_left, crop_top, crop_width, crop_height
@@ -508,6 +511,14 @@ macro_rules! impl_example_store {
                         }
                     })
                     .collect())
+            }
+
+            async fn missing_crop_count(&self, pass_id: &str) -> $crate::Result<u64> {
+                let n: i64 = sqlx::query_scalar($crate::store::examples::sql::MISSING_CROP_COUNT)
+                    .bind(pass_id)
+                    .fetch_one(&self.pool)
+                    .await?;
+                Ok(n.max(0) as u64)
             }
 
             async fn missing_crops(

@@ -204,6 +204,9 @@ pub trait ExampleStore: Send + Sync {
     /// A layer's examples, by filter then rank.
     async fn layer_examples(&self, pass_id: &str, layer: &str) -> Result<Vec<StoredExample>>;
 
+    /// How many examples have no crop yet (a full count: for the start of a pass, not a loop).
+    async fn missing_crop_count(&self, pass_id: &str) -> Result<u64>;
+
     /// The examples still without their crop, of the first `images` images (by name) that
     /// have one.
     async fn missing_crops(&self, pass_id: &str, images: usize) -> Result<Vec<MissingCrop>>;
