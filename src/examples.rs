@@ -15,6 +15,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use vgg_atlas_coordinator::examples as pass;
 use vgg_atlas_coordinator::health::StoreHealth;
+use vgg_atlas_coordinator::metrics::Stats;
 use vgg_atlas_coordinator::pass_service::PassService;
 use vgg_atlas_coordinator::service::retry_after_ms;
 use vgg_atlas_coordinator::space;
@@ -137,6 +138,13 @@ pub fn examples(a: ExamplesArgs) -> Result<()> {
         let created = store.create_or_resume_pass(&spec).await?;
         let added = store.add_images(&spec.pass_id, &images).await?;
         say_short_disk(&*store, &a.db, &spec).await;
+        // One health for the pass's own examining and its workers' calls: an outage ends once
+        // the image leases held through it are renewed.
+        let stats = Arc::new(Stats::with_store(StoreHealth::keeping_image_leases(
+            store.clone(),
+            &spec.pass_id,
+            lease.as_millis() as i64,
+        )));
         if let (Some(listener), Some(check)) = (listener, check) {
             let addr = listener.local_addr()?;
             let service = PassService::new(
@@ -146,6 +154,7 @@ pub fn examples(a: ExamplesArgs) -> Result<()> {
                 &images,
                 weights_path.clone(),
                 lease.as_millis() as i64,
+                stats.clone(),
             );
             eprintln!(
                 "coordinator listening on {addr}; workers join with `vgg-atlas worker --connect \
@@ -169,6 +178,7 @@ pub fn examples(a: ExamplesArgs) -> Result<()> {
         });
         let result = run(
             &*store,
+            &stats.store,
             &spec,
             (created, added),
             folder,
@@ -223,6 +233,7 @@ struct Local {
 #[allow(clippy::too_many_arguments)]
 async fn run(
     store: &dyn Store,
+    health: &StoreHealth,
     spec: &PassSpec,
     (created, added): (bool, u64),
     folder: PathBuf,
@@ -233,8 +244,7 @@ async fn run(
     listening: bool,
 ) -> Result<()> {
     // An outage of the store (a database server restarting, a full disk) is waited out, as a
-    // render does: said once in the log when it begins and when it ends.
-    let health = StoreHealth::default();
+    // render does: said once in the log when it begins and when it ends (`health`).
     let at_start = store.pass_progress(&spec.pass_id).await?;
     eprintln!(
         "{} pass {} over {}: {} images ({} new), {} finished already; top {}, {} px",
@@ -385,7 +395,7 @@ async fn run(
     let finished_at = Instant::now();
     // The crops and the report wait out an outage too: every image is examined by now, and a
     // database restarting at the end should not fail the command.
-    let (made, crop_seconds) = make_crops(store, &health, spec, &folder, &pool).await?;
+    let (made, crop_seconds) = make_crops(store, health, spec, &folder, &pool).await?;
     let p = health
         .patiently(false, || store.pass_progress(&spec.pass_id))
         .await?;

@@ -241,6 +241,8 @@ impl StepProgress {
         }
     }
 
+    /// One report of the ascent: image steps done, or second ascents to come (which grow the
+    /// total by their steps).
     fn progress(&mut self, p: Progress) {
         let images = match p {
             Progress::Step(images) => images,

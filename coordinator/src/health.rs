@@ -3,10 +3,11 @@
 //! once in the log when it begins and once when it ends; meanwhile calls that need the store
 //! are answered `UNAVAILABLE` (workers keep their results and retry), nothing is leased, the
 //! render waits instead of stopping, and `/healthz` reports it. It ends with the leases of the
-//! run renewed ([`StoreHealth::recovered`]).
+//! run renewed ([`StoreHealth::recovered`]), or for an examples pass with its image leases
+//! renewed ([`StoreHealth::keeping_image_leases`]).
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vgg_atlas_proto::tonic::metadata::MetadataValue;
@@ -22,6 +23,18 @@ pub struct StoreHealth {
     outage: Mutex<Option<Down>>,
     /// One recovery at a time.
     recovering: tokio::sync::Mutex<()>,
+    /// An examples pass's image leases, renewed before its outage may end.
+    images: Option<ImageLeases>,
+    /// Whether `images` were renewed since the outage began, and how many were.
+    renewed: AtomicBool,
+    renewed_images: AtomicU64,
+}
+
+/// The image leases of one examples pass, held by this process or by its workers.
+struct ImageLeases {
+    store: Arc<dyn Store>,
+    pass_id: String,
+    lease_ms: i64,
 }
 
 struct Down {
@@ -42,6 +55,22 @@ pub fn describe(kind: Outage) -> &'static str {
 }
 
 impl StoreHealth {
+    /// The health of an examples pass's store: an outage ends only once the pass's image leases
+    /// have been renewed for `lease_ms` ([`Store::renew_image_leases`]), and while it is on,
+    /// [`StoreHealth::patiently`] renews them before anything else (the first call to succeed
+    /// could otherwise be one that leases images, and take those of a worker alive all along
+    /// whose lease ran out meanwhile).
+    pub fn keeping_image_leases(store: Arc<dyn Store>, pass_id: &str, lease_ms: i64) -> Self {
+        StoreHealth {
+            images: Some(ImageLeases {
+                store,
+                pass_id: pass_id.to_string(),
+                lease_ms,
+            }),
+            ..StoreHealth::default()
+        }
+    }
+
     /// Notes `e` if it is an outage (said in the log when the outage begins) and returns its
     /// kind; `None` for any other error.
     pub fn failed(&self, e: &Error) -> Option<Outage> {
@@ -61,6 +90,8 @@ impl StoreHealth {
                 });
             }
         }
+        // Leases renewed before this error may run out before the outage ends: renewed again.
+        self.renewed.store(false, Ordering::Relaxed);
         self.down.store(true, Ordering::Relaxed);
         Some(kind)
     }
@@ -106,13 +137,58 @@ impl StoreHealth {
     }
 
     /// Called after the store answered, by a caller that holds no filter leases (an examples
-    /// pass, whose image leases are not renewed: a batch whose lease ran out and was taken by
-    /// another process is examined again there). Ends an outage of the server at once, and one
-    /// of a full disk once `wrote` (reads work on a full disk).
+    /// pass). Ends an outage of the server at once, and one of a full disk once `wrote` (reads
+    /// work on a full disk); for an examples pass ([`StoreHealth::keeping_image_leases`]) only
+    /// once its image leases have been renewed ([`StoreHealth::keep_image_leases`]).
     pub fn answered(&self, wrote: bool) {
         if let Some((kind, lasted, _)) = self.outage() {
             if kind == Outage::Unreachable || wrote {
-                self.end(kind, lasted, "going on");
+                match &self.images {
+                    None => self.end(kind, lasted, "going on"),
+                    Some(_) if self.renewed.load(Ordering::Relaxed) => {
+                        let held = self.renewed_images.load(Ordering::Relaxed);
+                        self.end(
+                            kind,
+                            lasted,
+                            &format!("the {held} images under lease meanwhile keep their leases"),
+                        )
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+    }
+
+    /// During an outage of an examples pass's store, renews the pass's image leases once (no
+    /// heartbeat could renew them), so that nothing leased after it takes the images of a
+    /// worker that was alive all along; a worker that died meanwhile loses its lease one lease
+    /// length later. Call it before leasing images; nothing to do when there is no outage, it
+    /// was done, or this is not an examples pass's health. An error (the store still down) is
+    /// noted as [`StoreHealth::failed`] does and returned.
+    pub async fn keep_image_leases(&self) -> Result<(), Error> {
+        let Some(l) = &self.images else {
+            return Ok(());
+        };
+        if !self.is_down() || self.renewed.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let _one = self.recovering.lock().await;
+        if !self.is_down() || self.renewed.load(Ordering::Relaxed) {
+            return Ok(()); // done by another caller meanwhile
+        }
+        match l
+            .store
+            .renew_image_leases(&l.pass_id, now_ms() + l.lease_ms)
+            .await
+        {
+            Ok(held) => {
+                self.renewed_images.store(held, Ordering::Relaxed);
+                self.renewed.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                self.failed(&e);
+                Err(e)
             }
         }
     }
@@ -129,13 +205,23 @@ impl StoreHealth {
 
     /// Runs `op` until it succeeds or fails with something other than an outage, which it waits
     /// out (asking again every [`OUTAGE_RECHECK`]); for a caller that holds no filter leases, as
-    /// [`StoreHealth::answered`]. `wrote`: whether `op` writes.
+    /// [`StoreHealth::answered`]. `wrote`: whether `op` writes. While an outage is on, an
+    /// examples pass's image leases are renewed before `op` runs
+    /// ([`StoreHealth::keep_image_leases`]).
     pub async fn patiently<T, F, Fut>(&self, wrote: bool, mut op: F) -> Result<T, Error>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, Error>>,
     {
         loop {
+            match self.keep_image_leases().await {
+                Ok(()) => {}
+                Err(e) if e.outage().is_some() => {
+                    tokio::time::sleep(OUTAGE_RECHECK).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
             match op().await {
                 Ok(v) => {
                     self.answered(wrote);

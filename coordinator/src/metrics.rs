@@ -35,6 +35,14 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// Counters at zero over a store health of the caller's (an examples pass's).
+    pub fn with_store(store: StoreHealth) -> Stats {
+        Stats {
+            store,
+            ..Stats::default()
+        }
+    }
+
     pub fn saw(&self, worker_id: &str) {
         if let Ok(mut seen) = self.seen.lock() {
             seen.insert(worker_id.to_string(), Instant::now());

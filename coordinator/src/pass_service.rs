@@ -34,6 +34,9 @@ pub struct PassService {
     images: Arc<HashSet<String>>,
     weights_path: PathBuf,
     lease_ms: i64,
+    /// Its store health is the pass's own ([`crate::health::StoreHealth::keeping_image_leases`],
+    /// shared with the process's own examining): an outage ends once the image leases held
+    /// through it are renewed, and nothing is leased before.
     stats: Arc<Stats>,
 }
 
@@ -45,6 +48,7 @@ impl PassService {
         images: &[String],
         weights_path: PathBuf,
         lease_ms: i64,
+        stats: Arc<Stats>,
     ) -> PassService {
         PassService {
             store,
@@ -53,7 +57,7 @@ impl PassService {
             images: Arc::new(images.iter().cloned().collect()),
             weights_path,
             lease_ms,
-            stats: Arc::default(),
+            stats,
         }
     }
 
@@ -88,6 +92,7 @@ impl pb::Coordinator for PassService {
             .pass_progress(&self.spec.pass_id)
             .await
             .map_err(|e| self.stats.store.status(e))?;
+        self.stats.store.answered(false);
         Ok(Response::new(pb::RegisterResponse {
             worker_id,
             run: None,
@@ -110,11 +115,17 @@ impl pb::Coordinator for PassService {
         let req = req.into_inner();
         self.stats.saw(&req.worker_id);
         let batch = (req.batch.max(1) as usize).min(MAX_LEASE_IMAGES);
+        let health = &self.stats.store;
+        health
+            .keep_image_leases()
+            .await
+            .map_err(|e| health.status(e))?;
         let lease = self
             .store
             .lease_images(&self.spec.pass_id, batch, now_ms(), self.lease_ms)
             .await
-            .map_err(|e| self.stats.store.status(e))?;
+            .map_err(|e| health.status(e))?;
+        health.answered(true);
         let work = match lease {
             Some(l) => {
                 self.stats.leases_issued.fetch_add(1, Ordering::Relaxed);
@@ -135,6 +146,7 @@ impl pb::Coordinator for PassService {
                     .pass_progress(&self.spec.pass_id)
                     .await
                     .map_err(|e| self.stats.store.status(e))?;
+                self.stats.store.answered(false);
                 if p.pending == 0 && p.leased == 0 {
                     pb::poll_work_response::Work::Finished(true)
                 } else {
@@ -159,6 +171,7 @@ impl pb::Coordinator for PassService {
                 .heartbeat_images(&lease_id, now, self.lease_ms)
                 .await
                 .map_err(|e| self.stats.store.status(e))?;
+            self.stats.store.answered(true);
             leases.push(lease_status(lease_id, held.then_some(now + self.lease_ms)));
         }
         Ok(Response::new(pb::HeartbeatResponse { leases }))
@@ -212,6 +225,7 @@ impl pb::Coordinator for PassService {
                 e @ crate::Error::NonFinite { .. } => Status::invalid_argument(e.to_string()),
                 e => self.stats.store.status(e),
             })?;
+        self.stats.store.answered(true);
         self.stats
             .results_recorded
             .fetch_add(recorded as u64, Ordering::Relaxed);

@@ -822,3 +822,69 @@ async fn a_heartbeat_renews_in_the_store_once_half_the_lease_is_gone() {
         "{poll:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_examples_pass_after_an_outage_leases_its_workers_only_the_images_none_holds() {
+    use vgg_atlas_coordinator::health::StoreHealth;
+    use vgg_atlas_coordinator::metrics::Stats;
+    use vgg_atlas_coordinator::pass_service::PassService;
+    let dir = tempfile::tempdir().unwrap();
+    let store = store::connect(&format!("sqlite://{}", dir.path().join("a.db").display()))
+        .await
+        .unwrap();
+    let spec = vgg_atlas_coordinator::examples::pass(dir.path(), "w", 224, 1);
+    store.create_or_resume_pass(&spec).await.unwrap();
+    let images: Vec<String> = ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]
+        .map(String::from)
+        .into();
+    store.add_images(&spec.pass_id, &images).await.unwrap();
+    // A worker leased a.jpg and b.jpg; the lease ran out during an outage of the store.
+    let held = store
+        .lease_images(&spec.pass_id, 2, store::now_ms() - 10_000, 1000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(held.images, ["a.jpg", "b.jpg"]);
+    let health = StoreHealth::keeping_image_leases(store.clone(), &spec.pass_id, 60_000);
+    let stats = Arc::new(Stats::with_store(health));
+    let outage = vgg_atlas_coordinator::Error::Database(sqlx::Error::PoolTimedOut);
+    stats.store.failed(&outage);
+    let service = PassService::new(
+        store.clone(),
+        spec.clone(),
+        dir.path().to_path_buf(),
+        &images,
+        std::path::PathBuf::new(),
+        60_000,
+        stats.clone(),
+    );
+
+    // Back: another worker's poll is the first call to reach the store.
+    let poll = pb::PollWorkRequest {
+        worker_id: "w2".into(),
+        batch: 4,
+        ..Default::default()
+    };
+    let work = pb::Coordinator::poll_work(&service, tonic::Request::new(poll))
+        .await
+        .unwrap()
+        .into_inner()
+        .work;
+    let Some(pb::poll_work_response::Work::ImageLease(lease)) = work else {
+        panic!("an image lease, got {work:?}");
+    };
+    assert_eq!(
+        lease.images,
+        ["c.jpg", "d.jpg"],
+        "only the images no worker holds"
+    );
+    assert!(
+        !stats.store.is_down(),
+        "the outage ended with the leases renewed"
+    );
+    let beat = store.heartbeat_images(&held.lease_id, store::now_ms(), 60_000);
+    assert!(
+        beat.await.unwrap(),
+        "the first worker's lease is still its own"
+    );
+}

@@ -199,6 +199,7 @@ store_tests!(
     several_leases_in_one_call_are_served_in_turn_each_from_one_layer,
     nothing_is_leasable_once_every_filter_is_leased,
     leases_held_through_an_outage_are_renewed,
+    an_examples_pass_renews_its_image_leases_before_it_leases_after_an_outage,
 );
 
 /// A pass of K = `top` over images `a.jpg`, `b.jpg`, ... (`n` of them).
@@ -1228,6 +1229,56 @@ async fn leases_held_through_an_outage_are_renewed(db: &TestDb) {
         .unwrap()
         .unwrap();
     assert_eq!(filter_ids(&again), filter_ids(&other));
+}
+
+async fn an_examples_pass_renews_its_image_leases_before_it_leases_after_an_outage(db: &TestDb) {
+    use vgg_atlas_coordinator::health::StoreHealth;
+    let s = &db.store;
+    let outage = || Error::Database(sqlx::Error::PoolTimedOut);
+    // Two passes of 4 images: in each, a worker leased a.jpg and b.jpg before the outage, and
+    // its lease ran out during it (no heartbeat could renew it).
+    let kept = pass_with_images(db, 1, 3, 4).await;
+    let plain = pass_with_images(db, 2, 3, 4).await;
+    let now = store::now_ms();
+    let mut held = Vec::new();
+    for pass in [&kept, &plain] {
+        let l = s.lease_images(&pass.pass_id, 2, now - 10_000, 1000).await;
+        let l = l.unwrap().unwrap();
+        assert_eq!(l.images, ["a.jpg", "b.jpg"]);
+        held.push(l);
+    }
+
+    // The store answers again; the first call to succeed is one that leases images.
+    let health = StoreHealth::keeping_image_leases(s.clone(), &kept.pass_id, 60_000);
+    health.failed(&outage());
+    let lease = || s.lease_images(&kept.pass_id, 4, store::now_ms(), 60_000);
+    let next = health.patiently(true, lease).await.unwrap().unwrap();
+    assert_eq!(
+        next.images,
+        ["c.jpg", "d.jpg"],
+        "only the images no worker holds"
+    );
+    assert!(
+        !health.is_down(),
+        "the outage ended with the leases renewed"
+    );
+    assert!(
+        s.heartbeat_images(&held[0].lease_id, store::now_ms(), 60_000)
+            .await
+            .unwrap(),
+        "the worker's lease is still its own"
+    );
+
+    // Without the renewal, that call takes the worker's images.
+    let health = StoreHealth::default();
+    health.failed(&outage());
+    let lease = || s.lease_images(&plain.pass_id, 4, store::now_ms(), 60_000);
+    let taken = health.patiently(true, lease).await.unwrap().unwrap();
+    assert_eq!(taken.images, ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]);
+    assert!(!s
+        .heartbeat_images(&held[1].lease_id, store::now_ms(), 60_000)
+        .await
+        .unwrap());
 }
 
 async fn heartbeat_extends_the_lease_until_it_is_revoked(db: &TestDb) {

@@ -160,6 +160,8 @@ pub(crate) mod sql {
          ORDER BY image";
     pub const HEARTBEAT_IMAGES: &str =
         "UPDATE images SET lease_deadline_ms = $2 WHERE lease_id = $1 AND state = 'leased'";
+    pub const RENEW_IMAGE_LEASES: &str = "UPDATE images SET lease_deadline_ms = $2
+         WHERE pass_id = $1 AND state = 'leased' AND lease_deadline_ms < $2";
     pub const IMAGE_DONE: &str = "UPDATE images
          SET state = 'done', sha256 = $4, lease_deadline_ms = NULL, finished_at_ms = $5
          WHERE pass_id = $1 AND image = $2 AND lease_id = $3 AND state = 'leased'";
@@ -345,6 +347,19 @@ macro_rules! impl_example_store {
                     .await?
                     .rows_affected()
                     > 0)
+            }
+
+            async fn renew_image_leases(
+                &self,
+                pass_id: &str,
+                deadline_ms: i64,
+            ) -> $crate::Result<u64> {
+                Ok(sqlx::query($crate::store::examples::sql::RENEW_IMAGE_LEASES)
+                    .bind(pass_id)
+                    .bind(deadline_ms)
+                    .execute(self.writes())
+                    .await?
+                    .rows_affected())
             }
 
             async fn submit_images(

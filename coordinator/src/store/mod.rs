@@ -185,6 +185,10 @@ pub trait ExampleStore: Send + Sync {
     /// Moves the deadline of the images this lease still holds; `false` when it holds none.
     async fn heartbeat_images(&self, lease_id: &str, now_ms: i64, lease_ms: i64) -> Result<bool>;
 
+    /// Moves every leased image of the pass whose deadline is before `deadline_ms` to it: after
+    /// an outage, in which no heartbeat could renew them. Returns how many.
+    async fn renew_image_leases(&self, pass_id: &str, deadline_ms: i64) -> Result<u64>;
+
     /// Records the outcomes of a lease's images that it still holds (others are ignored: a late
     /// duplicate) and keeps each touched filter's top K; returns how many were recorded.
     async fn submit_images(
