@@ -198,6 +198,7 @@ fn mosaic_rebuilds_a_partial_run_from_the_database_with_pending_tiles() {
                 retries: 0,
                 png: png(16, filter as u8 * 20),
                 border_ratio: Some(1.0),
+                second_ascent: None,
             };
             s.submit(&outcome, store::now_ms()).await.unwrap();
         }
@@ -972,8 +973,11 @@ fn layer_summary_of_0001() -> &'static str {
 
 /// SQL that takes today's SQLite schema back to the one before migration 0003: no
 /// `results.border_ratio` (nor its index), and `layer_summary` as 0001 made it.
-/// SQL taking today's SQLite schema back to before migration 0004 (no examples tables).
-const BEFORE_0004: &str = "DROP INDEX filters_expiry;
+/// SQL taking today's SQLite schema back to before migration 0004 (no examples tables, nor
+/// 0007's second-ascent columns).
+const BEFORE_0004: &str = "ALTER TABLE results DROP COLUMN first_activation;
+     ALTER TABLE results DROP COLUMN second_activation;
+     DROP INDEX filters_expiry;
      DROP INDEX filters_worker;
      DELETE FROM _sqlx_migrations WHERE version >= 5;
      DROP VIEW filter_examples;
@@ -1035,6 +1039,7 @@ fn store_with_one_result(path: &Path, image: &[u8]) {
             retries: 2,
             png: image.to_vec(),
             border_ratio: Some(1.25),
+            second_ascent: None,
         };
         s.submit(&outcome, store::now_ms()).await.unwrap();
         s.close().await;
@@ -1194,6 +1199,7 @@ fn serve_is_live_a_filter_that_finishes_appears_in_the_open_viewer() {
                     retries: 0,
                     png: png(16, filter as u8 * 10),
                     border_ratio: Some(1.0 + filter as f32 / 8.0),
+                    second_ascent: None,
                 };
                 assert_eq!(
                     s.submit(&outcome, store::now_ms()).await.unwrap(),
@@ -1469,6 +1475,7 @@ fn serve_reads_a_run_from_postgres() {
                 retries: 1,
                 png: png(16, 70 + filter as u8),
                 border_ratio: Some(1.5 + filter as f32),
+                second_ascent: None,
             };
             s.submit(&outcome, store::now_ms()).await.unwrap();
         }

@@ -288,6 +288,7 @@ async fn simulated_worker(
                 dead: false,
                 failed_reason: None,
                 retries: 0,
+                second_ascent: None,
             })
             .collect();
         let outcomes = client

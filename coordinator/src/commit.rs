@@ -399,6 +399,7 @@ mod tests {
             retries: 0,
             png: vec![0; 10],
             border_ratio: Some(1.0),
+            second_ascent: None,
         }
     }
 

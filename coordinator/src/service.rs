@@ -612,6 +612,7 @@ impl pb::Coordinator for CoordinatorService {
                             retries: r.retries,
                             png: r.png,
                             border_ratio,
+                            second_ascent: r.second_ascent,
                         });
                         None
                     }

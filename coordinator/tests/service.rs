@@ -189,6 +189,7 @@ fn result(filter: u32, activation: f32) -> pb::FilterResult {
         dead: false,
         failed_reason: None,
         retries: 0,
+        second_ascent: None,
     }
 }
 
@@ -631,6 +632,7 @@ fn random_submissions_are_answered_and_only_valid_ones_stored() {
                         dead: false,
                         failed_reason: None,
                         retries: 0,
+                        second_ascent: None,
                     };
                     let answer = c
                         .clone()
@@ -887,4 +889,55 @@ async fn an_examples_pass_after_an_outage_leases_its_workers_only_the_images_non
         beat.await.unwrap(),
         "the first worker's lease is still its own"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_ascent_is_stored_with_both_activations() {
+    let f = fixture(60_000).await;
+    let coord = serve(f.store.clone(), f.ctx.clone()).await;
+    let mut c = client(&coord.url).await;
+    let w = register(&mut c, "w").await;
+    let l = lease(&mut c, &w, 2).await;
+    let ids = filters(&l);
+    let again = pb::FilterResult {
+        second_ascent: Some(pb::SecondAscent {
+            first_activation: 91.0,
+            second_activation: 245.0,
+        }),
+        ..result(ids[0], 245.0)
+    };
+    let o = submit(&mut c, &w, &l, vec![again, result(ids[1], 7.0)]).await;
+    assert_eq!(outcomes(&o), [pb::SubmitOutcome::Recorded; 2]);
+    let db = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        f._dir.path().join("a.db").display()
+    ))
+    .await
+    .unwrap();
+    let rows: Vec<(i32, f32, Option<f32>, Option<f32>)> = sqlx::query_as(
+        "SELECT filter, activation, first_activation, second_activation FROM results ORDER BY filter",
+    )
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        [
+            (ids[0] as i32, 245.0, Some(91.0), Some(245.0)),
+            (ids[1] as i32, 7.0, None, None)
+        ]
+    );
+
+    // Not finite: refused as every other score is.
+    let l = lease(&mut c, &w, 1).await;
+    let nan = pb::FilterResult {
+        second_ascent: Some(pb::SecondAscent {
+            first_activation: f32::NAN,
+            second_activation: 1.0,
+        }),
+        ..result(filters(&l)[0], 1.0)
+    };
+    let o = submit(&mut c, &w, &l, vec![nan]).await;
+    assert_eq!(outcomes(&o), [pb::SubmitOutcome::Rejected]);
+    assert!(o[0].2.contains("first activation"), "{}", o[0].2);
 }

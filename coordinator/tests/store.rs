@@ -188,6 +188,7 @@ store_tests!(
     layer_filters_and_run_info_feed_the_atlas,
     a_lease_the_worker_never_heard_of_is_reclaimed,
     a_result_keeps_its_border_ratio,
+    a_result_keeps_both_activations_of_a_second_ascent,
     layer_summary_has_the_median_weak_filters_and_border_ratios,
     an_examples_pass_keeps_each_filters_top_k,
     image_leases_expire_and_skip_an_image_after_its_last_attempt,
@@ -583,6 +584,7 @@ fn outcome(lease: &Lease, filter: i32, worker: &str, activation: f32) -> Submiss
         retries: 0,
         png: format!("png of {filter} by {worker}").into_bytes(),
         border_ratio: Some(1.0),
+        second_ascent: None,
     }
 }
 
@@ -1644,6 +1646,32 @@ async fn layer_summary_and_failed_filters_views(db: &TestDb) {
         "run-1"
     );
     assert_eq!(failed, vec![("block1_conv1".into(), 2, "dead".into())]);
+}
+
+async fn a_result_keeps_both_activations_of_a_second_ascent(db: &TestDb) {
+    let s = &db.store;
+    s.create_or_resume_run(&spec("run-1", &[("block1_conv1", 2)], 3))
+        .await
+        .unwrap();
+    let l = s.lease("run-1", "w", 2, 0, MINUTE).await.unwrap().unwrap();
+    let again = Submission {
+        second_ascent: Some(vgg_atlas_proto::SecondAscent {
+            first_activation: 97.5,
+            second_activation: 224.25,
+        }),
+        ..outcome(&l, 0, "w", 224.25)
+    };
+    for r in [again, outcome(&l, 1, "w", 3.0)] {
+        assert_eq!(s.submit(&r, 5).await.unwrap(), SubmitOutcome::Recorded);
+    }
+    let rows = fetch_all!(
+        db,
+        (i32, Option<f32>, Option<f32>),
+        "SELECT filter, first_activation, second_activation FROM results WHERE run_id = $1
+         ORDER BY filter",
+        "run-1"
+    );
+    assert_eq!(rows, [(0, Some(97.5), Some(224.25)), (1, None, None)]);
 }
 
 async fn a_result_keeps_its_border_ratio(db: &TestDb) {

@@ -62,6 +62,10 @@ fn result(filter: u32, png: Vec<u8>) -> FilterResult {
         dead: false,
         failed_reason: None,
         retries: 1,
+        second_ascent: Some(SecondAscent {
+            first_activation: 97.25,
+            second_activation: 224.5,
+        }),
     }
 }
 

@@ -83,6 +83,8 @@ pub struct Submission {
     /// The image's border ratio ([`vgg_atlas_atlas::quality::border_ratio`]), computed by the
     /// coordinator from `png`; `None` for a failed submission.
     pub border_ratio: Option<f32>,
+    /// Both ascents' activations when the filter had a second ascent.
+    pub second_ascent: Option<vgg_atlas_proto::SecondAscent>,
 }
 
 /// What [`Store::submit`] did with a submission.
@@ -440,10 +442,17 @@ fn check_finite(r: &Submission) -> Result<()> {
     ];
     let curve = r.curve.iter().map(|&v| ("curve", v));
     let border = r.border_ratio.map(|v| ("border ratio", v));
+    let second = r.second_ascent.iter().flat_map(|s| {
+        [
+            ("first activation", s.first_activation),
+            ("second activation", s.second_activation),
+        ]
+    });
     match scores
         .into_iter()
         .chain(curve)
         .chain(border)
+        .chain(second)
         .find(|(_, v)| !v.is_finite())
     {
         None => Ok(()),
@@ -520,7 +529,7 @@ fn plan_submit(row: &SubmitRow, r: &Submission) -> SubmitPlan {
     }
 }
 
-/// Most rows (or `IN` list entries) one statement of [`Store::submit_all`] carries: 14 values
+/// Most rows (or `IN` list entries) one statement of [`Store::submit_all`] carries: 16 values
 /// a result row, far under either database's limit on bound values.
 const ROWS_PER_STATEMENT: usize = 256;
 

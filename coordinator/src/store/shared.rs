@@ -271,7 +271,7 @@ macro_rules! impl_store {
                     let mut q = sqlx::QueryBuilder::<$db>::new(
                         "INSERT INTO results (run_id, layer, filter, activation, objective,
                          start_activation, curve, seconds, dead, worker, png, finished_at_ms,
-                         retries, border_ratio) ",
+                         retries, border_ratio, first_activation, second_activation) ",
                     );
                     q.push_values(chunk, |mut row, r| {
                         row.push_bind(&r.run_id)
@@ -287,7 +287,9 @@ macro_rules! impl_store {
                             .push_bind(&r.png)
                             .push_bind(now_ms)
                             .push_bind(r.retries as i32)
-                            .push_bind(r.border_ratio);
+                            .push_bind(r.border_ratio)
+                            .push_bind(r.second_ascent.as_ref().map(|s| s.first_activation))
+                            .push_bind(r.second_ascent.as_ref().map(|s| s.second_activation));
                     });
                     q.build().execute(&mut *tx).await?;
                 }

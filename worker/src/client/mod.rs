@@ -633,6 +633,10 @@ fn to_wire(r: &FilterResult) -> Result<pb::FilterResult> {
         dead: r.dead,
         failed_reason: r.failed_reason.clone(),
         retries: r.retries,
+        second_ascent: r.second_ascent.map(|s| pb::SecondAscent {
+            first_activation: s.first_activation,
+            second_activation: s.second_activation,
+        }),
     })
 }
 
@@ -762,6 +766,28 @@ mod tests {
         assert_eq!(WeightsFormat::Onnx.file_name("ab"), "weights-ab.onnx");
         let e = WeightsFormat::of("vgg16.h5").unwrap_err().to_string();
         assert!(e.contains("vgg16.h5") && e.contains(".onnx"), "{e}");
+    }
+
+    #[test]
+    fn a_second_ascent_goes_on_the_wire_with_both_activations() {
+        let target = Target { filter: 3, seed: 7 };
+        let mut r = refused("block1_conv1", &[target], "").remove(0);
+        r.failed_reason = None;
+        r.activation = 245.0;
+        r.second_ascent = Some(record::SecondAscent {
+            first_activation: 91.0,
+            second_activation: 245.0,
+        });
+        let wire = to_wire(&r).unwrap();
+        assert_eq!(
+            wire.second_ascent,
+            Some(pb::SecondAscent {
+                first_activation: 91.0,
+                second_activation: 245.0
+            })
+        );
+        r.second_ascent = None;
+        assert_eq!(to_wire(&r).unwrap().second_ascent, None);
     }
 
     #[test]
