@@ -48,7 +48,7 @@ pub struct CoordinatorService {
     writes: Arc<GroupCommit>,
     /// `(when, unfinished filters)` as last read for `Register`; held while it is read, so
     /// that the registrations arriving meanwhile wait for that read instead of each making
-    /// their own.
+    /// their own (except during an outage of the store).
     unfinished: Arc<tokio::sync::Mutex<Option<(i64, i64)>>>,
 }
 
@@ -203,11 +203,19 @@ impl CoordinatorService {
         if let Some((_, n)) = cached.filter(|(at, _)| now - at < REGISTER_COUNT_MS) {
             return Ok(n);
         }
-        let n = self
-            .store
-            .unfinished(&self.run.run_id)
-            .await
-            .map_err(|e| self.stats.store.status(e))?;
+        let read = || async {
+            self.store
+                .unfinished(&self.run.run_id)
+                .await
+                .map_err(|e| self.stats.store.status(e))
+        };
+        if self.stats.store.is_down() {
+            // During an outage a read may wait for the pool's timeout before it fails: each
+            // registration then asks for itself rather than queue behind the others' failures.
+            drop(cached);
+            return read().await;
+        }
+        let n = read().await?;
         *cached = Some((now, n));
         Ok(n)
     }
