@@ -4,6 +4,10 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=atlas.proto");
     let descriptors = protox::compile(["atlas.proto"], ["."])?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    tonic_prost_build::configure()
+        // The worker's own result keeps this message as it is and writes it in `visualize`'s
+        // JSON.
+        .type_attribute(".atlas.v1.SecondAscent", "#[derive(serde::Serialize)]")
+        .compile_fds(descriptors)?;
     Ok(())
 }

@@ -633,10 +633,7 @@ fn to_wire(r: &FilterResult) -> Result<pb::FilterResult> {
         dead: r.dead,
         failed_reason: r.failed_reason.clone(),
         retries: r.retries,
-        second_ascent: r.second_ascent.map(|s| pb::SecondAscent {
-            first_activation: s.first_activation,
-            second_activation: s.second_activation,
-        }),
+        second_ascent: r.second_ascent,
     })
 }
 
@@ -774,7 +771,7 @@ mod tests {
         let mut r = refused("block1_conv1", &[target], "").remove(0);
         r.failed_reason = None;
         r.activation = 245.0;
-        r.second_ascent = Some(record::SecondAscent {
+        r.second_ascent = Some(pb::SecondAscent {
             first_activation: 91.0,
             second_activation: 245.0,
         });

@@ -13,7 +13,7 @@
 
 use std::time::Instant;
 
-use vgg_atlas_proto::{Layer, Objective, Settings};
+use vgg_atlas_proto::{Layer, Objective, SecondAscent, Settings};
 
 use super::device_images::DeviceImages;
 use super::device_trunk::{bytes_per_image, DeviceTrunk};
@@ -21,7 +21,7 @@ use super::host_images::HostImages;
 use super::image_side::ImageSide;
 pub use super::image_side::Target;
 use super::profile::Phases;
-use super::record::{FilterResult, Record, SecondAscent};
+use super::record::{FilterResult, Record};
 use super::transform::Affine;
 use super::trunk::Trunk;
 use super::weights::Preprocess;

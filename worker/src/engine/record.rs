@@ -2,7 +2,7 @@
 //! scores after each step, the retry policy for non-finite values, and the final 8-bit image.
 
 use rand::{Rng, SeedableRng};
-use vgg_atlas_proto::{Layer, Parameterization, Settings};
+use vgg_atlas_proto::{Layer, Parameterization, SecondAscent, Settings};
 
 use super::trunk::Scores;
 use crate::{Error, Result};
@@ -31,20 +31,13 @@ pub struct FilterResult {
     /// Number of steps that produced non-finite values and were retried with a smaller step.
     pub retries: u32,
     pub seconds: f32,
-    /// Set when the filter was ascended a second time (`Settings::second_ascent`): the image
-    /// kept is the one with the higher activation.
+    /// Set when the filter was ascended a second time (`Settings::second_ascent`): both
+    /// ascents' activations, as they go on the wire; the image kept is that of the higher one
+    /// (the first on a tie).
     pub second_ascent: Option<SecondAscent>,
     /// The image, RGB 8-bit, `size x size` (deprocessed: standardised to std 0.1 around 0.5).
     #[serde(skip)]
     pub image: Option<image::RgbImage>,
-}
-
-/// The activations of a filter's two ascents, when it had a second; the result is that of the
-/// higher one (the first on a tie).
-#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
-pub struct SecondAscent {
-    pub first_activation: f32,
-    pub second_activation: f32,
 }
 
 /// How many times one image may retry a step that produced NaN/Inf before it is failed.
