@@ -321,10 +321,12 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         None => vec![16, 32, 64, 128, 256],
     };
     // Effective FLOPs: 2 per MAC, forward to the layer plus an input-gradient pass of the same
-    // size, per step, as the dense method would do them.
-    let flops_per_filter =
+    // size, per step, as the dense method would do them; per ascent (a filter ascended a second
+    // time, `Settings::second_ascent`, has two).
+    let flops_per_ascent =
         2.0 * 2.0 * layer.forward_macs(settings.size) as f64 * settings.steps as f64;
-    let mut best: Option<(usize, f64, Option<Vec<ProfileRow>>)> = None;
+    // The best batch: its width, filters/s, GFLOP/s and profile.
+    let mut best: Option<(usize, f64, f64, Option<Vec<ProfileRow>>)> = None;
     let mut tried = Vec::new();
     for b in batches {
         let filters: Vec<usize> = (0..b).map(|i| i % layer.filters()).collect();
@@ -363,6 +365,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         })?;
         let seconds = t.elapsed().as_secs_f64();
         let fps = b as f64 / seconds;
+        let twice = results.iter().filter(|r| r.second_ascent.is_some()).count();
+        let gflops = (b + twice) as f64 * flops_per_ascent / seconds / 1e9;
         // What a worker does next with each result: its PNG.
         let t = Instant::now();
         for img in results.iter().filter_map(|r| r.image.as_ref()) {
@@ -370,18 +374,27 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         }
         let png = t.elapsed().as_secs_f64();
         if !json {
-            eprintln!("{} batch {:>3}: {:>8.3} filters/s, {:>7.1} GFLOP/s effective ({} threads, {} px, {} steps)", layer.name, b, fps, fps * flops_per_filter / 1e9, threads, settings.size, settings.steps);
+            let again = match twice {
+                0 => String::new(),
+                n => format!(", {n} of {b} ascended twice"),
+            };
+            eprintln!("{} batch {:>3}: {:>8.3} filters/s, {:>7.1} GFLOP/s effective ({} threads, {} px, {} steps{again})", layer.name, b, fps, gflops, threads, settings.size, settings.steps);
         }
-        tried.push(json!({"batch": b, "filters_per_second": fps}));
-        if best.as_ref().is_none_or(|(_, f, _)| fps > *f) {
-            best = Some((b, fps, profile_of(watch.phases.as_ref(), seconds, png)));
+        tried.push(json!({"batch": b, "filters_per_second": fps, "second_ascents": twice}));
+        if best.as_ref().is_none_or(|(_, f, _, _)| fps > *f) {
+            best = Some((
+                b,
+                fps,
+                gflops,
+                profile_of(watch.phases.as_ref(), seconds, png),
+            ));
         }
     }
-    let (b, fps, phases) = best.expect("at least one batch");
+    let (b, fps, gflops, phases) = best.expect("at least one batch");
     if profile && phases.is_none() {
         bail!("--profile times the phases of the host image side; this device keeps the images on the device (add --host-ascent to profile the host side)");
     }
-    let doc = json!({"layer": layer.name, "batch": b, "filters_per_second": fps, "gflops": fps * flops_per_filter / 1e9,
+    let doc = json!({"layer": layer.name, "batch": b, "filters_per_second": fps, "gflops": gflops,
         "threads": threads, "device": compute.device, "precision": compute.precision, "ascent": if resident { "device" } else { "host" },
         "fits_in_memory": fits, "size": settings.size, "steps": settings.steps, "tried": tried,
         "profile": phases.as_ref().filter(|_| profile).map(|rows| rows.iter()
@@ -403,9 +416,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             }
         }
         println!(
-            "{}: best batch {b}, {fps:.3} filters/s, {:.1} GFLOP/s effective",
-            layer.name,
-            fps * flops_per_filter / 1e9
+            "{}: best batch {b}, {fps:.3} filters/s, {gflops:.1} GFLOP/s effective",
+            layer.name
         );
     }
     Ok(())

@@ -124,6 +124,41 @@ fn bench_prints_its_json_contract() {
     assert!(v["filters_per_second"].as_f64().unwrap() > 0.0 && v["gflops"].as_f64().unwrap() > 0.0);
 }
 
+/// `bench` counts the FLOPs of every ascent: a filter the `atlas` preset ascends a second time
+/// (its image ended mostly silent) counts twice. Of block2_conv1's first four filters at 32 px
+/// and 4 steps, one is.
+#[test]
+fn bench_counts_the_flops_of_a_second_ascent() {
+    let (size, steps, batch) = (32, 4, 4);
+    let o = vgg_atlas(&[
+        "bench",
+        "--preset",
+        "atlas",
+        "--layer",
+        "block2_conv1",
+        "--size",
+        &size.to_string(),
+        "--steps",
+        &steps.to_string(),
+        "--batch",
+        &batch.to_string(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let twice = v["tried"][0]["second_ascents"].as_u64().unwrap();
+    assert!(twice > 0, "a filter of these was ascended twice: {v}");
+    let layer = vgg_atlas_proto::Layer::by_name("block2_conv1").unwrap();
+    let per_ascent = 2.0 * 2.0 * layer.forward_macs(size) as f64 * steps as f64;
+    let fps = v["filters_per_second"].as_f64().unwrap();
+    let expected = (batch + twice) as f64 * per_ascent * fps / batch as f64 / 1e9;
+    let gflops = v["gflops"].as_f64().unwrap();
+    assert!(
+        (gflops - expected).abs() <= 1e-9 * expected,
+        "{gflops} GFLOP/s, {expected} for {twice} second ascents"
+    );
+}
+
 #[test]
 fn bad_input_gets_a_clear_error_and_no_panic() {
     let dir = tempfile::tempdir().unwrap();
