@@ -500,9 +500,58 @@ async fn make_crops(
         })
         .await?;
         made += done.iter().filter(|(_, png)| !png.is_empty()).count();
-        health
-            .patiently(true, || store.store_crops(&spec.pass_id, &done))
-            .await?;
+        for part in in_writes(&done, CROP_WRITE_BYTES) {
+            health
+                .patiently(true, || store.store_crops(&spec.pass_id, part))
+                .await?;
+        }
     }
     Ok((made, started.elapsed().as_secs_f64()))
+}
+
+/// The most bytes of crops stored in one transaction (one crop more if a single crop is
+/// larger). A SQLite store keeps a transaction's pages in its WAL until the transaction ends
+/// and a checkpoint copies them into the file, so the WAL grows by the largest transaction
+/// beside the file: the eight images of a batch may have thousands of crops (20,000 and more
+/// for a pass of a dozen photos with `--top 9`), which in one transaction would need that much
+/// free disk again.
+const CROP_WRITE_BYTES: usize = 4 << 20;
+
+/// `crops` cut, in order, into runs of at most `limit` bytes of PNG each (a crop larger than
+/// `limit` is a run of its own).
+fn in_writes<T>(crops: &[(T, Vec<u8>)], limit: usize) -> Vec<&[(T, Vec<u8>)]> {
+    let mut runs = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, (_, png)) in crops.iter().enumerate() {
+        if i > start && bytes + png.len() > limit {
+            runs.push(&crops[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += png.len();
+    }
+    if start < crops.len() {
+        runs.push(&crops[start..]);
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::in_writes;
+
+    #[test]
+    fn crops_are_stored_in_writes_of_at_most_the_limit_in_order() {
+        let crops: Vec<(usize, Vec<u8>)> = [3, 4, 2, 9, 1, 1, 5]
+            .into_iter()
+            .enumerate()
+            .map(|(i, n)| (i, vec![0u8; n]))
+            .collect();
+        let runs: Vec<Vec<usize>> = in_writes(&crops, 7)
+            .into_iter()
+            .map(|run| run.iter().map(|(i, _)| *i).collect())
+            .collect();
+        // 3+4; 2 (with 9 it would be 11); 9 alone, over the limit; 1+1+5.
+        assert_eq!(runs, [vec![0, 1], vec![2], vec![3], vec![4, 5, 6]]);
+        assert!(in_writes::<usize>(&[], 7).is_empty());
+    }
 }

@@ -2388,6 +2388,53 @@ async fn a_database_from_before_the_png_column_opens_and_resumes() {
         .unwrap()
         .expect("the unfinished filter is leased");
     assert_eq!(lease.filters, [(1, 1)]);
+    assert_eq!(
+        sqlite_page_size(&path).await,
+        4096,
+        "a file made with SQLite's default pages keeps them"
+    );
+}
+
+/// `PRAGMA page_size` of the SQLite file at `path`, read through a connection of its own.
+async fn sqlite_page_size(path: &std::path::Path) -> u32 {
+    let pool = SqlitePool::connect_with(sqlx::sqlite::SqliteConnectOptions::new().filename(path))
+        .await
+        .unwrap();
+    let (size,): (i64,) = sqlx::query_as("PRAGMA page_size")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    size as u32
+}
+
+/// A SQLite store this release creates has pages of `PAGE_SIZE` (16 KB) and keeps
+/// a result's image through them: the pages are chosen for images (see `PAGE_SIZE`).
+#[tokio::test]
+async fn a_new_sqlite_store_has_pages_sized_for_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("atlas.db");
+    let s = store::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    let spec = spec("run-1", &[("block1_conv1", 1)], 3);
+    s.create_or_resume_run(&spec).await.unwrap();
+    let lease = s.lease("run-1", "w", 1, 0, MINUTE).await.unwrap().unwrap();
+    // An image of 45 KB: three 16 KB pages' worth, a dozen of the default's.
+    let png: Vec<u8> = (0..45_000u32).map(|i| (i * 7919 % 251) as u8).collect();
+    let submitted = Submission {
+        png: png.clone(),
+        ..outcome(&lease, 0, "w", 2.0)
+    };
+    assert_eq!(
+        s.submit(&submitted, 10).await.unwrap(),
+        SubmitOutcome::Recorded
+    );
+    let stored = s.result("run-1", "block1_conv1", 0).await.unwrap().unwrap();
+    assert_eq!(stored.png, png);
+    drop(s);
+    assert_eq!(sqlite_page_size(&path).await, store::sqlite::PAGE_SIZE);
+    assert_eq!(store::sqlite::PAGE_SIZE, 16 * 1024);
 }
 
 /// Runs SQL with binds on either backend, panicking on an error.
