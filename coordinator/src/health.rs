@@ -6,7 +6,7 @@
 //! run renewed ([`StoreHealth::recovered`]), or for an examples pass with its image leases
 //! renewed ([`StoreHealth::keeping_image_leases`]).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,9 +25,8 @@ pub struct StoreHealth {
     recovering: tokio::sync::Mutex<()>,
     /// An examples pass's image leases, renewed before its outage may end.
     images: Option<ImageLeases>,
-    /// Whether `images` were renewed since the outage began, and how many were.
-    renewed: AtomicBool,
-    renewed_images: AtomicU64,
+    /// How many of `images` were renewed since the outage began; `None` until they are.
+    renewed: Mutex<Option<u64>>,
 }
 
 /// The image leases of one examples pass, held by this process or by its workers.
@@ -91,7 +90,7 @@ impl StoreHealth {
             }
         }
         // Leases renewed before this error may run out before the outage ends: renewed again.
-        self.renewed.store(false, Ordering::Relaxed);
+        *self.renewed() = None;
         self.down.store(true, Ordering::Relaxed);
         Some(kind)
     }
@@ -143,17 +142,15 @@ impl StoreHealth {
     pub fn answered(&self, wrote: bool) {
         if let Some((kind, lasted, _)) = self.outage() {
             if kind == Outage::Unreachable || wrote {
-                match &self.images {
-                    None => self.end(kind, lasted, "going on"),
-                    Some(_) if self.renewed.load(Ordering::Relaxed) => {
-                        let held = self.renewed_images.load(Ordering::Relaxed);
-                        self.end(
-                            kind,
-                            lasted,
-                            &format!("the {held} images under lease meanwhile keep their leases"),
-                        )
-                    }
-                    Some(_) => {}
+                let renewed = *self.renewed();
+                match (&self.images, renewed) {
+                    (None, _) => self.end(kind, lasted, "going on"),
+                    (Some(_), Some(held)) => self.end(
+                        kind,
+                        lasted,
+                        &format!("the {held} images under lease meanwhile keep their leases"),
+                    ),
+                    (Some(_), None) => {}
                 }
             }
         }
@@ -169,11 +166,12 @@ impl StoreHealth {
         let Some(l) = &self.images else {
             return Ok(());
         };
-        if !self.is_down() || self.renewed.load(Ordering::Relaxed) {
+        let done = || !self.is_down() || self.renewed().is_some();
+        if done() {
             return Ok(());
         }
         let _one = self.recovering.lock().await;
-        if !self.is_down() || self.renewed.load(Ordering::Relaxed) {
+        if done() {
             return Ok(()); // done by another caller meanwhile
         }
         match l
@@ -182,8 +180,7 @@ impl StoreHealth {
             .await
         {
             Ok(held) => {
-                self.renewed_images.store(held, Ordering::Relaxed);
-                self.renewed.store(true, Ordering::Relaxed);
+                *self.renewed() = Some(held);
                 Ok(())
             }
             Err(e) => {
@@ -191,6 +188,10 @@ impl StoreHealth {
                 Err(e)
             }
         }
+    }
+
+    fn renewed(&self) -> std::sync::MutexGuard<'_, Option<u64>> {
+        self.renewed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn end(&self, kind: Outage, lasted: Duration, then: &str) {
