@@ -154,12 +154,36 @@ impl Issued {
         }
     }
 
+    /// Forgets what is known of `worker`'s leases, so that its next poll asks the store.
+    fn unsure(&self, worker: &str) {
+        self.lock().workers.remove(worker);
+    }
+
     /// The store was asked: the worker's leases are those it holds, and `reclaimed`.
     fn checked(&self, worker: &str, held: &[String], reclaimed: Option<&str>) {
         let ids = held.iter().map(String::as_str).chain(reclaimed);
         self.lock()
             .workers
             .insert(worker.to_string(), ids.map(str::to_string).collect());
+    }
+}
+
+/// Held by a poll while it may lease: a poll dropped before it has noted its lease in
+/// [`Issued`] (its connection cut while the lease was written: the write, in its own task, goes
+/// on) makes the worker's next poll ask the store, which sends that lease again. Without it the
+/// next poll would lease other filters, and the lost lease's filters would wait for it to
+/// expire and be computed again.
+struct PollInFlight<'a> {
+    issued: &'a Issued,
+    worker: &'a str,
+    noted: bool,
+}
+
+impl Drop for PollInFlight<'_> {
+    fn drop(&mut self) {
+        if !self.noted {
+            self.issued.unsure(self.worker);
+        }
     }
 }
 
@@ -487,6 +511,11 @@ impl pb::Coordinator for CoordinatorService {
         let now = now_ms();
         let idle_before = self.idle(now);
         let held = &req.held_lease_ids;
+        let mut in_flight = PollInFlight {
+            issued: &self.issued,
+            worker: &req.worker_id,
+            noted: false,
+        };
         let reclaimed = if self.issued.may_have_lost(&req.worker_id, held) {
             let found = self
                 .store
@@ -517,6 +546,7 @@ impl pb::Coordinator for CoordinatorService {
             self.stats.leases_issued.fetch_add(1, Ordering::Relaxed);
             self.issued.issued(&req.worker_id, l, now);
         }
+        in_flight.noted = true;
         let work = match lease {
             Some(l) => pb::poll_work_response::Work::Lease(pb::Lease {
                 lease_id: l.lease_id,

@@ -771,6 +771,68 @@ async fn a_lease_whose_answer_was_lost_is_sent_again() {
     coord.server.abort();
 }
 
+/// A poll whose call is dropped after its lease was written (the worker's connection cut:
+/// the write goes on in its own task) leaves the worker's next poll to find that lease in the
+/// store and send it again, rather than lease other filters and leave these to expire. The
+/// service is called directly and the dropped poll driven by hand, so that it is dropped
+/// exactly between the write and its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poll_dropped_after_its_lease_was_written_has_it_sent_again() {
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+    use tonic::Request;
+    use vgg_atlas_proto::Coordinator as _;
+    let f = fixture(60_000).await;
+    let svc = CoordinatorService::new(f.store.clone(), f.ctx.clone());
+    let poll = |held: &[String]| {
+        Request::new(pb::PollWorkRequest {
+            worker_id: "w".into(),
+            batch: 4,
+            held_lease_ids: held.to_vec(),
+        })
+    };
+    let lease_of = |r: pb::PollWorkResponse| match r.work {
+        Some(pb::poll_work_response::Work::Lease(l)) => l,
+        other => panic!("expected a lease, got {other:?}"),
+    };
+    let held_filters = || async {
+        f.store
+            .worker_leases(&f.ctx.run_id, "w")
+            .await
+            .unwrap()
+            .len()
+    };
+    let first = lease_of(svc.poll_work(poll(&[])).await.unwrap().into_inner());
+    let mut held = vec![first.lease_id.clone()];
+    // The worker's prefetch, dropped once the store holds its lease: polled by hand, it cannot
+    // answer between the check and the drop. Should its write land between a check and the
+    // next poll, it answers (its lease is noted, nothing is lost): the worker holds it, and
+    // the next prefetch is tried.
+    let mut cx = Context::from_waker(Waker::noop());
+    let t = std::time::Instant::now();
+    'tries: loop {
+        let mut prefetch = Box::pin(svc.poll_work(poll(&held)));
+        while held_filters().await < 4 * (held.len() + 1) {
+            if let Poll::Ready(r) = prefetch.as_mut().poll(&mut cx) {
+                held.push(lease_of(r.unwrap().into_inner()).lease_id);
+                continue 'tries;
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "no lease written");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        break;
+    }
+    let written = 4 * (held.len() + 1);
+    let again = lease_of(svc.poll_work(poll(&held)).await.unwrap().into_inner());
+    assert_eq!(
+        held_filters().await,
+        written,
+        "the lost lease sent again, no other: {again:?}"
+    );
+    assert!(!held.contains(&again.lease_id));
+    assert!(filters(&again).iter().all(|x| !filters(&first).contains(x)));
+}
+
 /// A heartbeat while more than half of the lease is left is answered from the coordinator's
 /// memory (the deadline the lease was issued with: nothing written); a later one renews the
 /// lease in the store, where another worker then finds nothing to take past the first deadline.
