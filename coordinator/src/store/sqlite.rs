@@ -21,17 +21,17 @@ use crate::{Error, Result};
 /// How long a write waits for another writer (or a checkpoint) before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The page size of a database file this store creates: 16 KB, not SQLite's default 4 KB. Most
-/// of the file is images of 40-50 KB, each one row: on 4 KB pages an image spans a dozen
-/// overflow pages, each a page to allocate, cache, checksum and log to the WAL as a frame of
-/// its own; on 16 KB pages it spans three. With a thousand workers storing at once
-/// (`bench-coordinator --workers 1000 --batch 4`) that is a sixth more results a second and a
-/// sixth off the p99 round trip (docs/performance.md), for results 8% larger (46.0 KB a result
-/// instead of 42.5 KB for the images of `render --sample 4`) and an examples pass's store a
-/// sixth to a quarter larger (its crops, 7-8 KB each, often take a page each). Larger pages keep an image of under 64 KB whole in one page and leave the rest of
-/// it empty: 32 KB and 64 KB pages gained little over 16 KB and made the bench's file a third
-/// larger. A file made with other pages keeps them: SQLite changes the page size of a file in
-/// WAL mode only by rewriting it, which the store never does.
+/// The page size of a database file this store creates: 16 KB, not SQLite's default 4 KB. Most of
+/// the file is images of 40-50 KB, each one row: on 4 KB pages an image spans a dozen overflow
+/// pages, each a page to allocate, cache, checksum and log to the WAL as a frame of its own; on 16
+/// KB pages it spans three. With a thousand workers storing at once (`bench-coordinator --workers
+/// 1000 --batch 4`) that is a sixth more results a second and a sixth off the p99 round trip
+/// (docs/performance.md), for results 8% larger (46.0 KB a result instead of 42.5 KB for the
+/// images of `render --sample 4`) and an examples pass's store a sixth to a quarter larger (its
+/// crops, 7-8 KB each, often take a page each). Larger pages keep an image of under 64 KB whole in
+/// one page and leave the rest of it empty: 32 KB and 64 KB pages gained little over 16 KB and
+/// made the bench's file a third larger. A file made with other pages keeps them: SQLite changes
+/// the page size of a file in WAL mode only by rewriting it, which the store never does.
 pub const PAGE_SIZE: u32 = 16 * 1024;
 
 /// The WAL is checkpointed into the file once it holds this many pages: 4 MB, what SQLite's
